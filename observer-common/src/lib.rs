@@ -1,0 +1,225 @@
+//! Types shared by the kernel programs (`observer-ebpf`) and the agent (`observer`).
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, built from integers only and padded explicitly, so the
+//! byte layout is the same on both sides of the map and ring-buffer boundary. The `user` feature
+//! adds `aya::Pod` so userspace can read these straight out of maps.
+#![no_std]
+
+/// Where in the node a packet was seen.
+///
+/// The numbering is part of the kernel/user contract: it is stored in [`FlowKey::point`].
+#[repr(u8)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Point {
+    /// tc ingress on the host side of a pod veth: the pod's packet entering the node (pre-DNAT).
+    PodIngress = 0,
+    /// tc egress on the host side of a pod veth: delivery to the pod.
+    PodEgress = 1,
+    /// tc ingress on a node uplink: arrived from the node-to-node wire.
+    UplinkIngress = 2,
+    /// tc egress on a node uplink: leaving onto the node-to-node wire (what a VPC firewall sees).
+    UplinkEgress = 3,
+}
+
+impl Point {
+    pub const ALL: [Point; 4] = [
+        Point::PodIngress,
+        Point::PodEgress,
+        Point::UplinkIngress,
+        Point::UplinkEgress,
+    ];
+
+    pub const fn from_u8(v: u8) -> Option<Point> {
+        match v {
+            0 => Some(Point::PodIngress),
+            1 => Some(Point::PodEgress),
+            2 => Some(Point::UplinkIngress),
+            3 => Some(Point::UplinkEgress),
+            _ => None,
+        }
+    }
+
+    /// The name used in flow records and metric labels.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Point::PodIngress => "pod_ingress",
+            Point::PodEgress => "pod_egress",
+            Point::UplinkIngress => "uplink_ingress",
+            Point::UplinkEgress => "uplink_egress",
+        }
+    }
+
+    /// True for the points where a packet leaves the node's IP stack (after netfilter).
+    pub const fn is_egress(self) -> bool {
+        matches!(self, Point::PodEgress | Point::UplinkEgress)
+    }
+}
+
+pub const AF_INET: u8 = 4;
+pub const AF_INET6: u8 = 6;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// [`FlowCounters::marks`] bit: a TCP SYN without ACK was seen, i.e. this direction opened the
+/// connection. The kernel sets it because OR-ed TCP flags cannot tell SYN from SYN-ACK.
+pub const MARK_SYN_ONLY: u8 = 0x01;
+
+/// Identity of one direction of one flow at one observation point on one interface.
+///
+/// Addresses are in network byte order; an IPv4 address fills the first four bytes and the rest
+/// are zero. Ports are in host byte order (zero for protocols without ports).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub ifindex: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub point: u8,
+    pub _pad: u8,
+}
+
+/// Counters aggregated in the kernel for one [`FlowKey`], one copy per CPU.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowCounters {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) of the first and last packet on this CPU.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// TCP flags OR-ed over all packets.
+    pub tcp_flags: u8,
+    /// `MARK_*` bits.
+    pub marks: u8,
+    pub _pad: [u8; 6],
+}
+
+pub const FLOW_EVENT_NEW: u8 = 1;
+pub const FLOW_EVENT_END: u8 = 2;
+
+/// Ring-buffer event: a flow key was created, or a FIN/RST was seen on it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct FlowEvent {
+    pub key: FlowKey,
+    pub kind: u8,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 2],
+    pub ts_ns: u64,
+}
+
+/// Per-socket state kept by the cgroup hooks, keyed by socket cookie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SockInfo {
+    pub cgroup_id: u64,
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub asked_dport: u16,
+    pub family: u8,
+    /// 1 once the socket's first packet has been reported.
+    pub reported: u8,
+    pub comm: [u8; 16],
+    pub asked_dst: [u8; 16],
+}
+
+/// Ring-buffer event: the first packet a socket sent, with the process that asked for it.
+///
+/// `src`/`dst` are the packet as the socket emitted it (inside the pod, before any node DNAT);
+/// `asked_dst` is what the application passed to connect()/sendmsg().
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct SocketEvent {
+    pub cookie: u64,
+    pub cgroup_id: u64,
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub asked_dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 4],
+    pub comm: [u8; 16],
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub asked_dst: [u8; 16],
+}
+
+/// Indexes of the per-CPU `STATS` array: everything the kernel side skipped or could not deliver.
+#[repr(u32)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// A [`FlowEvent`] did not fit in the ring buffer.
+    FlowEventsLost = 0,
+    /// A [`SocketEvent`] did not fit in the ring buffer.
+    SocketEventsLost = 1,
+    /// A new flow could not be inserted: the flow map is full.
+    FlowMapFull = 2,
+    /// A socket could not be remembered: the socket map update failed.
+    SockMapFull = 3,
+    /// Packet too short for the headers it announces.
+    Truncated = 4,
+    /// Malformed header (bad IHL, bad extension-header length).
+    Malformed = 5,
+    /// Not IPv4/IPv6 (ARP, LLDP, ...): not tracked.
+    NonIp = 6,
+    /// Non-first IP fragment: tracked without ports.
+    Fragment = 7,
+    /// ICMP/ICMPv6 packets (tracked without ports).
+    Icmp = 8,
+    /// Other L4 protocols (tracked without ports).
+    OtherL4 = 9,
+}
+
+pub const STATS_LEN: u32 = 10;
+
+impl Stat {
+    pub const ALL: [Stat; STATS_LEN as usize] = [
+        Stat::FlowEventsLost,
+        Stat::SocketEventsLost,
+        Stat::FlowMapFull,
+        Stat::SockMapFull,
+        Stat::Truncated,
+        Stat::Malformed,
+        Stat::NonIp,
+        Stat::Fragment,
+        Stat::Icmp,
+        Stat::OtherL4,
+    ];
+}
+
+/// Default map sizes; the agent can override them at load time.
+pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
+pub const SOCKS_MAX_ENTRIES: u32 = 16_384;
+pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
+pub const SOCKET_EVENTS_BYTES: u32 = 256 * 1024;
+
+// Layout checks: a size change here is a kernel/user ABI change.
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
+const _: () = assert!(core::mem::size_of::<FlowCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<SockInfo>() == 56);
+const _: () = assert!(core::mem::size_of::<SocketEvent>() == 104);
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: plain-old-data, repr(C), explicit padding, every bit pattern valid.
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowCounters {}
+    unsafe impl aya::Pod for SockInfo {}
+}
