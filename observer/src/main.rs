@@ -1,11 +1,70 @@
-static OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
-use aya::programs::Program;
+//! observer: eBPF live flow observer for Kubernetes nodes.
+//!
+//! Pipeline: `hooks` (attach kernel programs) -> `events` (ring buffers) -> `correlate`
+//! (pre-DNAT <-> post-DNAT <-> hops) -> `export` (JSON flow log, Prometheus). `lab` builds the
+//! two-node lab this all can be watched in.
+
+mod agent;
+mod cli;
+mod clock;
+mod correlate;
+mod ebpf;
+mod events;
+mod export;
+mod hooks;
+mod lab;
+mod record;
+
+use clap::Parser as _;
+use cli::{Cli, Command};
+
 fn main() {
-    let mut ebpf = aya::Ebpf::load(OBJ).unwrap();
-    for (name, p) in ebpf.programs_mut() {
-        println!("{name}");
-        let r = match p { Program::SchedClassifier(p) => p.load(), Program::CgroupSockAddr(p) => p.load(), Program::CgroupSkb(p) => p.load(), _ => panic!() };
-        r.unwrap_or_else(|e| panic!("{name}: {e:?}"));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_target(false)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Agent(args) => {
+            if let Some(ns) = &args.netns
+                && let Err(e) = agent::enter_netns(ns)
+            {
+                log::error!("{e}");
+                std::process::exit(1);
+            }
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(agent::run(*args)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    log::error!("{}", error_chain(&e));
+                    1
+                }
+            }
+        }
+        Command::Lab(cmd) => match lab::command::run(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                log::error!("{e:#}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+/// "outer: inner: innermost", so a kernel errno is not hidden behind a summary.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
     }
-    println!("ok");
+    s
 }

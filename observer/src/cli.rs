@@ -1,0 +1,196 @@
+//! Command line: `observer agent`, `observer lab ...`.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "observer",
+    version,
+    about = "eBPF live flow observer: which tuple each layer of a Kubernetes node saw, per connection",
+    long_about = "observer records every connection twice in the kernel: as the pod sent it \
+(before kube-proxy's DNAT) and as it left the node (after DNAT), and says which tuple each layer \
+saw: socket, pod veth, node uplink (the node-to-node wire a firewall sees), remote node.\n\n\
+Run `observer agent` on a node (or in a lab node), or `observer lab up` to build a two-node lab \
+on this machine."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Attach the kernel programs in this network namespace and write flow records and metrics.
+    Agent(Box<AgentArgs>),
+    /// Build, inspect and remove the two-node lab (network namespaces on this machine).
+    #[command(subcommand)]
+    Lab(LabCommand),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TcMode {
+    /// tcx links where the kernel has them (6.6+), clsact otherwise.
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// clsact qdisc + direct-action filters (netlink); the qdisc is removed on exit if we added it.
+    Clsact,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Node name written in every record.
+    #[arg(long, env = "KUBE_NODE_NAME", default_value_t = default_node_name())]
+    pub node: String,
+
+    /// Network namespace to observe, by `ip netns` name or path (e.g. /run/netns/lab-node-a).
+    /// Default: the one the agent was started in (the host network in a DaemonSet). Unlike
+    /// `ip netns exec`, this keeps the host's mounts, so the cgroup v2 mount stays visible.
+    #[arg(long, env = "OBSERVER_NETNS")]
+    pub netns: Option<String>,
+
+    /// Node uplink (the node-to-node wire); repeatable. Default: every interface that carries a
+    /// gateway route (default route or a route via another node).
+    #[arg(long = "uplink", env = "OBSERVER_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
+
+    /// Glob for host-side pod veths; uplinks are excluded. Checked every second, so pods created
+    /// later are picked up and deleted ones forgotten.
+    #[arg(long, env = "OBSERVER_POD_IFACE", default_value = "veth*")]
+    pub pod_iface: String,
+
+    /// cgroup v2 directory for the socket hooks. Default: the cgroup v2 mount point.
+    #[arg(long, env = "OBSERVER_CGROUP")]
+    pub cgroup: Option<PathBuf>,
+
+    /// Do not attach the cgroup socket hooks (records then carry no pid/comm).
+    #[arg(long, env = "OBSERVER_NO_SOCKET_HOOKS")]
+    pub no_socket_hooks: bool,
+
+    /// Where JSON flow records go, one object a line: a file (appended) or `-` for stdout.
+    #[arg(long, env = "OBSERVER_FLOW_LOG", default_value = "-")]
+    pub flow_log: String,
+
+    /// Address of the HTTP server for /metrics, /healthz and /readyz.
+    #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
+    pub metrics_addr: SocketAddr,
+
+    /// Interval between interim records of long-lived connections.
+    #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+
+    /// A connection with no packet for this long is ended (UDP, and TCP that never closed).
+    #[arg(long, env = "OBSERVER_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// How often kernel counters are read.
+    #[arg(long, env = "OBSERVER_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Capacity of the in-kernel flow map (one entry per flow direction per observation point).
+    #[arg(long, env = "OBSERVER_MAX_FLOWS", default_value_t = observer_common::FLOWS_MAX_ENTRIES)]
+    pub max_flows: u32,
+
+    /// How tc programs are attached.
+    #[arg(long, env = "OBSERVER_TC_MODE", value_enum, default_value_t = TcMode::Auto)]
+    pub tc_mode: TcMode,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum LabCommand {
+    /// Build the lab: nodes, pods, routes and kube-proxy rules, and start the pods' servers.
+    Up(LabUpArgs),
+    /// Remove everything the lab created (also after a crash).
+    Down(LabNameArgs),
+    /// Print the lab's description and whether its namespaces exist.
+    Status(LabNameArgs),
+    /// Run a command inside a lab pod or node, e.g. `observer lab exec pod-a -- curl ...`.
+    Exec(LabExecArgs),
+    /// Print the default lab description (the story), to copy and edit.
+    Example,
+    /// Traffic generator used inside pods: connect to ADDR:PORT and exchange a request.
+    Client(ClientArgs),
+    /// Server run inside each pod by `lab up` (TCP answers like HTTP, UDP echoes).
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabNameArgs {
+    /// Lab name: prefix of every namespace it creates (`NAME-node-a`, `NAME-pod-a`, ...).
+    #[arg(long, env = "OBSERVER_LAB", default_value = "obs")]
+    pub name: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabUpArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// Lab description (TOML); default: the built-in story (`observer lab example`).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabExecArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// Pod or node name from the lab description.
+    pub target: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, required = true)]
+    pub cmd: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum L4 {
+    Tcp,
+    Udp,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Destination, e.g. 100.64.0.10:443 or [fd00:100:64::10]:443.
+    #[arg(long)]
+    pub to: SocketAddr,
+    #[arg(long, value_enum, default_value_t = L4::Tcp)]
+    pub proto: L4,
+    /// Number of connections (UDP: sockets, one datagram exchange each).
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 1)]
+    pub concurrency: usize,
+    /// Per-exchange timeout.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Keep each connection open this long before closing (for "in flight" tests).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub hold: Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Name put in every answer (the pod name).
+    #[arg(long)]
+    pub name: String,
+    #[arg(long = "tcp")]
+    pub tcp_ports: Vec<u16>,
+    #[arg(long = "udp")]
+    pub udp_ports: Vec<u16>,
+    /// File written once every socket is bound.
+    #[arg(long)]
+    pub ready_file: Option<PathBuf>,
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 10s, 1m)"))
+}
+
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}

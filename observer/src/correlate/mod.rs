@@ -1,0 +1,411 @@
+//! Correlation: kernel observations + socket events -> one record per connection per node.
+//!
+//! The kernel aggregates per (tuple, point, interface); this module keeps the latest counters of
+//! each, groups them into connections ([`conn::group`]), decides when a connection is over and
+//! builds its [`FlowRecord`].
+
+pub mod conn;
+pub mod tuple;
+
+use std::collections::HashMap;
+
+use observer_common::{FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST, TCP_SYN};
+
+use crate::{
+    clock::Clock,
+    record::{Direction, FlowRecord, Hop, ObservedAs, SCHEMA, SocketInfo, Totals, Translation},
+};
+use conn::{Conn, Leg};
+pub use conn::{ConnId, Counters, Observation};
+use tuple::{Endpoint, Tuple, addr, proto_name, tcp_flags_string};
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub node: String,
+    pub idle_timeout_ns: u64,
+    pub flush_ns: u64,
+    /// After FIN both ways or RST, wait this long for the last ACKs before the final record.
+    pub linger_ns: u64,
+    /// Socket events that match no flow of this node are forgotten after this long (they belong
+    /// to another node's pods, or to host sockets).
+    pub socket_ttl_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+struct SockMeta {
+    pid: u32,
+    comm: String,
+    cgroup_id: u64,
+    asked: Endpoint,
+    ts_ns: u64,
+    received_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Emitted {
+    at_ns: u64,
+    packets: u64,
+}
+
+/// What one [`Correlator::collect`] produced.
+#[derive(Default, Debug)]
+pub struct Collected {
+    pub records: Vec<FlowRecord>,
+    /// Kernel keys of finished connections: delete them from the flow map.
+    pub finished: Vec<FlowKey>,
+    /// Connections whose pre/post pairing had several candidates.
+    pub ambiguous: u64,
+    /// Socket events dropped without a matching flow.
+    pub sockets_unmatched: u64,
+}
+
+/// Packets and bytes added to one observation since the last read.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Delta {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub struct Correlator {
+    cfg: Config,
+    clock: Clock,
+    obs: HashMap<FlowKey, Observation>,
+    sockets: HashMap<Tuple, SockMeta>,
+    emitted: HashMap<ConnId, Emitted>,
+    ifnames: HashMap<u32, String>,
+}
+
+impl Correlator {
+    pub fn new(cfg: Config, clock: Clock) -> Correlator {
+        Correlator {
+            cfg,
+            clock,
+            obs: HashMap::new(),
+            sockets: HashMap::new(),
+            emitted: HashMap::new(),
+            ifnames: HashMap::new(),
+        }
+    }
+
+    pub fn set_ifname(&mut self, ifindex: u32, name: &str) {
+        self.ifnames.insert(ifindex, name.to_owned());
+    }
+
+    pub fn known_keys(&self) -> impl Iterator<Item = &FlowKey> {
+        self.obs.keys()
+    }
+
+    pub fn active(&self) -> usize {
+        self.obs.len()
+    }
+
+    /// Record the latest cumulative counters of `key`; returns what was added since last time.
+    pub fn observe(&mut self, key: FlowKey, c: Counters) -> Option<(Point, Delta)> {
+        let point = Point::from_u8(key.point)?;
+        let tuple = Tuple::from_key(&key);
+        let entry = self.obs.entry(key).or_insert_with(|| Observation {
+            key,
+            tuple,
+            point,
+            ifindex: key.ifindex,
+            c: Counters::default(),
+        });
+        let delta = if c.packets >= entry.c.packets {
+            Delta {
+                packets: c.packets - entry.c.packets,
+                bytes: c.bytes.saturating_sub(entry.c.bytes),
+            }
+        } else {
+            // The kernel entry was recreated.
+            Delta {
+                packets: c.packets,
+                bytes: c.bytes,
+            }
+        };
+        entry.c = c;
+        Some((point, delta))
+    }
+
+    pub fn add_socket(&mut self, ev: &SocketEvent, now_ns: u64) {
+        let comm_len = ev
+            .comm
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(ev.comm.len());
+        self.sockets.insert(
+            Tuple::from_socket(ev),
+            SockMeta {
+                pid: ev.tgid,
+                comm: String::from_utf8_lossy(&ev.comm[..comm_len]).into_owned(),
+                cgroup_id: ev.cgroup_id,
+                asked: Endpoint {
+                    ip: addr(ev.family, &ev.asked_dst),
+                    port: ev.asked_dport,
+                },
+                ts_ns: ev.ts_ns,
+                received_ns: now_ns,
+            },
+        );
+    }
+
+    /// Build the records due at `now_ns`: final ones for finished connections (all of them when
+    /// `flush_all`, at shutdown), interim ones for long connections.
+    pub fn collect(&mut self, now_ns: u64, flush_all: bool) -> Collected {
+        let mut out = Collected::default();
+        let observations: Vec<Observation> = self.obs.values().cloned().collect();
+        let conns = conn::group(&observations);
+        let mut used_sockets = Vec::new();
+        for c in &conns {
+            if c.ambiguous {
+                out.ambiguous += 1;
+            }
+            let id = c.id();
+            let last = c.last_ns();
+            let (fo, fr) = conn_flags(c);
+            let tcp_done = id.proto == IPPROTO_TCP
+                && ((fo | fr) & TCP_RST != 0 || (fo & TCP_FIN != 0 && fr & TCP_FIN != 0));
+            let idle = now_ns.saturating_sub(last);
+            let is_final = flush_all
+                || (tcp_done && idle >= self.cfg.linger_ns)
+                || idle >= self.cfg.idle_timeout_ns;
+            let packets: u64 = c.legs().flat_map(|l| &l.obs).map(|o| o.c.packets).sum();
+            let due = match self.emitted.get(&id) {
+                Some(e) => {
+                    now_ns.saturating_sub(e.at_ns) >= self.cfg.flush_ns && e.packets != packets
+                }
+                None => now_ns.saturating_sub(c.first_ns()) >= self.cfg.flush_ns,
+            };
+            if !is_final && !due {
+                continue;
+            }
+            let sock_key = client_tuple(c);
+            let sock = sock_key.and_then(|t| self.sockets.get(&t));
+            out.records.push(self.build(c, sock, is_final, now_ns));
+            if is_final {
+                self.emitted.remove(&id);
+                used_sockets.extend(sock_key);
+                for leg in c.legs() {
+                    for o in &leg.obs {
+                        out.finished.push(o.key);
+                    }
+                }
+            } else {
+                self.emitted.insert(
+                    id,
+                    Emitted {
+                        at_ns: now_ns,
+                        packets,
+                    },
+                );
+            }
+        }
+        for k in &out.finished {
+            self.obs.remove(k);
+        }
+        for t in used_sockets {
+            self.sockets.remove(&t);
+        }
+        let ttl = self.cfg.socket_ttl_ns;
+        let before = self.sockets.len();
+        self.sockets
+            .retain(|_, s| now_ns.saturating_sub(s.received_ns) < ttl);
+        out.sockets_unmatched = (before - self.sockets.len()) as u64;
+        out
+    }
+
+    fn hop(&self, leg: &Leg<'_>, o: &Observation) -> Hop {
+        Hop {
+            point: o.point.as_str().to_owned(),
+            iface: Some(
+                self.ifnames
+                    .get(&o.ifindex)
+                    .cloned()
+                    .unwrap_or_else(|| format!("if{}", o.ifindex)),
+            ),
+            node: self.cfg.node.clone(),
+            dir: if leg.is_orig(o) {
+                Direction::Orig
+            } else {
+                Direction::Reply
+            },
+            tuple: o.tuple.view(),
+            packets: Some(o.c.packets),
+            bytes: Some(o.c.bytes),
+            first_seen: self.clock.rfc3339(o.c.first_ns),
+            last_seen: self.clock.rfc3339(o.c.last_ns),
+            tcp_flags: (o.tuple.proto == IPPROTO_TCP).then(|| tcp_flags_string(o.c.tcp_flags)),
+        }
+    }
+
+    fn build(
+        &self,
+        c: &Conn<'_>,
+        sock: Option<&SockMeta>,
+        is_final: bool,
+        now_ns: u64,
+    ) -> FlowRecord {
+        let any = c.pre.as_ref().or(c.post.as_ref()).expect("non-empty");
+        let proto = any.orig.proto;
+        let pre = c
+            .pre
+            .as_ref()
+            .or(c.post.as_ref().filter(|l| l.from_local_pod()))
+            .map(|l| l.orig);
+        let post_leg = c.post.as_ref().filter(|l| l.left_stack());
+        let post = post_leg.map(|l| l.orig);
+        let translated = matches!((pre, post), (Some(a), Some(b)) if a != b);
+
+        let from_pod = pre.is_some();
+        let to_pod = post_leg.is_some_and(|l| {
+            l.obs
+                .iter()
+                .any(|o| l.is_orig(o) && o.point == Point::PodEgress)
+        });
+        let observed_as = match (from_pod, to_pod) {
+            (true, true) => ObservedAs::Local,
+            (true, false) => ObservedAs::Sender,
+            (false, true) => ObservedAs::Receiver,
+            (false, false) => ObservedAs::Transit,
+        };
+
+        let translation = if translated {
+            let before = post_leg
+                .and_then(|l| {
+                    l.obs
+                        .iter()
+                        .filter(|o| l.is_orig(o) && o.point.is_egress())
+                        .min_by_key(|o| o.c.first_ns)
+                })
+                .map(|o| o.point.as_str())
+                .unwrap_or("unknown");
+            Some(Translation {
+                node: self.cfg.node.clone(),
+                after: Point::PodIngress.as_str().to_owned(),
+                before: before.to_owned(),
+            })
+        } else {
+            None
+        };
+
+        let mut hops: Vec<(bool, u64, Hop)> = Vec::new();
+        let mut totals = Totals::default();
+        for leg in c.legs() {
+            for o in &leg.obs {
+                let orig = leg.is_orig(o);
+                if orig {
+                    totals.packets = totals.packets.max(o.c.packets);
+                    totals.bytes = totals.bytes.max(o.c.bytes);
+                } else {
+                    totals.reply_packets = totals.reply_packets.max(o.c.packets);
+                    totals.reply_bytes = totals.reply_bytes.max(o.c.bytes);
+                }
+                hops.push((!orig, o.c.first_ns, self.hop(leg, o)));
+            }
+        }
+        let socket = sock.map(|s| {
+            let asked = Tuple {
+                proto,
+                src: pre.map(|t| t.src).unwrap_or(s.asked),
+                dst: s.asked,
+            };
+            hops.push((
+                false,
+                0,
+                Hop {
+                    point: "socket".into(),
+                    iface: None,
+                    node: self.cfg.node.clone(),
+                    dir: Direction::Orig,
+                    tuple: pre.unwrap_or(asked).view(),
+                    packets: None,
+                    bytes: None,
+                    first_seen: self.clock.rfc3339(s.ts_ns),
+                    last_seen: self.clock.rfc3339(s.ts_ns),
+                    tcp_flags: None,
+                },
+            ));
+            SocketInfo {
+                pid: s.pid,
+                comm: s.comm.clone(),
+                cgroup_id: s.cgroup_id,
+                asked: asked.view(),
+            }
+        });
+        hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
+
+        let (fo, fr) = conn_flags(c);
+        let state = if proto == IPPROTO_TCP {
+            if (fo | fr) & TCP_RST != 0 {
+                "reset"
+            } else if fo & TCP_FIN != 0 && fr & TCP_FIN != 0 {
+                "closed"
+            } else if totals.reply_packets == 0 && fo & TCP_SYN != 0 {
+                "syn_sent"
+            } else {
+                "established"
+            }
+        } else if is_final {
+            "ended"
+        } else {
+            "active"
+        };
+
+        FlowRecord {
+            schema: SCHEMA.to_owned(),
+            time: self.clock.rfc3339(now_ns),
+            node: self.cfg.node.clone(),
+            proto: proto_name(proto),
+            family: any.orig.family_name().to_owned(),
+            observed_as,
+            pre_dnat: pre.map(|t| t.view()),
+            post_dnat: post.map(|t| t.view()),
+            translated,
+            translation,
+            socket,
+            hops: hops.into_iter().map(|(_, _, h)| h).collect(),
+            totals,
+            state: state.to_owned(),
+            is_final,
+            start: self.clock.rfc3339(c.first_ns()),
+            end: self.clock.rfc3339(c.last_ns()),
+        }
+    }
+}
+
+fn point_order(p: &str) -> u8 {
+    match p {
+        "socket" => 0,
+        "pod_ingress" => 1,
+        "uplink_egress" => 2,
+        "uplink_ingress" => 3,
+        "pod_egress" => 4,
+        _ => 5,
+    }
+}
+
+/// TCP flags OR-ed over (orig, reply) observations.
+fn conn_flags(c: &Conn<'_>) -> (u8, u8) {
+    let mut o = 0;
+    let mut r = 0;
+    for leg in c.legs() {
+        for ob in &leg.obs {
+            if leg.is_orig(ob) {
+                o |= ob.c.tcp_flags;
+            } else {
+                r |= ob.c.tcp_flags;
+            }
+        }
+    }
+    (o, r)
+}
+
+/// The tuple the client socket sent, if the client is on this node.
+fn client_tuple(c: &Conn<'_>) -> Option<Tuple> {
+    c.pre
+        .as_ref()
+        .or(c.post.as_ref().filter(|l| l.from_local_pod()))
+        .map(|l| l.orig)
+}
+
+#[cfg(test)]
+mod tests;

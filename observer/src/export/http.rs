@@ -1,0 +1,95 @@
+//! A minimal HTTP/1.1 server for /metrics, /healthz and /readyz: three read-only endpoints do
+//! not justify a web framework.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use log::debug;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot listen on {addr}: {source} (is another agent or exporter using this port? pass --metrics-addr)"
+)]
+pub struct BindError {
+    addr: SocketAddr,
+    #[source]
+    source: std::io::Error,
+}
+
+pub struct Health {
+    /// Set once every hook is attached.
+    pub ready: AtomicBool,
+}
+
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })
+}
+
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        let health = health.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &metrics, &health).await {
+                debug!("metrics client {peer}: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(mut s: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        let r = s.read(&mut buf[n..]).await?;
+        if r == 0 {
+            break;
+        }
+        n += r;
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let req = String::from_utf8_lossy(&buf[..n]);
+    let path = req.split_whitespace().nth(1).unwrap_or("/");
+    let (status, ctype, body) = match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.encode(),
+        ),
+        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/readyz" if health.ready.load(Ordering::Relaxed) => {
+            ("200 OK", "text/plain", "ready\n".to_owned())
+        }
+        "/readyz" => (
+            "503 Service Unavailable",
+            "text/plain",
+            "hooks not attached yet\n".to_owned(),
+        ),
+        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(body.as_bytes()).await?;
+    s.shutdown().await
+}

@@ -1,0 +1,180 @@
+//! Hooks: load the kernel programs, attach them, follow pod veths as they come and go, detach.
+//!
+//! Ownership rule: every attachment is a kernel link (tcx or cgroup `bpf_link`) held by this
+//! process, so the kernel detaches it when the agent exits, even on a crash. In clsact mode the
+//! filters are removed explicitly, and the qdisc too when this agent added it.
+
+mod cgroup;
+pub mod ifaces;
+pub mod preflight;
+mod tc;
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use log::{info, warn};
+use observer_common::{FlowCounters, FlowKey, Point};
+
+use crate::cli::TcMode;
+pub use tc::TcAttachment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    #[error("loading the kernel programs failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("loading program {name} failed: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {hook} to {target} failed: {source}")]
+    Attach {
+        hook: &'static str,
+        target: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel map {0} is missing from the object")]
+    MissingMap(&'static str),
+    #[error("kernel map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Maps the agent reads; taken out of the [`Ebpf`] so they can live in other tasks.
+pub struct KernelMaps {
+    pub flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub flow_events: RingBuf<MapData>,
+    pub socket_events: RingBuf<MapData>,
+}
+
+/// What an interface is to us.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    Pod,
+    Uplink,
+}
+
+impl Role {
+    /// (ingress point, egress point) for this role.
+    pub fn points(self) -> [Point; 2] {
+        match self {
+            Role::Pod => [Point::PodIngress, Point::PodEgress],
+            Role::Uplink => [Point::UplinkIngress, Point::UplinkEgress],
+        }
+    }
+}
+
+pub struct Hooks {
+    ebpf: Ebpf,
+    tc_mode: TcMode,
+    /// Attached interfaces by name.
+    attached: BTreeMap<String, TcAttachment>,
+    cgroup: Option<PathBuf>,
+}
+
+impl Hooks {
+    /// Load the programs into the kernel and take the maps out.
+    pub fn load(max_flows: u32, tc_mode: TcMode) -> Result<(Hooks, KernelMaps), HookError> {
+        let mut ebpf = crate::ebpf::load(max_flows)?;
+        tc::load_all(&mut ebpf)?;
+        let maps = KernelMaps {
+            flows: take_map(&mut ebpf, "FLOWS")?,
+            stats: take_map(&mut ebpf, "STATS")?,
+            flow_events: take_map(&mut ebpf, "FLOW_EVENTS")?,
+            socket_events: take_map(&mut ebpf, "SOCKET_EVENTS")?,
+        };
+        let tc_mode = match tc_mode {
+            TcMode::Auto if tc::tcx_supported() => TcMode::Tcx,
+            TcMode::Auto => TcMode::Clsact,
+            m => m,
+        };
+        info!("tc attach mode: {tc_mode:?}");
+        Ok((
+            Hooks {
+                ebpf,
+                tc_mode,
+                attached: BTreeMap::new(),
+                cgroup: None,
+            },
+            maps,
+        ))
+    }
+
+    /// Attach the socket hooks to `cgroup` in multi-program mode, so several agents (one per lab
+    /// node) and other tools can share the cgroup root.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), HookError> {
+        cgroup::attach(&mut self.ebpf, cgroup)?;
+        self.cgroup = Some(cgroup.to_owned());
+        Ok(())
+    }
+
+    pub fn cgroup(&self) -> Option<&Path> {
+        self.cgroup.as_deref()
+    }
+
+    pub fn attach_iface(&mut self, iface: &str, role: Role) -> Result<(), HookError> {
+        if self.attached.contains_key(iface) {
+            return Ok(());
+        }
+        let a = tc::attach(&mut self.ebpf, iface, role, self.tc_mode)?;
+        info!(
+            "attached {} programs to {iface} (ifindex {}, {:?})",
+            match role {
+                Role::Pod => "pod",
+                Role::Uplink => "uplink",
+            },
+            a.ifindex,
+            self.tc_mode
+        );
+        self.attached.insert(iface.to_owned(), a);
+        Ok(())
+    }
+
+    /// Forget an interface. `gone` says the kernel already removed it (and with it our links).
+    pub fn detach_iface(&mut self, iface: &str, gone: bool) {
+        if let Some(a) = self.attached.remove(iface) {
+            if let Err(e) = tc::detach(&mut self.ebpf, a, gone) {
+                warn!("detaching from {iface}: {e}");
+            }
+        }
+    }
+
+    pub fn attached(&self) -> &BTreeMap<String, TcAttachment> {
+        &self.attached
+    }
+
+    /// Detach everything; the cgroup links go when the object is dropped.
+    pub fn shutdown(mut self) {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for name in names {
+            self.detach_iface(&name, false);
+        }
+        drop(self.ebpf);
+    }
+}
+
+fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, HookError>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(HookError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| HookError::Map { name, source })
+}

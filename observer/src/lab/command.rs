@@ -1,0 +1,69 @@
+//! `observer lab ...` subcommands.
+
+use std::process::Command;
+
+use anyhow::Context as _;
+
+use super::{Lab, config::LabConfig, traffic};
+use crate::cli::LabCommand;
+
+/// Returns the process exit code.
+pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
+    match cmd {
+        LabCommand::Up(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            let text = match &a.config {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading lab description {}", p.display()))?,
+                None => super::config::STORY.to_owned(),
+            };
+            let cfg = LabConfig::parse(&text)?;
+            lab.up(&cfg, &text)?;
+            print!("{}", lab.status());
+            Ok(0)
+        }
+        LabCommand::Down(a) => {
+            let lab = Lab::new(&a.name)?;
+            let n = lab.down()?;
+            println!("lab {}: removed {n} namespaces", lab.name);
+            Ok(0)
+        }
+        LabCommand::Status(a) => {
+            let lab = Lab::new(&a.name)?;
+            print!("{}", lab.status());
+            Ok(0)
+        }
+        LabCommand::Exec(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            let cfg = lab.load_config()?;
+            let ns = lab.target_ns(&cfg, &a.target)?;
+            let status = Command::new("ip")
+                .args(["netns", "exec", &ns])
+                .args(&a.cmd)
+                .status()
+                .context("running ip netns exec")?;
+            Ok(status.code().unwrap_or(1))
+        }
+        LabCommand::Example => {
+            print!("{}", super::config::STORY);
+            Ok(0)
+        }
+        LabCommand::Client(a) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            Ok(if rt.block_on(traffic::client(a)) {
+                0
+            } else {
+                1
+            })
+        }
+        LabCommand::Serve(a) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(traffic::serve(a))?;
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The lab description: nodes, namespaces, pods, Services (TOML).
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use serde::{Deserialize, Serialize};
+
+pub const STORY: &str = include_str!("../../../lab/story.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("lab description is not valid TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("lab description: {0}")]
+    Invalid(String),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct LabConfig {
+    pub cluster_cidr: Cidr,
+    pub cluster_cidr6: Option<Cidr>,
+    pub service_cidr: Cidr,
+    pub nodes: Vec<Node>,
+    #[serde(default)]
+    pub namespaces: Vec<Namespace>,
+    pub pods: Vec<Pod>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
+    pub pod_cidr: Cidr,
+    pub pod_cidr6: Option<Cidr>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    pub ip6: Option<Ipv6Addr>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+}
+
+impl Protocol {
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub cluster_ip: IpAddr,
+    pub selector: BTreeMap<String, String>,
+    pub ports: Vec<ServicePort>,
+}
+
+/// An address prefix, written `10.244.1.0/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected ADDR/LEN"))?;
+        let addr: IpAddr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let len: u8 = l.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if len > max {
+            return Err(format!("{s:?}: prefix longer than {max}"));
+        }
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        fn bits(ip: IpAddr) -> u128 {
+            match ip {
+                IpAddr::V4(v) => u32::from(v) as u128,
+                IpAddr::V6(v) => u128::from(v),
+            }
+        }
+        if ip.is_ipv4() != self.addr.is_ipv4() {
+            return false;
+        }
+        let width = if ip.is_ipv4() { 32 } else { 128 };
+        if self.len == 0 {
+            return true;
+        }
+        let shift = width - self.len as u32;
+        bits(ip) >> shift == bits(self.addr) >> shift
+    }
+}
+
+impl LabConfig {
+    pub fn parse(text: &str) -> Result<LabConfig, ConfigError> {
+        let cfg: LabConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn story() -> LabConfig {
+        LabConfig::parse(STORY).expect("the built-in story is valid")
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.nodes.len() != 2 {
+            return bad(format!(
+                "the lab joins exactly two nodes with one wire; {} given",
+                self.nodes.len()
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for n in self
+            .nodes
+            .iter()
+            .map(|n| &n.name)
+            .chain(self.pods.iter().map(|p| &p.name))
+        {
+            if !valid_name(n) {
+                return bad(format!("{n:?}: node and pod names are 1-20 of [a-z0-9-]"));
+            }
+            if !names.insert(n) {
+                return bad(format!(
+                    "{n:?} is used twice (node and pod names share one space)"
+                ));
+            }
+        }
+        for p in &self.pods {
+            let Some(node) = self.node(&p.node) else {
+                return bad(format!("pod {}: unknown node {:?}", p.name, p.node));
+            };
+            if !node.pod_cidr.contains(p.ip.into()) {
+                return bad(format!(
+                    "pod {}: {} is outside {}'s pod_cidr {}",
+                    p.name, p.ip, node.name, node.pod_cidr
+                ));
+            }
+            if let Some(ip6) = p.ip6 {
+                match node.pod_cidr6 {
+                    Some(c) if c.contains(ip6.into()) => {}
+                    _ => {
+                        return bad(format!(
+                            "pod {}: {ip6} is outside {}'s pod_cidr6",
+                            p.name, node.name
+                        ));
+                    }
+                }
+            }
+            if !self.namespaces.iter().any(|n| n.name == p.namespace) {
+                return bad(format!(
+                    "pod {}: namespace {:?} is not declared",
+                    p.name, p.namespace
+                ));
+            }
+        }
+        for s in &self.services {
+            if s.cluster_ip.is_ipv4() && !self.service_cidr.contains(s.cluster_ip) {
+                return bad(format!(
+                    "service {}/{}: {} is outside service_cidr {}",
+                    s.namespace, s.name, s.cluster_ip, self.service_cidr
+                ));
+            }
+            if s.cluster_ip.is_ipv6() && self.cluster_cidr6.is_none() {
+                return bad(format!(
+                    "service {}/{}: IPv6 Service needs cluster_cidr6",
+                    s.namespace, s.name
+                ));
+            }
+            for ep in self.endpoints(s) {
+                if s.cluster_ip.is_ipv6() && ep.ip6.is_none() {
+                    return bad(format!(
+                        "service {}/{}: endpoint {} has no ip6",
+                        s.namespace, s.name, ep.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Pods selected by a Service, in declaration order (as EndpointSlices would list them).
+    pub fn endpoints<'a>(&'a self, s: &'a Service) -> impl Iterator<Item = &'a Pod> + 'a {
+        self.pods.iter().filter(move |p| {
+            p.namespace == s.namespace && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        })
+    }
+
+    /// (target port, protocol) pairs a pod must serve.
+    pub fn listeners(&self, pod: &Pod) -> BTreeSet<(u16, Protocol)> {
+        self.services
+            .iter()
+            .filter(|s| self.endpoints(s).any(|p| p.name == pod.name))
+            .flat_map(|s| s.ports.iter().map(|p| (p.target_port, p.protocol)))
+            .collect()
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 20
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn story_is_valid_and_has_the_four_services() {
+        let cfg = LabConfig::story();
+        assert_eq!(cfg.nodes.len(), 2);
+        let web = cfg.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.cluster_ip.to_string(), "100.64.0.10");
+        assert_eq!(web.ports[0].target_port, 8443);
+        let eps: Vec<_> = cfg.endpoints(web).map(|p| p.name.as_str()).collect();
+        assert_eq!(eps, ["pod-b"]);
+        let api = cfg.services.iter().find(|s| s.name == "api").unwrap();
+        assert_eq!(cfg.endpoints(api).count(), 2);
+        assert!(
+            cfg.services
+                .iter()
+                .any(|s| s.ports[0].protocol == Protocol::Udp)
+        );
+        assert!(cfg.services.iter().any(|s| s.cluster_ip.is_ipv6()));
+        let pod_b = cfg.pods.iter().find(|p| p.name == "pod-b").unwrap();
+        assert!(cfg.listeners(pod_b).contains(&(8443, Protocol::Tcp)));
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_a_reason() {
+        let text = STORY.replace("ip = \"10.244.2.10\"", "ip = \"10.244.9.10\"");
+        let err = LabConfig::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("outside node-b's pod_cidr"), "{err}");
+        let text = STORY.replace("cluster_cidr = ", "clustr_cidr = ");
+        assert!(LabConfig::parse(&text).is_err());
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+    }
+
+    #[test]
+    fn cidr_contains() {
+        let c: Cidr = "10.244.1.0/24".parse().unwrap();
+        assert!(c.contains("10.244.1.200".parse().unwrap()));
+        assert!(!c.contains("10.244.2.1".parse().unwrap()));
+        assert!(!c.contains("fd00::1".parse().unwrap()));
+        let c6: Cidr = "fd00:10:244:1::/64".parse().unwrap();
+        assert!(c6.contains("fd00:10:244:1::10".parse().unwrap()));
+    }
+}

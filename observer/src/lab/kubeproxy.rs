@@ -1,0 +1,222 @@
+//! kube-proxy iptables-mode rules, in kube-proxy's own shape: nat PREROUTING/OUTPUT ->
+//! KUBE-SERVICES -> KUBE-SVC-* -> (statistic random) KUBE-SEP-* -> DNAT.
+//!
+//! Chain suffixes are a hash of the service port name like kube-proxy's (which uses SHA-256 +
+//! base32); the digits differ, the structure does not.
+
+use std::{fmt::Write as _, net::IpAddr};
+
+use super::config::{LabConfig, Protocol, Service, ServicePort};
+
+#[derive(Copy, Clone, PartialEq, Eq, Debug)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+fn chain_hash(s: &str) -> String {
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::with_capacity(16);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for round in 0..2u8 {
+        for b in s.bytes().chain([round]) {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        for i in 0..8 {
+            out.push(ALPHABET[((h >> (i * 5)) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+fn port_name(s: &Service, p: &ServicePort) -> String {
+    format!(
+        "{}/{}:{}",
+        s.namespace,
+        s.name,
+        p.name.as_deref().unwrap_or("")
+    )
+}
+
+pub fn svc_chain(s: &Service, p: &ServicePort) -> String {
+    format!(
+        "KUBE-SVC-{}",
+        chain_hash(&(port_name(s, p) + p.protocol.lower()))
+    )
+}
+
+pub fn sep_chain(s: &Service, p: &ServicePort, ep: IpAddr) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        chain_hash(&format!(
+            "{}{}{ep}:{}",
+            port_name(s, p),
+            p.protocol.lower(),
+            p.target_port
+        ))
+    )
+}
+
+fn host(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(v) => format!("{v}/32"),
+        IpAddr::V6(v) => format!("{v}/128"),
+    }
+}
+
+fn dnat_target(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V4(v) => format!("{v}:{port}"),
+        IpAddr::V6(v) => format!("[{v}]:{port}"),
+    }
+}
+
+/// The nat table for one address family, as `iptables-restore` / `ip6tables-restore` input.
+/// kube-proxy programs every Service on every node, so this is the same on all nodes.
+pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
+    let v6 = family == Family::V6;
+    let cluster_cidr = if v6 {
+        cfg.cluster_cidr6.map(|c| c.to_string())
+    } else {
+        Some(cfg.cluster_cidr.to_string())
+    };
+    let mut chains = vec![
+        "KUBE-SERVICES".to_owned(),
+        "KUBE-POSTROUTING".to_owned(),
+        "KUBE-MARK-MASQ".to_owned(),
+    ];
+    let mut rules = String::new();
+    let r = &mut rules;
+    r.push_str(
+        "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n",
+    );
+    r.push_str("-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n");
+    r.push_str("-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING\n");
+    r.push_str("-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000\n");
+    r.push_str("-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN\n");
+    r.push_str("-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000\n");
+    r.push_str("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n");
+
+    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6) {
+        for p in &s.ports {
+            let proto = p.protocol.lower();
+            let name = port_name(s, p);
+            let svc = svc_chain(s, p);
+            let eps: Vec<IpAddr> = cfg
+                .endpoints(s)
+                .filter_map(|pod| {
+                    if v6 {
+                        pod.ip6.map(IpAddr::V6)
+                    } else {
+                        Some(IpAddr::V4(pod.ip))
+                    }
+                })
+                .collect();
+            if eps.is_empty() {
+                // kube-proxy rejects traffic to a Service without endpoints (filter table);
+                // the lab just leaves it unrouted.
+                continue;
+            }
+            chains.push(svc.clone());
+            let _ = writeln!(
+                r,
+                "-A KUBE-SERVICES -d {} -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j {svc}",
+                host(s.cluster_ip),
+                p.port
+            );
+            if let Some(cc) = &cluster_cidr {
+                let _ = writeln!(
+                    r,
+                    "-A {svc} ! -s {cc} -d {} -p {proto} -m comment --comment \"{name} cluster IP\" -m {proto} --dport {} -j KUBE-MARK-MASQ",
+                    host(s.cluster_ip),
+                    p.port
+                );
+            }
+            let n = eps.len();
+            for (i, ep) in eps.iter().enumerate() {
+                let sep = sep_chain(s, p, *ep);
+                chains.push(sep.clone());
+                let dest = dnat_target(*ep, p.target_port);
+                if i + 1 < n {
+                    let _ = writeln!(
+                        r,
+                        "-A {svc} -m comment --comment \"{name} -> {dest}\" -m statistic --mode random --probability {:.10} -j {sep}",
+                        1.0 / (n - i) as f64
+                    );
+                } else {
+                    let _ = writeln!(
+                        r,
+                        "-A {svc} -m comment --comment \"{name} -> {dest}\" -j {sep}"
+                    );
+                }
+                let _ = writeln!(
+                    r,
+                    "-A {sep} -s {} -m comment --comment \"{name}\" -j KUBE-MARK-MASQ",
+                    host(*ep)
+                );
+                let _ = writeln!(
+                    r,
+                    "-A {sep} -p {proto} -m comment --comment \"{name}\" -m {proto} -j DNAT --to-destination {dest}"
+                );
+            }
+        }
+    }
+    let mut out = String::from("*nat\n");
+    for c in chains {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    out.push_str(&rules);
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Protocol of a service port, for display.
+pub fn proto_upper(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn story_rules_have_kube_proxy_shape() {
+        let cfg = LabConfig::story();
+        let v4 = nat_table(&cfg, Family::V4);
+        assert!(v4.starts_with("*nat\n:KUBE-SERVICES - [0:0]\n"));
+        assert!(v4.contains(
+            "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+        assert!(v4.contains(
+            "-A OUTPUT -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        ));
+        assert!(v4.contains("-d 100.64.0.10/32 -p tcp"));
+        assert!(v4.contains("-j DNAT --to-destination 10.244.2.10:8443"));
+        assert!(v4.contains("-p udp -m comment --comment \"payments/dns:dns\" -m udp -j DNAT --to-destination 10.244.2.53:5353"));
+        // Two endpoints: the first is chosen with probability 1/2, the last unconditionally.
+        assert!(v4.contains("--mode random --probability 0.5000000000"));
+        assert!(!v4.contains("fd00"));
+        let v6 = nat_table(&cfg, Family::V6);
+        assert!(v6.contains("-d fd00:100:64::10/128"));
+        assert!(v6.contains("--to-destination [fd00:10:244:2::10]:8443"));
+        assert!(v4.ends_with("COMMIT\n"));
+    }
+
+    #[test]
+    fn chain_names_are_stable_and_distinct() {
+        let cfg = LabConfig::story();
+        let names: std::collections::BTreeSet<String> = cfg
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter().map(move |p| svc_chain(s, p)))
+            .collect();
+        assert_eq!(names.len(), cfg.services.len());
+        for n in &names {
+            assert_eq!(n.len(), "KUBE-SVC-".len() + 16);
+        }
+    }
+}

@@ -1,0 +1,506 @@
+//! The embedded lab: two nodes and their pods as network namespaces on this machine, with
+//! kube-proxy-style DNAT, so the whole story can be watched without a cluster.
+//!
+//! Layout for lab `L`: namespaces `L-<node>` and `L-<pod>`; one veth wire `eth0`<->`eth0`
+//! between the nodes; per pod a veth `veth<hash>` (node side) <-> `eth0` (pod side), routed per
+//! pod as Calico and GKE do (pod default route via 169.254.1.1 / fe80::1 on the node side). No
+//! address or route is added outside these namespaces.
+
+pub mod command;
+pub mod config;
+pub mod kubeproxy;
+pub mod netns;
+pub mod traffic;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use config::{LabConfig, Node, Pod};
+use kubeproxy::Family;
+use log::info;
+use netns::{CmdError, ip};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Cmd(#[from] CmdError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lab name {0:?}: use 1-12 of [a-z0-9] (it prefixes every namespace)")]
+    BadName(String),
+    #[error("lab {0:?} is already up; run `observer lab down --name {0}` first")]
+    AlreadyUp(String),
+    #[error("lab {lab:?} has no pod or node named {target:?}")]
+    UnknownTarget { lab: String, target: String },
+    #[error("servers in the lab did not start within 10 s: {0}")]
+    ServersNotReady(String),
+}
+
+pub const STATE_ROOT: &str = "/run/observer-lab";
+
+/// A lab by name: where its state lives and how its namespaces are called.
+pub struct Lab {
+    pub name: String,
+}
+
+impl Lab {
+    pub fn new(name: &str) -> Result<Lab, LabError> {
+        if name.is_empty()
+            || name.len() > 12
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        {
+            return Err(LabError::BadName(name.to_owned()));
+        }
+        Ok(Lab {
+            name: name.to_owned(),
+        })
+    }
+
+    pub fn ns(&self, member: &str) -> String {
+        format!("{}-{member}", self.name)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        Path::new(STATE_ROOT).join(&self.name)
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.state_dir().join("lab.toml")
+    }
+
+    /// The description the lab was brought up with.
+    pub fn load_config(&self) -> Result<LabConfig, LabError> {
+        let path = self.config_path();
+        let text = std::fs::read_to_string(&path).map_err(|source| LabError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(LabConfig::parse(&text)?)
+    }
+
+    /// Namespaces that belong to this lab (the name has no `-`, so the prefix is unambiguous).
+    pub fn namespaces(&self) -> Vec<String> {
+        let prefix = format!("{}-", self.name);
+        netns::list()
+            .into_iter()
+            .filter(|n| n.starts_with(&prefix))
+            .collect()
+    }
+
+    pub fn up(&self, cfg: &LabConfig, config_text: &str) -> Result<(), LabError> {
+        if !self.namespaces().is_empty() {
+            return Err(LabError::AlreadyUp(self.name.clone()));
+        }
+        let dir = self.state_dir();
+        std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        std::fs::write(self.config_path(), config_text).map_err(|source| LabError::Io {
+            path: self.config_path(),
+            source,
+        })?;
+        let res = self.build(cfg);
+        if res.is_err() {
+            // Leave nothing half-built behind.
+            let _ = self.down();
+        }
+        res
+    }
+
+    fn build(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        for n in &cfg.nodes {
+            self.add_node(n)?;
+        }
+        self.add_wire(&cfg.nodes[0], &cfg.nodes[1])?;
+        for p in &cfg.pods {
+            let node = cfg.node(&p.node).expect("validated");
+            self.add_pod(node, p)?;
+        }
+        for n in &cfg.nodes {
+            let ns = self.ns(&n.name);
+            netns::run_with_input(
+                &["ip", "netns", "exec", &ns, "iptables-restore", "--noflush"],
+                Some(&kubeproxy::nat_table(cfg, Family::V4)),
+            )?;
+            if cfg.cluster_cidr6.is_some() {
+                netns::run_with_input(
+                    &["ip", "netns", "exec", &ns, "ip6tables-restore", "--noflush"],
+                    Some(&kubeproxy::nat_table(cfg, Family::V6)),
+                )?;
+            }
+        }
+        self.start_servers(cfg)?;
+        info!("lab {} is up", self.name);
+        Ok(())
+    }
+
+    fn new_ns(&self, member: &str) -> Result<String, LabError> {
+        let ns = self.ns(member);
+        netns::run(&["ip", "netns", "add", &ns])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        // Before any link exists, so every interface starts with these.
+        netns::sysctl(
+            &ns,
+            &[
+                "net.ipv6.conf.all.accept_dad=0",
+                "net.ipv6.conf.default.accept_dad=0",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        Ok(ns)
+    }
+
+    fn add_node(&self, n: &Node) -> Result<(), LabError> {
+        let ns = self.new_ns(&n.name)?;
+        netns::sysctl(
+            &ns,
+            &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
+        )?;
+        Ok(())
+    }
+
+    fn add_wire(&self, a: &Node, b: &Node) -> Result<(), LabError> {
+        let (na, nb) = (self.ns(&a.name), self.ns(&b.name));
+        ip(
+            &na,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &nb,
+            ],
+        )?;
+        for (ns, me, peer) in [(&na, a, b), (&nb, b, a)] {
+            ip(
+                ns,
+                &["addr", "add", &format!("{}/24", me.ip), "dev", "eth0"],
+            )?;
+            ip(ns, &["link", "set", "eth0", "up"])?;
+            ip(
+                ns,
+                &[
+                    "route",
+                    "add",
+                    &peer.pod_cidr.to_string(),
+                    "via",
+                    &peer.ip.to_string(),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            if let (Some(me6), Some(peer6), Some(cidr6)) = (me.ip6, peer.ip6, peer.pod_cidr6) {
+                ip(
+                    ns,
+                    &["addr", "add", &format!("{me6}/64"), "dev", "eth0", "nodad"],
+                )?;
+                ip(
+                    ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &cidr6.to_string(),
+                        "via",
+                        &peer6.to_string(),
+                        "dev",
+                        "eth0",
+                    ],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_pod(&self, node: &Node, p: &Pod) -> Result<(), LabError> {
+        let pns = self.new_ns(&p.name)?;
+        let nns = self.ns(&node.name);
+        let veth = host_veth(&p.name);
+        ip(
+            &nns,
+            &[
+                "link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pns,
+            ],
+        )?;
+        ip(&nns, &["link", "set", &veth, "up"])?;
+        ip(&nns, &["addr", "add", "169.254.1.1/32", "dev", &veth])?;
+        ip(
+            &nns,
+            &[
+                "route",
+                "add",
+                &format!("{}/32", p.ip),
+                "dev",
+                &veth,
+                "scope",
+                "link",
+            ],
+        )?;
+        ip(
+            &pns,
+            &["addr", "add", &format!("{}/32", p.ip), "dev", "eth0"],
+        )?;
+        ip(&pns, &["link", "set", "eth0", "up"])?;
+        ip(
+            &pns,
+            &[
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ],
+        )?;
+        ip(
+            &pns,
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ],
+        )?;
+        if let Some(ip6) = p.ip6 {
+            ip(&nns, &["addr", "add", "fe80::1/64", "dev", &veth, "nodad"])?;
+            ip(
+                &nns,
+                &["-6", "route", "add", &format!("{ip6}/128"), "dev", &veth],
+            )?;
+            ip(
+                &pns,
+                &["addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"],
+            )?;
+            ip(
+                &pns,
+                &[
+                    "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn start_servers(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        let exe = std::env::current_exe().map_err(|source| LabError::Io {
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+        let dir = self.state_dir();
+        let mut waiting = Vec::new();
+        for p in &cfg.pods {
+            let listeners = cfg.listeners(p);
+            if listeners.is_empty() {
+                continue;
+            }
+            let ready = dir.join(format!("{}.ready", p.name));
+            let _ = std::fs::remove_file(&ready);
+            let log_path = dir.join(format!("{}.log", p.name));
+            let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
+                path: log_path.clone(),
+                source,
+            })?;
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &self.ns(&p.name)])
+                .arg(&exe)
+                .args(["lab", "serve", "--name", &p.name, "--ready-file"])
+                .arg(&ready);
+            for (port, proto) in listeners {
+                cmd.arg(format!("--{}", proto.lower()))
+                    .arg(port.to_string());
+            }
+            cmd.stdin(Stdio::null())
+                .stdout(log.try_clone().map_err(|source| LabError::Io {
+                    path: log_path.clone(),
+                    source,
+                })?)
+                .stderr(log);
+            // Own session: the server outlives `lab up` and is not hit by the terminal's ^C.
+            // SAFETY: setsid is async-signal-safe.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                    libc::setsid();
+                    Ok(())
+                });
+            }
+            cmd.spawn().map_err(|source| LabError::Io {
+                path: exe.clone(),
+                source,
+            })?;
+            waiting.push((p.name.clone(), ready));
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if waiting.iter().all(|(_, r)| r.exists()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let missing: Vec<String> = waiting
+            .iter()
+            .filter(|(_, r)| !r.exists())
+            .map(|(n, _)| format!("{n} (log: {})", dir.join(format!("{n}.log")).display()))
+            .collect();
+        Err(LabError::ServersNotReady(missing.join(", ")))
+    }
+
+    /// Kill every process in the lab's namespaces and delete them; safe to run any time.
+    pub fn down(&self) -> Result<usize, LabError> {
+        let spaces = self.namespaces();
+        for ns in &spaces {
+            for pid in netns::pids(ns) {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && spaces.iter().any(|ns| !netns::pids(ns).is_empty()) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for ns in &spaces {
+            for pid in netns::pids(ns) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        // Deleting a namespace destroys its veth ends, and with them their peers.
+        for ns in &spaces {
+            netns::run(&["ip", "netns", "del", ns])?;
+        }
+        let _ = std::fs::remove_dir_all(self.state_dir());
+        Ok(spaces.len())
+    }
+
+    /// The namespace of a pod or node of this lab.
+    pub fn target_ns(&self, cfg: &LabConfig, target: &str) -> Result<String, LabError> {
+        if cfg.nodes.iter().any(|n| n.name == target) || cfg.pods.iter().any(|p| p.name == target) {
+            Ok(self.ns(target))
+        } else {
+            Err(LabError::UnknownTarget {
+                lab: self.name.clone(),
+                target: target.to_owned(),
+            })
+        }
+    }
+
+    pub fn status(&self) -> String {
+        let present = self.namespaces();
+        let Ok(cfg) = self.load_config() else {
+            return if present.is_empty() {
+                format!("lab {}: down\n", self.name)
+            } else {
+                format!(
+                    "lab {}: no description in {}, but namespaces remain: {} (run `observer lab down --name {}`)\n",
+                    self.name,
+                    self.state_dir().display(),
+                    present.join(" "),
+                    self.name
+                )
+            };
+        };
+        describe(self, &cfg, &present)
+    }
+}
+
+/// Host-side veth name for a pod: `veth` + 8 hex digits, as CNI plugins name them.
+pub fn host_veth(pod: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in pod.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("veth{h:08x}")
+}
+
+fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let state = |ns: &str| {
+        if present.iter().any(|p| p == ns) {
+            "up"
+        } else {
+            "MISSING"
+        }
+    };
+    let _ = writeln!(
+        s,
+        "lab {} (state in {})",
+        lab.name,
+        lab.state_dir().display()
+    );
+    let _ = writeln!(s, "nodes (wire eth0 <-> eth0, no NAT, no encapsulation):");
+    for n in &cfg.nodes {
+        let ns = lab.ns(&n.name);
+        let _ = writeln!(
+            s,
+            "  {:<10} netns {:<16} {:<4} ip {:<12} pods {}{}",
+            n.name,
+            ns,
+            state(&ns),
+            n.ip,
+            n.pod_cidr,
+            n.pod_cidr6.map(|c| format!(", {c}")).unwrap_or_default()
+        );
+    }
+    let _ = writeln!(s, "pods:");
+    for p in &cfg.pods {
+        let ns = lab.ns(&p.name);
+        let labels: Vec<String> = p.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let _ = writeln!(
+            s,
+            "  {:<10} netns {:<16} {:<4} on {:<7} ns {:<10} ip {}{}  node iface {}  [{}]",
+            p.name,
+            ns,
+            state(&ns),
+            p.node,
+            p.namespace,
+            p.ip,
+            p.ip6.map(|i| format!(", {i}")).unwrap_or_default(),
+            host_veth(&p.name),
+            labels.join(",")
+        );
+    }
+    let _ = writeln!(s, "services (kube-proxy iptables mode on every node):");
+    for svc in &cfg.services {
+        for port in &svc.ports {
+            let eps: Vec<String> = cfg
+                .endpoints(svc)
+                .map(|p| {
+                    let ip = if svc.cluster_ip.is_ipv6() {
+                        p.ip6.map(|i| format!("[{i}]")).unwrap_or_default()
+                    } else {
+                        p.ip.to_string()
+                    };
+                    format!("{}={ip}:{}", p.name, port.target_port)
+                })
+                .collect();
+            let vip = if svc.cluster_ip.is_ipv6() {
+                format!("[{}]:{}", svc.cluster_ip, port.port)
+            } else {
+                format!("{}:{}", svc.cluster_ip, port.port)
+            };
+            let _ = writeln!(
+                s,
+                "  {}/{:<8} {} {:<24} -> {}",
+                svc.namespace,
+                svc.name,
+                kubeproxy::proto_upper(port.protocol),
+                vip,
+                eps.join(", ")
+            );
+        }
+    }
+    s
+}

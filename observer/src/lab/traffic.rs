@@ -1,0 +1,160 @@
+//! Lab traffic: the servers `lab up` runs in pods, and a client to drive requests.
+//!
+//! TCP servers answer one HTTP-like request per connection with the pod name, so curl works
+//! against them; UDP servers echo the pod name.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, UdpSocket},
+    sync::Semaphore,
+    time::timeout,
+};
+
+use crate::cli::{ClientArgs, L4, ServeArgs};
+
+pub async fn serve(args: ServeArgs) -> std::io::Result<()> {
+    let name: Arc<str> = args.name.clone().into();
+    let mut tasks = Vec::new();
+    for port in args.tcp_ports {
+        // `[::]` accepts IPv4 too (bindv6only is 0 in a fresh namespace).
+        let l = TcpListener::bind((Ipv6Addr::UNSPECIFIED, port)).await?;
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Ok((s, _)) = l.accept().await {
+                    tokio::spawn(answer_tcp(s, name.clone()));
+                }
+            }
+        }));
+    }
+    for port in args.udp_ports {
+        let sock = UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)).await?;
+        let name = name.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            loop {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf).await {
+                    let _ = sock.send_to(format!("{name}\n").as_bytes(), peer).await;
+                }
+            }
+        }));
+    }
+    if let Some(ready) = &args.ready_file {
+        std::fs::write(ready, b"ready\n")?;
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+async fn answer_tcp(mut s: TcpStream, name: Arc<str>) {
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    // Read the request head (or whatever arrives within 2 s).
+    let _ = timeout(Duration::from_secs(2), async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(4).any(|w| w == b"\r\n\r\n") || seen.len() > 64 * 1024 {
+                break;
+            }
+        }
+    })
+    .await;
+    let body = format!("{name}\n");
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = s.write_all(resp.as_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+/// Result of one exchange: the answering pod's name.
+async fn exchange(args: &ClientArgs) -> Result<String, String> {
+    match args.proto {
+        L4::Tcp => {
+            let mut s = timeout(args.timeout, TcpStream::connect(args.to))
+                .await
+                .map_err(|_| "connect timed out".to_owned())?
+                .map_err(|e| format!("connect: {e}"))?;
+            tokio::time::sleep(args.hold).await;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nUser-Agent: observer-lab\r\n\r\n")
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut resp = Vec::new();
+            timeout(args.timeout, s.read_to_end(&mut resp))
+                .await
+                .map_err(|_| "answer timed out".to_owned())?
+                .map_err(|e| format!("receive: {e}"))?;
+            let text = String::from_utf8_lossy(&resp);
+            text.split("\r\n\r\n")
+                .nth(1)
+                .map(|b| b.trim().to_owned())
+                .ok_or_else(|| "malformed answer".to_owned())
+        }
+        L4::Udp => {
+            let local: SocketAddr = if args.to.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                (Ipv6Addr::UNSPECIFIED, 0).into()
+            };
+            let sock = UdpSocket::bind(local)
+                .await
+                .map_err(|e| format!("bind: {e}"))?;
+            tokio::time::sleep(args.hold).await;
+            sock.send_to(b"hello\n", args.to)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let mut buf = [0u8; 2048];
+            let n = timeout(args.timeout, sock.recv(&mut buf))
+                .await
+                .map_err(|_| "answer timed out".to_owned())?
+                .map_err(|e| format!("receive: {e}"))?;
+            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+        }
+    }
+}
+
+/// Run `count` exchanges, `concurrency` at a time; print a JSON summary. Returns whether all
+/// succeeded.
+pub async fn client(args: ClientArgs) -> bool {
+    let args = Arc::new(args);
+    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(args.count);
+    for _ in 0..args.count {
+        let args = args.clone();
+        let permit = gate.clone().acquire_owned().await.expect("semaphore open");
+        tasks.push(tokio::spawn(async move {
+            let r = exchange(&args).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for t in tasks {
+        match t.await {
+            Ok(Ok(name)) => *answers.entry(name).or_default() += 1,
+            Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+            Err(e) => *errors.entry(e.to_string()).or_default() += 1,
+        }
+    }
+    let ok: usize = answers.values().sum();
+    let failed: usize = errors.values().sum();
+    println!(
+        "{}",
+        serde_json::json!({ "to": args.to.to_string(), "ok": ok, "failed": failed, "answers": answers, "errors": errors })
+    );
+    failed == 0
+}

@@ -1,0 +1,113 @@
+//! The flow record: what one connection looked like at every layer of one node.
+//!
+//! Versioned by [`SCHEMA`]; documented in docs/flow-schema.md and docs/flow-schema.json (the
+//! tests validate real output against the latter). Adding a field is compatible; renaming or
+//! changing the meaning of one bumps the version.
+
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: &str = "observer.flow/v1";
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct TupleView {
+    pub src: String,
+    pub sport: u16,
+    pub dst: String,
+    pub dport: u16,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ObservedAs {
+    /// The client pod is on this node: the record has the pre-DNAT tuple.
+    Sender,
+    /// Only the server side is on this node: the flow arrived already translated.
+    Receiver,
+    /// Client and server pods are both on this node.
+    Local,
+    /// Neither end is a pod of this node (routed through).
+    Transit,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Client to server.
+    Orig,
+    /// Server to client.
+    Reply,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    /// `socket`, `pod_ingress`, `pod_egress`, `uplink_ingress` or `uplink_egress`.
+    pub point: String,
+    pub iface: Option<String>,
+    pub node: String,
+    pub dir: Direction,
+    /// The tuple as this hop saw it.
+    pub tuple: TupleView,
+    /// Not counted at `socket`.
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
+    pub first_seen: String,
+    pub last_seen: String,
+    /// TCP flags seen at this hop, e.g. "SYN|ACK|FIN".
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub tcp_flags: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Translation {
+    /// Node where the destination was rewritten.
+    pub node: String,
+    /// Last hop that saw the pre-DNAT tuple, and first hop that saw the post-DNAT tuple: the
+    /// rewrite happened in the node's IP stack between the two (netfilter, where kube-proxy's
+    /// KUBE-SERVICES chains hang off nat PREROUTING).
+    pub after: String,
+    pub before: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SocketInfo {
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// Destination passed to connect()/sendmsg().
+    pub asked: TupleView,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub packets: u64,
+    pub bytes: u64,
+    pub reply_packets: u64,
+    pub reply_bytes: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct FlowRecord {
+    pub schema: String,
+    /// When this record was written.
+    pub time: String,
+    pub node: String,
+    pub proto: String,
+    pub family: String,
+    pub observed_as: ObservedAs,
+    /// Client to server as the client pod sent it (null when the client is not on this node).
+    pub pre_dnat: Option<TupleView>,
+    /// Client to server as it left the node's IP stack (null if it never left).
+    pub post_dnat: Option<TupleView>,
+    pub translated: bool,
+    pub translation: Option<Translation>,
+    pub socket: Option<SocketInfo>,
+    pub hops: Vec<Hop>,
+    pub totals: Totals,
+    /// TCP: syn_sent, established, closed, reset. Other protocols: active, ended.
+    pub state: String,
+    /// False for interim records of a connection still in progress.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    pub start: String,
+    pub end: String,
+}
