@@ -1,1 +1,158 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup|build|test|demo|bench`.
+//!
+//! Every task starts with `setup`, which installs what is missing on a Debian 12 machine (as
+//! root) and is a quick no-op once everything is there.
+
+mod bench;
+mod demo;
+
+mod setup;
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(about = "observer developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the build and tests need (Debian packages, bpf-linker, toolchain link).
+    Setup,
+    /// Build the agent (kernel programs embedded) in release mode.
+    Build,
+    /// The whole test suite: unit tests and real-kernel lab tests (needs root).
+    Test {
+        /// Extra arguments for `cargo test`, e.g. a test name filter.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// The main job: build, bring up the lab, watch a Service connection become PodB:8443.
+    Demo {
+        /// Keep the lab running afterwards (take it down with `observer lab down --name demo`).
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Measure per-packet cost and throughput with and without the agent.
+    Bench {
+        /// Seconds per iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u32,
+    },
+    /// cargo fmt --check and clippy (userspace and kernel crate).
+    Lint,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.task {
+        Task::Setup => setup::ensure(),
+        Task::Build => {
+            setup::ensure()?;
+            build()
+        }
+        Task::Test { args } => {
+            setup::ensure()?;
+            build()?;
+            test(&args)
+        }
+        Task::Demo { keep } => {
+            setup::ensure()?;
+            build()?;
+            demo::run(keep)
+        }
+        Task::Bench { seconds } => {
+            setup::ensure()?;
+            build()?;
+            bench::run(seconds)
+        }
+        Task::Lint => {
+            setup::ensure()?;
+            lint()
+        }
+    }
+}
+
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+pub fn observer_bin() -> std::path::PathBuf {
+    workspace_root().join("target/release/observer")
+}
+
+/// `cargo` with ~/.cargo/bin (bpf-linker) on PATH.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.env("PATH", setup::path_with_cargo_bin())
+        .current_dir(workspace_root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build() -> anyhow::Result<()> {
+    println!("==> building observer (release, kernel programs embedded)");
+    run(cargo().args(["build", "--release", "-p", "observer"]))
+}
+
+fn test(extra: &[String]) -> anyhow::Result<()> {
+    if !setup::is_root() {
+        bail!("the kernel tests load eBPF programs and build network namespaces: run as root");
+    }
+    println!("==> unit and real-kernel tests (lab tests run one at a time: they share the cgroup root)");
+    run(cargo()
+        .args(["test", "--release", "--workspace", "--no-fail-fast"])
+        .args(extra)
+        .args(["--", "--test-threads=1"]))
+}
+
+fn lint() -> anyhow::Result<()> {
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    // The kernel crate, for its own target, with the toolchain that builds it.
+    run(Command::new("rustup")
+        .env("PATH", setup::path_with_cargo_bin())
+        .env("RUSTC_BOOTSTRAP", "1")
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            setup::EBPF_TOOLCHAIN,
+            "cargo",
+            "clippy",
+            "-p",
+            "observer-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+}

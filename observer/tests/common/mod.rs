@@ -1,0 +1,98 @@
+//! Shared by the real-kernel tests: a lab per test (unique name, torn down on drop, also on
+//! failure), schema validation, metric parsing.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+pub use xtask::harness::{LabRun, tuple_of, unique_name};
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_observer"))
+}
+
+pub fn require_root() {
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "real-kernel tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test`)"
+    );
+}
+
+/// A fresh lab with the built-in story (or `config`), agents not started.
+pub fn lab(prefix: &str, config: Option<&str>) -> LabRun {
+    require_root();
+    let name = unique_name(prefix);
+    let dir = std::env::temp_dir().join(format!("observer-test-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    LabRun::up(&bin(), &name, config, &dir).expect("lab up")
+}
+
+/// A lab with an agent on each node; flows end after `idle` without packets.
+pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
+    let mut l = lab(prefix, None);
+    for node in ["node-a", "node-b"] {
+        l.start_agent(node, &["--idle-timeout", idle, "--poll-interval", "200ms"])
+            .expect("agent starts");
+    }
+    l
+}
+
+pub fn t(src: &str, sport: u16, dst: &str, dport: u16) -> (String, u16, String, u16) {
+    (src.to_owned(), sport, dst.to_owned(), dport)
+}
+
+/// Validate every record against docs/flow-schema.json.
+pub fn validate_schema(records: &[Value]) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/flow-schema.json");
+    let schema: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("schema file")).expect("schema JSON");
+    let validator = jsonschema::validator_for(&schema).expect("valid JSON Schema");
+    assert!(!records.is_empty(), "no records to validate");
+    for r in records {
+        let errors: Vec<String> = validator.iter_errors(r).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "record violates the schema: {errors:?}\n{r}");
+    }
+}
+
+/// `promtool check metrics` on an exposition; returns its complaints (empty when clean).
+pub fn promtool_check(text: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "promtool check metrics failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Value of the sample `name{labels...}` (labels given must all match; others are ignored).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+pub fn find<'a>(records: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+    records.iter().filter(|r| pred(r)).collect()
+}
+
+pub fn hop<'a>(r: &'a Value, point: &str, dir: &str) -> Option<&'a Value> {
+    r["hops"]
+        .as_array()?
+        .iter()
+        .find(|h| h["point"] == point && h["dir"] == dir)
+}
+
+pub const WAIT: Duration = Duration::from_secs(20);

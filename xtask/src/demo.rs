@@ -1,0 +1,254 @@
+//! `cargo xtask demo`: the story, measured. One connection from pod-a to Service
+//! 100.64.0.10:443, followed through every layer of both nodes, told for a person.
+
+use std::{fmt::Write as _, process::Command, time::Duration};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use xtask::harness::{CtEntry, LabRun, tuple_of};
+
+const LAB: &str = "demo";
+const VIP: &str = "100.64.0.10";
+
+fn step(n: u32, text: &str) {
+    println!("\n[{n}/6] {text}");
+}
+
+pub fn run(keep: bool) -> anyhow::Result<()> {
+    let bin = crate::observer_bin();
+    let stamp = Command::new("date").arg("-u").arg("+%Y%m%dT%H%M%SZ").output()?;
+    let dir = crate::workspace_root()
+        .join("demo-output")
+        .join(String::from_utf8_lossy(&stamp.stdout).trim());
+
+    // A demo lab left over from an interrupted run would make `up` refuse.
+    let _ = Command::new(&bin).args(["lab", "down", "--name", LAB]).output();
+
+    step(1, "bringing up the lab: two nodes, five pods, kube-proxy iptables rules on both nodes");
+    let mut lab = LabRun::up(&bin, LAB, None, &dir)?;
+    let status = Command::new(&bin).args(["lab", "status", "--name", LAB]).output()?;
+    print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
+
+    step(2, "starting one observer agent per node (tc on veths and the wire, cgroup socket hooks)");
+    for node in ["node-a", "node-b"] {
+        lab.start_agent(node, &["--idle-timeout", "2s", "--flush-interval", "5s"])?;
+        println!("      agent on {node}: ready (metrics on 127.0.0.1:9464 inside {}-{node})", LAB);
+    }
+
+    step(3, "driving real traffic from pod-a");
+    let curl = lab.exec(
+        "pod-a",
+        &["curl", "-sS", "-m", "5", &format!("http://{VIP}:443/")],
+    )?;
+    println!(
+        "      curl http://{VIP}:443/            -> answered by {}",
+        String::from_utf8_lossy(&curl.stdout).trim()
+    );
+    if !curl.status.success() {
+        bail!("curl failed: {}", String::from_utf8_lossy(&curl.stderr));
+    }
+    for (label, args) in [
+        ("UDP 100.64.0.53:53 x3", vec!["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"]),
+        ("TCP 100.64.0.20:80 x20 (two endpoints)", vec!["--to", "100.64.0.20:80", "--count", "20", "--concurrency", "5"]),
+        ("TCP [fd00:100:64::10]:443 x2 (IPv6)", vec!["--to", "[fd00:100:64::10]:443", "--count", "2"]),
+    ] {
+        let s = lab.client("pod-a", &args)?;
+        println!("      {label:<38} -> {}", s["answers"]);
+    }
+
+    step(4, "waiting for the agents' final records");
+    let is_story = |r: &Value| {
+        r["final"] == true
+            && r["socket"]["comm"] == "curl"
+            && r["pre_dnat"]["dst"] == VIP
+    };
+    let a = lab.wait_records("node-a", Duration::from_secs(15), |rs| rs.iter().any(is_story))?;
+    let story = a.iter().find(|r| is_story(r)).expect("waited for it").clone();
+    let post = tuple_of(&story["post_dnat"]).context("story record has no post_dnat")?;
+    let b = lab.wait_records("node-b", Duration::from_secs(15), |rs| {
+        rs.iter().any(|r| r["final"] == true && tuple_of(&r["post_dnat"]).as_ref() == Some(&post))
+    })?;
+    let arrived = b
+        .iter()
+        .find(|r| tuple_of(&r["post_dnat"]).as_ref() == Some(&post))
+        .expect("waited for it")
+        .clone();
+
+    // Independent evidence: conntrack's NAT mapping, and kube-proxy's DNAT rule counters.
+    let ct = lab.conntrack("node-a")?;
+    let mut evidence = String::new();
+    for node in ["node-a", "node-b"] {
+        let m = lab.metrics(node)?;
+        std::fs::write(dir.join(format!("metrics-{node}.txt")), &m)?;
+        let save = lab.exec(node, &["iptables-save", "-c", "-t", "nat"])?;
+        let save = String::from_utf8_lossy(&save.stdout).into_owned();
+        std::fs::write(dir.join(format!("iptables-nat-{node}.txt")), &save)?;
+        let dnat = dnat_counter(&save, &format!("{}:{}", post.2, post.3));
+        let _ = writeln!(
+            evidence,
+            "      kube-proxy DNAT rule to {}:{} on {node}: {} packets",
+            post.2, post.3, dnat
+        );
+    }
+    let ct_text = lab.exec("node-a", &["conntrack", "-L"])?;
+    std::fs::write(dir.join("conntrack-node-a.txt"), &ct_text.stdout)?;
+
+    step(5, "stopping the agents (SIGTERM: flush, detach, exit)");
+    for (node, code, took) in lab.stop_agents()? {
+        println!("      {node}: exit code {code:?} after {took:.2?}");
+    }
+
+    step(6, "the story of one connection");
+    let text = tell(&story, &arrived, &ct, &evidence);
+    print!("{text}");
+    std::fs::write(dir.join("story.txt"), &text)?;
+    println!(
+        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt",
+        dir.display()
+    );
+    if keep {
+        println!("The lab stays up (--keep): `observer lab down --name {LAB}` removes it.");
+        lab.agents.clear();
+        std::mem::forget(lab);
+    } else {
+        drop(lab);
+        println!("The lab is down again.");
+    }
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("      {l}\n")).collect()
+}
+
+/// Packet counter of the DNAT rule to `dest` in `iptables-save -c` output.
+fn dnat_counter(save: &str, dest: &str) -> u64 {
+    save.lines()
+        .filter(|l| l.contains("-j DNAT") && l.ends_with(&format!("--to-destination {dest}")))
+        .filter_map(|l| {
+            let c = l.strip_prefix('[')?.split(']').next()?;
+            c.split(':').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
+fn ep(t: &Value) -> String {
+    let ip = t["dst"].as_str().unwrap_or("?");
+    if ip.contains(':') {
+        format!("[{ip}]:{}", t["dport"])
+    } else {
+        format!("{ip}:{}", t["dport"])
+    }
+}
+
+fn flow(t: &Value) -> String {
+    format!("{}:{} -> {}", t["src"].as_str().unwrap_or("?"), t["sport"], ep(t))
+}
+
+fn hop<'a>(r: &'a Value, point: &str) -> Option<&'a Value> {
+    r["hops"]
+        .as_array()?
+        .iter()
+        .find(|h| h["point"] == point && h["dir"] == "orig")
+}
+
+fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> String {
+    let mut s = String::new();
+    let pre = &story["pre_dnat"];
+    let post = &story["post_dnat"];
+    let sock = &story["socket"];
+    let veth_a = hop(story, "pod_ingress").and_then(|h| h["iface"].as_str()).unwrap_or("?");
+    let veth_b = hop(arrived, "pod_egress").and_then(|h| h["iface"].as_str()).unwrap_or("?");
+    let _ = writeln!(s, "\n  One TCP connection, as the kernel saw it on both nodes:\n");
+    let _ = writeln!(
+        s,
+        "  1. pod-a asked for        {:<44} connect() by {} (pid {})",
+        ep(&sock["asked"]),
+        sock["comm"].as_str().unwrap_or("?"),
+        sock["pid"]
+    );
+    let _ = writeln!(
+        s,
+        "  2. entered node-a         {:<44} tc ingress, node side of pod-a's veth {veth_a}",
+        flow(pre)
+    );
+    let tr = &story["translation"];
+    let _ = writeln!(
+        s,
+        "  3. DNAT on {:<14} between {} and {}: inside node-a's IP stack (netfilter nat PREROUTING,",
+        tr["node"].as_str().unwrap_or("?"),
+        tr["after"].as_str().unwrap_or("?"),
+        tr["before"].as_str().unwrap_or("?")
+    );
+    let _ = writeln!(s, "                            kube-proxy's KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains)");
+    let _ = writeln!(
+        s,
+        "  4. on the node-to-node wire {:<42} tc egress of node-a's uplink: what a VPC firewall sees",
+        flow(post)
+    );
+    let _ = writeln!(
+        s,
+        "  5. arrived on node-b      {:<44} tc ingress of node-b's uplink; node-b's record: observed_as={}, translated={}",
+        flow(&arrived["post_dnat"]),
+        arrived["observed_as"].as_str().unwrap_or("?"),
+        arrived["translated"]
+    );
+    let delivered = hop(arrived, "pod_egress").map(|h| flow(&h["tuple"])).unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "  6. delivered to pod-b     {delivered:<44} tc egress, node side of pod-b's veth {veth_b}"
+    );
+    let _ = writeln!(
+        s,
+        "     answered: {} packets / {} bytes each way in {}, state {}",
+        story["totals"]["packets"],
+        story["totals"]["bytes"],
+        story["proto"].as_str().unwrap_or("?"),
+        story["state"].as_str().unwrap_or("?")
+    );
+
+    let _ = writeln!(s, "\n  Independent evidence:");
+    let want = tuple_of(pre);
+    match ct.iter().find(|e| Some(&e.orig) == want.as_ref()) {
+        Some(e) => {
+            let reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
+            let ok = tuple_of(post) == Some(reversed);
+            let _ = writeln!(
+                s,
+                "      conntrack on node-a: original {}:{} -> {}:{}, reply {}:{} -> {}:{}  ({})",
+                e.orig.0, e.orig.1, e.orig.2, e.orig.3, e.reply.0, e.reply.1, e.reply.2, e.reply.3,
+                if ok { "matches the record's pre_dnat/post_dnat" } else { "DOES NOT match the record" }
+            );
+        }
+        None => {
+            let _ = writeln!(s, "      conntrack on node-a: entry not found (expired?)");
+        }
+    }
+    s.push_str(evidence);
+
+    let port = post["dport"].clone();
+    let pod_ip = post["dst"].as_str().unwrap_or("?");
+    let _ = writeln!(s, "\n  What this means:");
+    let _ = writeln!(
+        s,
+        "  - The rewrite {} -> {pod_ip}:{port} happened on node-a, the SENDING node. node-b did no DNAT.",
+        ep(pre)
+    );
+    let _ = writeln!(
+        s,
+        "  - NetworkPolicy is enforced after that rewrite (egress of pod-a on node-a, ingress of pod-b on node-b),"
+    );
+    let _ = writeln!(
+        s,
+        "    so it matches pod-b's IP and the targetPort {port}: a rule for the Service IP range or for port {} is",
+        pre["dport"]
+    );
+    let _ = writeln!(s, "    neither needed nor effective (an egress rule limited to port {} would block this flow).", pre["dport"]);
+    let _ = writeln!(
+        s,
+        "  - The wire between the nodes carried {}: a firewall between nodes must allow the pod range to",
+        flow(post)
+    );
+    let _ = writeln!(s, "    port {port}, not {} and not the Service IP.", pre["dport"]);
+    s
+}
