@@ -80,7 +80,7 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) {
             marks,
             _pad: [0; 6],
         };
-        match FLOWS.insert(key, &init, BPF_NOEXIST as u64) {
+        match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
             Ok(()) => emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now),
             // Another CPU created it between our lookup and insert.
             Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {

@@ -45,7 +45,7 @@ pub enum AgentError {
     FlowLog(#[from] JsonError),
     #[error("no uplink found: no interface carries a gateway route here; pass --uplink IFACE")]
     NoUplink,
-    #[error("entering network namespace {path}: {source}")]
+    #[error("entering network namespace {path} (needs CAP_SYS_ADMIN): {source}")]
     Netns {
         path: PathBuf,
         #[source]

@@ -28,7 +28,7 @@ fn main() {
             if let Some(ns) = &args.netns
                 && let Err(e) = agent::enter_netns(ns)
             {
-                log::error!("{e}");
+                log::error!("{}", error_chain(&e));
                 std::process::exit(1);
             }
             let rt = tokio::runtime::Builder::new_current_thread()

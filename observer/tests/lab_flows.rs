@@ -16,7 +16,19 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     // tcpdump on node-a's uplink: the wire, independently of our programs.
     let pcap_txt = lab.dir.join("wire.txt");
     let mut tcpdump = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("node-a"), "tcpdump", "-i", "eth0", "-nn", "-l", "-c", "200", "tcp"])
+        .args([
+            "netns",
+            "exec",
+            &lab.ns("node-a"),
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-nn",
+            "-l",
+            "-c",
+            "200",
+            "tcp",
+        ])
         .stdout(std::fs::File::create(&pcap_txt).unwrap())
         .stderr(Stdio::null())
         .spawn()
@@ -24,13 +36,22 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     std::thread::sleep(Duration::from_millis(800));
 
     let out = lab
-        .exec("pod-a", &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"])
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
+        )
         .unwrap();
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-b");
 
     let is_story = |r: &serde_json::Value| r["final"] == true && r["socket"]["comm"] == "curl";
-    let a = lab.wait_records("node-a", WAIT, |rs| rs.iter().any(is_story)).unwrap();
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| rs.iter().any(is_story))
+        .unwrap();
     let rec = find(&a, is_story)[0];
     let pre = tuple_of(&rec["pre_dnat"]).expect("pre_dnat");
     let post = tuple_of(&rec["post_dnat"]).expect("post_dnat");
@@ -45,28 +66,55 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     assert_eq!(rec["state"], "closed");
     assert_eq!(rec["proto"], "TCP");
     // What each hop saw.
-    assert_eq!(tuple_of(&hop(rec, "socket", "orig").unwrap()["tuple"]), Some(pre.clone()));
-    assert_eq!(tuple_of(&hop(rec, "pod_ingress", "orig").unwrap()["tuple"]), Some(pre.clone()));
-    assert_eq!(tuple_of(&hop(rec, "uplink_egress", "orig").unwrap()["tuple"]), Some(post.clone()));
+    assert_eq!(
+        tuple_of(&hop(rec, "socket", "orig").unwrap()["tuple"]),
+        Some(pre.clone())
+    );
+    assert_eq!(
+        tuple_of(&hop(rec, "pod_ingress", "orig").unwrap()["tuple"]),
+        Some(pre.clone())
+    );
+    assert_eq!(
+        tuple_of(&hop(rec, "uplink_egress", "orig").unwrap()["tuple"]),
+        Some(post.clone())
+    );
     let back = hop(rec, "pod_egress", "reply").expect("reply delivered to pod-a");
-    assert_eq!(tuple_of(&back["tuple"]), Some(t("100.64.0.10", 443, "10.244.1.10", sport)));
+    assert_eq!(
+        tuple_of(&back["tuple"]),
+        Some(t("100.64.0.10", 443, "10.244.1.10", sport))
+    );
     let wire_back = hop(rec, "uplink_ingress", "reply").expect("reply on the wire");
-    assert_eq!(tuple_of(&wire_back["tuple"]), Some(t("10.244.2.10", 8443, "10.244.1.10", sport)));
+    assert_eq!(
+        tuple_of(&wire_back["tuple"]),
+        Some(t("10.244.2.10", 8443, "10.244.1.10", sport))
+    );
     assert_eq!(rec["socket"]["asked"]["dst"], "100.64.0.10");
     assert_eq!(rec["socket"]["asked"]["dport"], 443);
     assert!(rec["totals"]["reply_packets"].as_u64().unwrap() >= 3);
 
     // node-b: arrives already translated, no DNAT there, no socket of its own.
     let b = lab
-        .wait_records("node-b", WAIT, |rs| rs.iter().any(|r| tuple_of(&r["post_dnat"]) == Some(post.clone()) && r["final"] == true))
+        .wait_records("node-b", WAIT, |rs| {
+            rs.iter()
+                .any(|r| tuple_of(&r["post_dnat"]) == Some(post.clone()) && r["final"] == true)
+        })
         .unwrap();
     let rb = find(&b, |r| tuple_of(&r["post_dnat"]) == Some(post.clone()))[0];
     assert_eq!(rb["observed_as"], "receiver");
     assert_eq!(rb["translated"], false);
     assert!(rb["pre_dnat"].is_null());
-    assert!(rb["socket"].is_null(), "node-b must not claim node-a's socket: {rb}");
-    assert_eq!(tuple_of(&hop(rb, "uplink_ingress", "orig").unwrap()["tuple"]), Some(post.clone()));
-    assert_eq!(tuple_of(&hop(rb, "pod_egress", "orig").unwrap()["tuple"]), Some(post.clone()));
+    assert!(
+        rb["socket"].is_null(),
+        "node-b must not claim node-a's socket: {rb}"
+    );
+    assert_eq!(
+        tuple_of(&hop(rb, "uplink_ingress", "orig").unwrap()["tuple"]),
+        Some(post.clone())
+    );
+    assert_eq!(
+        tuple_of(&hop(rb, "pod_egress", "orig").unwrap()["tuple"]),
+        Some(post.clone())
+    );
 
     // tcpdump saw the post-DNAT tuple on the wire, and never the Service address.
     std::thread::sleep(Duration::from_millis(300));
@@ -77,30 +125,71 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         wire.contains(&format!("10.244.1.10.{sport} > 10.244.2.10.8443:")),
         "tcpdump on the wire did not show the post-DNAT tuple:\n{wire}"
     );
-    assert!(!wire.contains("100.64.0.10"), "the Service IP appeared on the wire:\n{wire}");
+    assert!(
+        !wire.contains("100.64.0.10"),
+        "the Service IP appeared on the wire:\n{wire}"
+    );
 
     validate_schema(&a);
     validate_schema(&b);
 
     let ma = lab.metrics("node-a").unwrap();
     promtool_check(&ma);
-    assert!(metric(&ma, "observer_translations_total", &[("service", "100.64.0.10:443"), ("target_port", "8443")]).unwrap() >= 1.0);
-    assert!(metric(&ma, "observer_packets_total", &[("point", "uplink_egress"), ("proto", "TCP")]).unwrap() >= 5.0);
+    assert!(
+        metric(
+            &ma,
+            "observer_translations_total",
+            &[("service", "100.64.0.10:443"), ("target_port", "8443")]
+        )
+        .unwrap()
+            >= 1.0
+    );
+    assert!(
+        metric(
+            &ma,
+            "observer_packets_total",
+            &[("point", "uplink_egress"), ("proto", "TCP")]
+        )
+        .unwrap()
+            >= 5.0
+    );
     let mb = lab.metrics("node-b").unwrap();
     promtool_check(&mb);
-    assert_eq!(metric(&mb, "observer_translations_total", &[("service", "100.64.0.10:443")]), None, "node-b translated nothing");
-    assert!(metric(&mb, "observer_flows_total", &[("observed_as", "receiver"), ("proto", "TCP")]).unwrap() >= 1.0);
+    assert_eq!(
+        metric(
+            &mb,
+            "observer_translations_total",
+            &[("service", "100.64.0.10:443")]
+        ),
+        None,
+        "node-b translated nothing"
+    );
+    assert!(
+        metric(
+            &mb,
+            "observer_flows_total",
+            &[("observed_as", "receiver"), ("proto", "TCP")]
+        )
+        .unwrap()
+            >= 1.0
+    );
 }
 
 #[test]
 fn udp_via_cluster_ip() {
     let lab = lab_with_agents("udp", "2s");
     let s = lab
-        .client("pod-a", &["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"])
+        .client(
+            "pod-a",
+            &["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"],
+        )
         .unwrap();
     assert_eq!(s["ok"], 3, "{s}");
-    let is_dns = |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.53";
-    let a = lab.wait_records("node-a", WAIT, |rs| find(rs, is_dns).len() >= 3).unwrap();
+    let is_dns =
+        |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.53";
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| find(rs, is_dns).len() >= 3)
+        .unwrap();
     for r in find(&a, is_dns) {
         assert_eq!(r["proto"], "UDP");
         assert_eq!(r["translated"], true);
@@ -113,7 +202,13 @@ fn udp_via_cluster_ip() {
         assert_eq!(r["totals"]["reply_packets"], 1);
     }
     let b = lab
-        .wait_records("node-b", WAIT, |rs| find(rs, |r| r["post_dnat"]["dport"] == 5353 && r["final"] == true).len() >= 3)
+        .wait_records("node-b", WAIT, |rs| {
+            find(rs, |r| {
+                r["post_dnat"]["dport"] == 5353 && r["final"] == true
+            })
+            .len()
+                >= 3
+        })
         .unwrap();
     for r in find(&b, |r| r["post_dnat"]["dport"] == 5353) {
         assert_eq!(r["observed_as"], "receiver");
@@ -127,7 +222,10 @@ fn udp_via_cluster_ip() {
             .find(|e| Some(&e.orig) == tuple_of(&r["pre_dnat"]).as_ref())
             .unwrap_or_else(|| panic!("no conntrack entry for {r}"));
         assert_eq!(e.proto, "udp");
-        assert_eq!(Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)), tuple_of(&r["post_dnat"]));
+        assert_eq!(
+            Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+            tuple_of(&r["post_dnat"])
+        );
     }
 }
 
@@ -135,14 +233,35 @@ fn udp_via_cluster_ip() {
 fn two_endpoints_200_concurrent_connections_match_conntrack() {
     let lab = lab_with_agents("cc", "2s");
     let s = lab
-        .client("pod-a", &["--to", "100.64.0.20:80", "--count", "200", "--concurrency", "200", "--hold", "300ms", "--timeout", "10s"])
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.20:80",
+                "--count",
+                "200",
+                "--concurrency",
+                "200",
+                "--hold",
+                "300ms",
+                "--timeout",
+                "10s",
+            ],
+        )
         .unwrap();
     assert_eq!(s["ok"], 200, "{s}");
-    assert!(s["answers"]["pod-api-1"].as_u64().unwrap_or(0) > 0 && s["answers"]["pod-api-2"].as_u64().unwrap_or(0) > 0, "both endpoints answer: {s}");
+    assert!(
+        s["answers"]["pod-api-1"].as_u64().unwrap_or(0) > 0
+            && s["answers"]["pod-api-2"].as_u64().unwrap_or(0) > 0,
+        "both endpoints answer: {s}"
+    );
 
-    let is_api = |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.20";
+    let is_api =
+        |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.20";
     let a = lab
-        .wait_records("node-a", Duration::from_secs(40), |rs| find(rs, is_api).len() >= 200)
+        .wait_records("node-a", Duration::from_secs(40), |rs| {
+            find(rs, is_api).len() >= 200
+        })
         .unwrap();
     let recs = find(&a, is_api);
     assert_eq!(recs.len(), 200, "one record per connection");
@@ -153,14 +272,27 @@ fn two_endpoints_200_concurrent_connections_match_conntrack() {
         .into_iter()
         .filter(|e| e.orig.2 == "100.64.0.20" && e.orig.3 == 80)
         .collect();
-    assert_eq!(ct.len(), 200, "conntrack has every connection (TIME_WAIT keeps them)");
+    assert_eq!(
+        ct.len(),
+        200,
+        "conntrack has every connection (TIME_WAIT keeps them)"
+    );
     for e in &ct {
         let r = recs
             .iter()
             .find(|r| tuple_of(&r["pre_dnat"]).as_ref() == Some(&e.orig))
-            .unwrap_or_else(|| panic!("no record whose pre_dnat is conntrack's original {:?}", e.orig));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no record whose pre_dnat is conntrack's original {:?}",
+                    e.orig
+                )
+            });
         let reply_reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
-        assert_eq!(tuple_of(&r["post_dnat"]), Some(reply_reversed), "post_dnat is conntrack's reply reversed");
+        assert_eq!(
+            tuple_of(&r["post_dnat"]),
+            Some(reply_reversed),
+            "post_dnat is conntrack's reply reversed"
+        );
     }
     // The local endpoint is delivered on node-a itself; the remote one goes over the wire.
     let local = find(&a, |r| is_api(r) && r["post_dnat"]["dst"] == "10.244.1.20");
@@ -175,9 +307,18 @@ fn two_endpoints_200_concurrent_connections_match_conntrack() {
         assert_eq!(r["translation"]["before"], "uplink_egress");
     }
     let m = lab.metrics("node-a").unwrap();
-    assert_eq!(metric(&m, "observer_correlation_ambiguous_total", &[]), Some(0.0));
-    assert_eq!(metric(&m, "observer_map_full_total", &[("map", "flows")]), Some(0.0));
-    assert_eq!(metric(&m, "observer_kernel_events_lost_total", &[("ring", "flow")]), Some(0.0));
+    assert_eq!(
+        metric(&m, "observer_correlation_ambiguous_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "observer_map_full_total", &[("map", "flows")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "observer_kernel_events_lost_total", &[("ring", "flow")]),
+        Some(0.0)
+    );
     validate_schema(&a);
 }
 
@@ -188,8 +329,11 @@ fn ipv6_service() {
         .client("pod-a", &["--to", "[fd00:100:64::10]:443", "--count", "2"])
         .unwrap();
     assert_eq!(s["ok"], 2, "{s}");
-    let is_v6 = |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "fd00:100:64::10";
-    let a = lab.wait_records("node-a", WAIT, |rs| find(rs, is_v6).len() >= 2).unwrap();
+    let is_v6 =
+        |r: &serde_json::Value| r["final"] == true && r["pre_dnat"]["dst"] == "fd00:100:64::10";
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| find(rs, is_v6).len() >= 2)
+        .unwrap();
     for r in find(&a, is_v6) {
         assert_eq!(r["family"], "IPv6");
         assert_eq!(r["pre_dnat"]["src"], "fd00:10:244:1::10");
@@ -201,18 +345,29 @@ fn ipv6_service() {
         assert_eq!(r["socket"]["asked"]["dst"], "fd00:100:64::10");
     }
     let b = lab
-        .wait_records("node-b", WAIT, |rs| find(rs, |r| r["post_dnat"]["dst"] == "fd00:10:244:2::10" && r["final"] == true).len() >= 2)
+        .wait_records("node-b", WAIT, |rs| {
+            find(rs, |r| {
+                r["post_dnat"]["dst"] == "fd00:10:244:2::10" && r["final"] == true
+            })
+            .len()
+                >= 2
+        })
         .unwrap();
     validate_schema(&a);
     validate_schema(&b);
-    let ct = lab.exec("node-a", &["conntrack", "-L", "-f", "ipv6"]).unwrap();
+    let ct = lab
+        .exec("node-a", &["conntrack", "-L", "-f", "ipv6"])
+        .unwrap();
     let ct = xtask::harness::parse_conntrack(&String::from_utf8_lossy(&ct.stdout));
     for r in find(&a, is_v6) {
         let e = ct
             .iter()
             .find(|e| Some(&e.orig) == tuple_of(&r["pre_dnat"]).as_ref())
             .unwrap_or_else(|| panic!("no IPv6 conntrack entry for {r}"));
-        assert_eq!(Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)), tuple_of(&r["post_dnat"]));
+        assert_eq!(
+            Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+            tuple_of(&r["post_dnat"])
+        );
     }
 }
 
@@ -223,18 +378,62 @@ fn add_late_pod(lab: &LabRun, veth: &str, ip: &str) {
     let node = lab.ns("node-a");
     let run = |args: &[&str]| {
         let out = Command::new("ip").args(args).output().unwrap();
-        assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     run(&["netns", "add", &pod]);
     run(&["-n", &pod, "link", "set", "lo", "up"]);
-    run(&["-n", &node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod]);
+    run(&[
+        "-n", &node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod,
+    ]);
     run(&["-n", &node, "link", "set", veth, "up"]);
     run(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", veth]);
-    run(&["-n", &node, "route", "add", &format!("{ip}/32"), "dev", veth, "scope", "link"]);
-    run(&["-n", &pod, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+    run(&[
+        "-n",
+        &node,
+        "route",
+        "add",
+        &format!("{ip}/32"),
+        "dev",
+        veth,
+        "scope",
+        "link",
+    ]);
+    run(&[
+        "-n",
+        &pod,
+        "addr",
+        "add",
+        &format!("{ip}/32"),
+        "dev",
+        "eth0",
+    ]);
     run(&["-n", &pod, "link", "set", "eth0", "up"]);
-    run(&["-n", &pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-    run(&["-n", &pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+    run(&[
+        "-n",
+        &pod,
+        "route",
+        "add",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]);
+    run(&[
+        "-n",
+        &pod,
+        "route",
+        "add",
+        "default",
+        "via",
+        "169.254.1.1",
+        "dev",
+        "eth0",
+    ]);
 }
 
 #[test]
@@ -252,19 +451,35 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
         }
         false
     };
-    assert!(attached(3.0), "the agent attached to the new veth within 5 s");
+    assert!(
+        attached(3.0),
+        "the agent attached to the new veth within 5 s"
+    );
     let out = lab
-        .exec("late", &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"])
+        .exec(
+            "late",
+            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
+        )
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let a = lab
-        .wait_records("node-a", WAIT, |rs| rs.iter().any(|r| r["pre_dnat"]["src"] == "10.244.1.77" && r["final"] == true))
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["pre_dnat"]["src"] == "10.244.1.77" && r["final"] == true)
+        })
         .unwrap();
     let r = find(&a, |r| r["pre_dnat"]["src"] == "10.244.1.77")[0];
     assert_eq!(hop(r, "pod_ingress", "orig").unwrap()["iface"], veth);
     assert_eq!(r["post_dnat"]["dport"], 8443);
 
-    let out = Command::new("ip").args(["netns", "del", &lab.ns("late")]).output().unwrap();
+    let out = Command::new("ip")
+        .args(["netns", "del", &lab.ns("late")])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(attached(2.0), "the agent forgot the deleted veth");
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
@@ -275,7 +490,10 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
 fn two_agents_share_the_machine_without_disturbing_each_other() {
     let mut lab = lab_with_agents("two", "2s");
     // Both agents' socket hooks sit on the same cgroup root, side by side.
-    let cg = Command::new("bpftool").args(["cgroup", "show", "/sys/fs/cgroup/unified"]).output().unwrap();
+    let cg = Command::new("bpftool")
+        .args(["cgroup", "show", "/sys/fs/cgroup/unified"])
+        .output()
+        .unwrap();
     let cg = String::from_utf8_lossy(&cg.stdout);
     assert!(cg.matches("sock_connect4").count() >= 2, "{cg}");
 
@@ -283,13 +501,30 @@ fn two_agents_share_the_machine_without_disturbing_each_other() {
     let (code, _) = lab.stop_agent("node-a").unwrap();
     assert_eq!(code, Some(0));
     let out = lab
-        .exec("pod-a", &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"])
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
+        )
         .unwrap();
     assert!(out.status.success());
     let b = lab
-        .wait_records("node-b", WAIT, |rs| rs.iter().any(|r| r["post_dnat"]["dport"] == 8443 && r["final"] == true))
+        .wait_records("node-b", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["post_dnat"]["dport"] == 8443 && r["final"] == true)
+        })
         .unwrap();
-    assert_eq!(find(&b, |r| r["post_dnat"]["dport"] == 8443)[0]["node"], "node-b");
+    assert_eq!(
+        find(&b, |r| r["post_dnat"]["dport"] == 8443)[0]["node"],
+        "node-b"
+    );
     let m = lab.metrics("node-b").unwrap();
-    assert!(metric(&m, "observer_packets_total", &[("point", "uplink_ingress"), ("proto", "TCP")]).unwrap() >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "observer_packets_total",
+            &[("point", "uplink_ingress"), ("proto", "TCP")]
+        )
+        .unwrap()
+            >= 1.0
+    );
 }

@@ -16,23 +16,39 @@ fn step(n: u32, text: &str) {
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
     let bin = crate::observer_bin();
-    let stamp = Command::new("date").arg("-u").arg("+%Y%m%dT%H%M%SZ").output()?;
+    let stamp = Command::new("date")
+        .arg("-u")
+        .arg("+%Y%m%dT%H%M%SZ")
+        .output()?;
     let dir = crate::workspace_root()
         .join("demo-output")
         .join(String::from_utf8_lossy(&stamp.stdout).trim());
 
     // A demo lab left over from an interrupted run would make `up` refuse.
-    let _ = Command::new(&bin).args(["lab", "down", "--name", LAB]).output();
+    let _ = Command::new(&bin)
+        .args(["lab", "down", "--name", LAB])
+        .output();
 
-    step(1, "bringing up the lab: two nodes, five pods, kube-proxy iptables rules on both nodes");
+    step(
+        1,
+        "bringing up the lab: two nodes, five pods, kube-proxy iptables rules on both nodes",
+    );
     let mut lab = LabRun::up(&bin, LAB, None, &dir)?;
-    let status = Command::new(&bin).args(["lab", "status", "--name", LAB]).output()?;
+    let status = Command::new(&bin)
+        .args(["lab", "status", "--name", LAB])
+        .output()?;
     print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
 
-    step(2, "starting one observer agent per node (tc on veths and the wire, cgroup socket hooks)");
+    step(
+        2,
+        "starting one observer agent per node (tc on veths and the wire, cgroup socket hooks)",
+    );
     for node in ["node-a", "node-b"] {
         lab.start_agent(node, &["--idle-timeout", "2s", "--flush-interval", "5s"])?;
-        println!("      agent on {node}: ready (metrics on 127.0.0.1:9464 inside {}-{node})", LAB);
+        println!(
+            "      agent on {node}: ready (metrics on 127.0.0.1:9464 inside {}-{node})",
+            LAB
+        );
     }
 
     step(3, "driving real traffic from pod-a");
@@ -48,9 +64,25 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         bail!("curl failed: {}", String::from_utf8_lossy(&curl.stderr));
     }
     for (label, args) in [
-        ("UDP 100.64.0.53:53 x3", vec!["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"]),
-        ("TCP 100.64.0.20:80 x20 (two endpoints)", vec!["--to", "100.64.0.20:80", "--count", "20", "--concurrency", "5"]),
-        ("TCP [fd00:100:64::10]:443 x2 (IPv6)", vec!["--to", "[fd00:100:64::10]:443", "--count", "2"]),
+        (
+            "UDP 100.64.0.53:53 x3",
+            vec!["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"],
+        ),
+        (
+            "TCP 100.64.0.20:80 x20 (two endpoints)",
+            vec![
+                "--to",
+                "100.64.0.20:80",
+                "--count",
+                "20",
+                "--concurrency",
+                "5",
+            ],
+        ),
+        (
+            "TCP [fd00:100:64::10]:443 x2 (IPv6)",
+            vec!["--to", "[fd00:100:64::10]:443", "--count", "2"],
+        ),
     ] {
         let s = lab.client("pod-a", &args)?;
         println!("      {label:<38} -> {}", s["answers"]);
@@ -58,15 +90,20 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
     step(4, "waiting for the agents' final records");
     let is_story = |r: &Value| {
-        r["final"] == true
-            && r["socket"]["comm"] == "curl"
-            && r["pre_dnat"]["dst"] == VIP
+        r["final"] == true && r["socket"]["comm"] == "curl" && r["pre_dnat"]["dst"] == VIP
     };
-    let a = lab.wait_records("node-a", Duration::from_secs(15), |rs| rs.iter().any(is_story))?;
-    let story = a.iter().find(|r| is_story(r)).expect("waited for it").clone();
+    let a = lab.wait_records("node-a", Duration::from_secs(15), |rs| {
+        rs.iter().any(is_story)
+    })?;
+    let story = a
+        .iter()
+        .find(|r| is_story(r))
+        .expect("waited for it")
+        .clone();
     let post = tuple_of(&story["post_dnat"]).context("story record has no post_dnat")?;
     let b = lab.wait_records("node-b", Duration::from_secs(15), |rs| {
-        rs.iter().any(|r| r["final"] == true && tuple_of(&r["post_dnat"]).as_ref() == Some(&post))
+        rs.iter()
+            .any(|r| r["final"] == true && tuple_of(&r["post_dnat"]).as_ref() == Some(&post))
     })?;
     let arrived = b
         .iter()
@@ -142,7 +179,12 @@ fn ep(t: &Value) -> String {
 }
 
 fn flow(t: &Value) -> String {
-    format!("{}:{} -> {}", t["src"].as_str().unwrap_or("?"), t["sport"], ep(t))
+    format!(
+        "{}:{} -> {}",
+        t["src"].as_str().unwrap_or("?"),
+        t["sport"],
+        ep(t)
+    )
 }
 
 fn hop<'a>(r: &'a Value, point: &str) -> Option<&'a Value> {
@@ -157,9 +199,16 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
     let pre = &story["pre_dnat"];
     let post = &story["post_dnat"];
     let sock = &story["socket"];
-    let veth_a = hop(story, "pod_ingress").and_then(|h| h["iface"].as_str()).unwrap_or("?");
-    let veth_b = hop(arrived, "pod_egress").and_then(|h| h["iface"].as_str()).unwrap_or("?");
-    let _ = writeln!(s, "\n  One TCP connection, as the kernel saw it on both nodes:\n");
+    let veth_a = hop(story, "pod_ingress")
+        .and_then(|h| h["iface"].as_str())
+        .unwrap_or("?");
+    let veth_b = hop(arrived, "pod_egress")
+        .and_then(|h| h["iface"].as_str())
+        .unwrap_or("?");
+    let _ = writeln!(
+        s,
+        "\n  One TCP connection, as the kernel saw it on both nodes:\n"
+    );
     let _ = writeln!(
         s,
         "  1. pod-a asked for        {:<44} connect() by {} (pid {})",
@@ -180,7 +229,10 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         tr["after"].as_str().unwrap_or("?"),
         tr["before"].as_str().unwrap_or("?")
     );
-    let _ = writeln!(s, "                            kube-proxy's KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains)");
+    let _ = writeln!(
+        s,
+        "                            kube-proxy's KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains)"
+    );
     let _ = writeln!(
         s,
         "  4. on the node-to-node wire {:<42} tc egress of node-a's uplink: what a VPC firewall sees",
@@ -193,7 +245,9 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         arrived["observed_as"].as_str().unwrap_or("?"),
         arrived["translated"]
     );
-    let delivered = hop(arrived, "pod_egress").map(|h| flow(&h["tuple"])).unwrap_or_default();
+    let delivered = hop(arrived, "pod_egress")
+        .map(|h| flow(&h["tuple"]))
+        .unwrap_or_default();
     let _ = writeln!(
         s,
         "  6. delivered to pod-b     {delivered:<44} tc egress, node side of pod-b's veth {veth_b}"
@@ -216,8 +270,19 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
             let _ = writeln!(
                 s,
                 "      conntrack on node-a: original {}:{} -> {}:{}, reply {}:{} -> {}:{}  ({})",
-                e.orig.0, e.orig.1, e.orig.2, e.orig.3, e.reply.0, e.reply.1, e.reply.2, e.reply.3,
-                if ok { "matches the record's pre_dnat/post_dnat" } else { "DOES NOT match the record" }
+                e.orig.0,
+                e.orig.1,
+                e.orig.2,
+                e.orig.3,
+                e.reply.0,
+                e.reply.1,
+                e.reply.2,
+                e.reply.3,
+                if ok {
+                    "matches the record's pre_dnat/post_dnat"
+                } else {
+                    "DOES NOT match the record"
+                }
             );
         }
         None => {
@@ -243,12 +308,20 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         "    so it matches pod-b's IP and the targetPort {port}: a rule for the Service IP range or for port {} is",
         pre["dport"]
     );
-    let _ = writeln!(s, "    neither needed nor effective (an egress rule limited to port {} would block this flow).", pre["dport"]);
+    let _ = writeln!(
+        s,
+        "    neither needed nor effective (an egress rule limited to port {} would block this flow).",
+        pre["dport"]
+    );
     let _ = writeln!(
         s,
         "  - The wire between the nodes carried {}: a firewall between nodes must allow the pod range to",
         flow(post)
     );
-    let _ = writeln!(s, "    port {port}, not {} and not the Service IP.", pre["dport"]);
+    let _ = writeln!(
+        s,
+        "    port {port}, not {} and not the Service IP.",
+        pre["dport"]
+    );
     s
 }

@@ -108,7 +108,10 @@ impl LabRun {
         });
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if self.http(node, "/readyz").is_ok_and(|b| b.contains("ready")) {
+            if self
+                .http(node, "/readyz")
+                .is_ok_and(|b| b.contains("ready"))
+            {
                 return Ok(());
             }
             let agent = self.agents.last_mut().expect("just pushed");
@@ -132,7 +135,13 @@ impl LabRun {
     pub fn http(&self, node: &str, path: &str) -> anyhow::Result<String> {
         let out = self.exec(
             node,
-            &["curl", "-sf", "-m", "5", &format!("http://127.0.0.1:{AGENT_PORT}{path}")],
+            &[
+                "curl",
+                "-sf",
+                "-m",
+                "5",
+                &format!("http://127.0.0.1:{AGENT_PORT}{path}"),
+            ],
         )?;
         Ok(String::from_utf8_lossy(&check(out, "curl")?.stdout).into_owned())
     }
@@ -220,7 +229,10 @@ impl LabRun {
                 bail!(
                     "records of {node} did not reach the expected state within {timeout:?}; have {}:\n{}",
                     recs.len(),
-                    recs.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
+                    recs.iter()
+                        .map(|r| r.to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n")
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -309,8 +321,14 @@ mod tests {
         let e = parse_conntrack(text);
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].proto, "tcp");
-        assert_eq!(e[0].orig, ("10.244.1.10".into(), 40000, "100.64.0.10".into(), 443));
-        assert_eq!(e[0].reply, ("10.244.2.10".into(), 8443, "10.244.1.10".into(), 40000));
+        assert_eq!(
+            e[0].orig,
+            ("10.244.1.10".into(), 40000, "100.64.0.10".into(), 443)
+        );
+        assert_eq!(
+            e[0].reply,
+            ("10.244.2.10".into(), 8443, "10.244.1.10".into(), 40000)
+        );
         assert_eq!(e[1].reply.1, 5353);
     }
 
@@ -319,6 +337,10 @@ mod tests {
         let a = unique_name("t");
         let b = unique_name("t");
         assert_ne!(a, b);
-        assert!(a.len() <= 12 && a.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            a.len() <= 12
+                && a.bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
     }
 }

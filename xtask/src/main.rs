@@ -73,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Lint => {
             setup::ensure()?;
+            setup::ensure_packages(&["rust-web-clippy"])?;
             lint()
         }
     }
@@ -98,9 +99,7 @@ pub fn cargo() -> Command {
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -116,9 +115,11 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     if !setup::is_root() {
         bail!("the kernel tests load eBPF programs and build network namespaces: run as root");
     }
-    println!("==> unit and real-kernel tests (lab tests run one at a time: they share the cgroup root)");
+    println!(
+        "==> unit and real-kernel tests (lab tests run one at a time: they share the cgroup root)"
+    );
     run(cargo()
-        .args(["test", "--release", "--workspace", "--no-fail-fast"])
+        .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
         .args(["--", "--test-threads=1"]))
 }
@@ -128,7 +129,6 @@ fn lint() -> anyhow::Result<()> {
     run(cargo().args([
         "clippy",
         "--release",
-        "--workspace",
         "--all-targets",
         "--",
         "-D",
@@ -149,6 +149,8 @@ fn lint() -> anyhow::Result<()> {
             "--release",
             "--target",
             "bpfel-unknown-none",
+            "--target-dir",
+            "target/ebpf-lint",
             "-Z",
             "build-std=core",
             "--",

@@ -66,8 +66,9 @@ fn installed(pkg: &str) -> bool {
         .unwrap_or(false)
 }
 
-pub fn ensure() -> anyhow::Result<()> {
-    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+/// Install the Debian packages of `list` that are missing.
+pub fn ensure_packages(list: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = list.iter().copied().filter(|p| !installed(p)).collect();
     if !missing.is_empty() {
         if !is_root() {
             bail!("missing Debian packages {missing:?}; run `cargo xtask setup` as root");
@@ -81,6 +82,11 @@ pub fn ensure() -> anyhow::Result<()> {
                 .args(&missing),
         )?;
     }
+    Ok(())
+}
+
+pub fn ensure() -> anyhow::Result<()> {
+    ensure_packages(PACKAGES)?;
 
     let linker = cargo_bin().join("bpf-linker");
     let have = Command::new(&linker)
@@ -114,7 +120,9 @@ pub fn ensure() -> anyhow::Result<()> {
         .lines()
         .any(|l| l.starts_with(EBPF_TOOLCHAIN))
     {
-        println!("==> linking Debian's Rust 1.96 (with rust-src) as rustup toolchain {EBPF_TOOLCHAIN}");
+        println!(
+            "==> linking Debian's Rust 1.96 (with rust-src) as rustup toolchain {EBPF_TOOLCHAIN}"
+        );
         crate::run(Command::new("rustup").args(["toolchain", "link", EBPF_TOOLCHAIN, "/usr"]))?;
     }
     Ok(())

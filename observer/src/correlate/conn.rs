@@ -50,7 +50,7 @@ impl Leg<'_> {
     }
 
     /// The client pod sent it through this node's pod veth.
-    pub fn from_local_pod(&self) -> bool {
+    pub fn sent_by_local_pod(&self) -> bool {
         self.orig_at(|p| p == Point::PodIngress)
     }
 
@@ -158,7 +158,7 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
     for (_, legs) in by_client {
         let (mut pre, mut post, mut whole) = (Vec::new(), Vec::new(), Vec::new());
         for leg in legs {
-            match (leg.from_local_pod(), leg.left_stack()) {
+            match (leg.sent_by_local_pod(), leg.left_stack()) {
                 (true, false) => pre.push(leg),
                 (false, true) => post.push(leg),
                 _ => whole.push(leg),

@@ -249,7 +249,7 @@ impl Correlator {
         let pre = c
             .pre
             .as_ref()
-            .or(c.post.as_ref().filter(|l| l.from_local_pod()))
+            .or(c.post.as_ref().filter(|l| l.sent_by_local_pod()))
             .map(|l| l.orig);
         let post_leg = c.post.as_ref().filter(|l| l.left_stack());
         let post = post_leg.map(|l| l.orig);
@@ -403,7 +403,7 @@ fn conn_flags(c: &Conn<'_>) -> (u8, u8) {
 fn client_tuple(c: &Conn<'_>) -> Option<Tuple> {
     c.pre
         .as_ref()
-        .or(c.post.as_ref().filter(|l| l.from_local_pod()))
+        .or(c.post.as_ref().filter(|l| l.sent_by_local_pod()))
         .map(|l| l.orig)
 }
 

@@ -1,1 +1,395 @@
+//! Correlation with synthetic kernel observations (no kernel needed).
 
+use std::net::IpAddr;
+
+use observer_common::{
+    AF_INET, FlowKey, IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, MARK_SYN_ONLY, Point, SocketEvent,
+    TCP_ACK, TCP_FIN, TCP_SYN,
+};
+
+use super::*;
+use crate::record::ObservedAs;
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000 * MS;
+
+fn key(
+    proto: u8,
+    src: &str,
+    sport: u16,
+    dst: &str,
+    dport: u16,
+    point: Point,
+    ifindex: u32,
+) -> FlowKey {
+    let mut k = FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport,
+        dport,
+        ifindex,
+        proto,
+        family: AF_INET,
+        point: point as u8,
+        _pad: 0,
+    };
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.parse().unwrap(), dst.parse().unwrap()) else {
+        panic!("IPv4 only here")
+    };
+    k.src[..4].copy_from_slice(&s.octets());
+    k.dst[..4].copy_from_slice(&d.octets());
+    k
+}
+
+fn counters(first: u64, last: u64, flags: u8, marks: u8) -> Counters {
+    Counters {
+        packets: 5,
+        bytes: 400,
+        first_ns: first,
+        last_ns: last,
+        tcp_flags: flags,
+        marks,
+    }
+}
+
+fn correlator() -> Correlator {
+    let mut c = Correlator::new(
+        Config {
+            node: "node-a".into(),
+            idle_timeout_ns: 30 * S,
+            flush_ns: 10 * S,
+            linger_ns: S,
+            socket_ttl_ns: 120 * S,
+        },
+        Clock::new(),
+    );
+    c.set_ifname(3, "vethaaaa");
+    c.set_ifname(2, "eth0");
+    c
+}
+
+const ALL: u8 = TCP_SYN | TCP_ACK | TCP_FIN;
+
+/// A TCP connection pod-a -> 100.64.0.10:443, DNAT-ed to 10.244.2.10:8443, seen on node-a.
+fn translated_tcp(c: &mut Correlator, sport: u16, t0: u64) {
+    let tcp = IPPROTO_TCP;
+    c.observe(
+        key(
+            tcp,
+            "10.244.1.10",
+            sport,
+            "100.64.0.10",
+            443,
+            Point::PodIngress,
+            3,
+        ),
+        counters(t0, t0 + 10 * MS, ALL, MARK_SYN_ONLY),
+    );
+    c.observe(
+        key(
+            tcp,
+            "10.244.1.10",
+            sport,
+            "10.244.2.10",
+            8443,
+            Point::UplinkEgress,
+            2,
+        ),
+        counters(t0 + 1000, t0 + 10 * MS, ALL, MARK_SYN_ONLY),
+    );
+    c.observe(
+        key(
+            tcp,
+            "10.244.2.10",
+            8443,
+            "10.244.1.10",
+            sport,
+            Point::UplinkIngress,
+            2,
+        ),
+        counters(t0 + 2000, t0 + 10 * MS, ALL, 0),
+    );
+    c.observe(
+        key(
+            tcp,
+            "100.64.0.10",
+            443,
+            "10.244.1.10",
+            sport,
+            Point::PodEgress,
+            3,
+        ),
+        counters(t0 + 3000, t0 + 10 * MS, ALL, 0),
+    );
+}
+
+#[test]
+fn dnat_legs_pair_on_the_client_endpoint() {
+    let mut c = correlator();
+    translated_tcp(&mut c, 40000, S);
+    translated_tcp(&mut c, 40001, S + 100);
+    let out = c.collect(5 * S, false);
+    assert_eq!(
+        out.records.len(),
+        2,
+        "both closed connections are final after the linger"
+    );
+    assert_eq!(out.finished.len(), 8, "all kernel keys are released");
+    assert_eq!(out.ambiguous, 0);
+    for r in &out.records {
+        let pre = r.pre_dnat.as_ref().unwrap();
+        let post = r.post_dnat.as_ref().unwrap();
+        assert_eq!((pre.dst.as_str(), pre.dport), ("100.64.0.10", 443));
+        assert_eq!((post.dst.as_str(), post.dport), ("10.244.2.10", 8443));
+        assert_eq!(pre.sport, post.sport);
+        assert!(r.translated && r.is_final);
+        assert_eq!(r.observed_as, ObservedAs::Sender);
+        assert_eq!(r.state, "closed");
+        let t = r.translation.as_ref().unwrap();
+        assert_eq!(
+            (t.after.as_str(), t.before.as_str()),
+            ("pod_ingress", "uplink_egress")
+        );
+        let points: Vec<(&str, &Direction)> =
+            r.hops.iter().map(|h| (h.point.as_str(), &h.dir)).collect();
+        assert_eq!(
+            points,
+            [
+                ("pod_ingress", &Direction::Orig),
+                ("uplink_egress", &Direction::Orig),
+                ("uplink_ingress", &Direction::Reply),
+                ("pod_egress", &Direction::Reply)
+            ]
+        );
+        assert_eq!(r.hops[0].iface.as_deref(), Some("vethaaaa"));
+    }
+    assert_eq!(c.active(), 0);
+    assert!(
+        c.collect(6 * S, false).records.is_empty(),
+        "nothing is written twice"
+    );
+}
+
+#[test]
+fn a_connection_still_open_gets_interim_records_then_a_final_one() {
+    let mut c = correlator();
+    let tcp = IPPROTO_TCP;
+    let k = key(
+        tcp,
+        "10.244.1.10",
+        40100,
+        "10.244.2.10",
+        8443,
+        Point::PodIngress,
+        3,
+    );
+    c.observe(k, counters(S, 2 * S, TCP_SYN | TCP_ACK, MARK_SYN_ONLY));
+    assert!(
+        c.collect(5 * S, false).records.is_empty(),
+        "not due before the flush interval"
+    );
+    let r = c.collect(11 * S, false).records;
+    assert_eq!(r.len(), 1);
+    assert!(!r[0].is_final);
+    assert_eq!(r[0].state, "syn_sent", "no reply seen");
+    // Same counters: nothing new to say at the next interval.
+    assert!(c.collect(22 * S, false).records.is_empty());
+    // Idle past the timeout: final.
+    let r = c.collect(40 * S, false).records;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].is_final);
+    assert!(!r[0].translated);
+    assert!(r[0].post_dnat.is_none(), "never left the node");
+}
+
+#[test]
+fn a_flow_that_arrives_translated_says_so() {
+    let mut c = correlator();
+    let udp = IPPROTO_UDP;
+    c.observe(
+        key(
+            udp,
+            "10.244.9.9",
+            5000,
+            "10.244.1.53",
+            5353,
+            Point::UplinkIngress,
+            2,
+        ),
+        counters(S, S, 0, 0),
+    );
+    c.observe(
+        key(
+            udp,
+            "10.244.9.9",
+            5000,
+            "10.244.1.53",
+            5353,
+            Point::PodEgress,
+            3,
+        ),
+        counters(S + 10, S + 10, 0, 0),
+    );
+    c.observe(
+        key(
+            udp,
+            "10.244.1.53",
+            5353,
+            "10.244.9.9",
+            5000,
+            Point::PodIngress,
+            3,
+        ),
+        counters(S + 50, S + 50, 0, 0),
+    );
+    let r = c.collect(40 * S, false).records;
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].observed_as, ObservedAs::Receiver);
+    assert!(r[0].pre_dnat.is_none());
+    assert_eq!(r[0].post_dnat.as_ref().unwrap().dport, 5353);
+    assert!(!r[0].translated);
+    assert_eq!(r[0].state, "ended");
+    assert_eq!(r[0].totals.reply_packets, 5);
+}
+
+#[test]
+fn one_udp_socket_to_two_services_is_paired_in_time_order_and_flagged() {
+    let mut c = correlator();
+    let udp = IPPROTO_UDP;
+    let src = "10.244.1.10";
+    c.observe(
+        key(udp, src, 6000, "100.64.0.53", 53, Point::PodIngress, 3),
+        counters(S, S, 0, 0),
+    );
+    c.observe(
+        key(udp, src, 6000, "10.244.2.53", 5353, Point::UplinkEgress, 2),
+        counters(S + 5, S + 5, 0, 0),
+    );
+    c.observe(
+        key(udp, src, 6000, "100.64.0.54", 53, Point::PodIngress, 3),
+        counters(2 * S, 2 * S, 0, 0),
+    );
+    c.observe(
+        key(udp, src, 6000, "10.244.2.54", 5353, Point::UplinkEgress, 2),
+        counters(2 * S + 5, 2 * S + 5, 0, 0),
+    );
+    let out = c.collect(40 * S, false);
+    assert_eq!(out.records.len(), 2);
+    assert_eq!(out.ambiguous, 2);
+    for r in &out.records {
+        let pre = r.pre_dnat.as_ref().unwrap();
+        let post = r.post_dnat.as_ref().unwrap();
+        let want = if pre.dst == "100.64.0.53" {
+            "10.244.2.53"
+        } else {
+            "10.244.2.54"
+        };
+        assert_eq!(post.dst, want);
+    }
+}
+
+#[test]
+fn icmp_is_one_connection_per_peer_and_never_translated() {
+    let mut c = correlator();
+    c.observe(
+        key(
+            IPPROTO_ICMP,
+            "10.244.1.10",
+            0,
+            "10.244.2.10",
+            0,
+            Point::PodIngress,
+            3,
+        ),
+        counters(S, S, 0, 0),
+    );
+    c.observe(
+        key(
+            IPPROTO_ICMP,
+            "10.244.1.10",
+            0,
+            "10.244.2.20",
+            0,
+            Point::PodIngress,
+            3,
+        ),
+        counters(S, S, 0, 0),
+    );
+    let out = c.collect(40 * S, false);
+    assert_eq!(out.records.len(), 2);
+    assert_eq!(out.ambiguous, 0);
+    assert!(
+        out.records
+            .iter()
+            .all(|r| !r.translated && r.proto == "ICMP")
+    );
+}
+
+#[test]
+fn socket_events_join_by_the_tuple_the_socket_sent() {
+    let mut c = correlator();
+    let mut ev = SocketEvent {
+        cookie: 7,
+        cgroup_id: 99,
+        ts_ns: S - 1000,
+        tgid: 4242,
+        sport: 40000,
+        dport: 443,
+        asked_dport: 443,
+        proto: IPPROTO_TCP,
+        family: AF_INET,
+        _pad: [0; 4],
+        comm: [0; 16],
+        src: [0; 16],
+        dst: [0; 16],
+        asked_dst: [0; 16],
+    };
+    ev.comm[..4].copy_from_slice(b"curl");
+    ev.src[..4].copy_from_slice(&[10, 244, 1, 10]);
+    ev.dst[..4].copy_from_slice(&[100, 64, 0, 10]);
+    ev.asked_dst = ev.dst;
+    c.add_socket(&ev, S);
+    // Another node's socket: never matched, expires and is counted.
+    let mut foreign = ev;
+    foreign.src[..4].copy_from_slice(&[10, 244, 2, 10]);
+    c.add_socket(&foreign, S);
+    translated_tcp(&mut c, 40000, S);
+    let out = c.collect(5 * S, false);
+    let s = out.records[0].socket.as_ref().expect("joined");
+    assert_eq!((s.pid, s.comm.as_str(), s.cgroup_id), (4242, "curl", 99));
+    assert_eq!(out.records[0].hops[0].point, "socket");
+    assert_eq!(out.sockets_unmatched, 0);
+    assert_eq!(c.collect(200 * S, false).sockets_unmatched, 1);
+}
+
+#[test]
+fn record_serialises_to_the_documented_shape() {
+    let mut c = correlator();
+    translated_tcp(&mut c, 40000, S);
+    let r = &c.collect(5 * S, false).records[0];
+    let v = serde_json::to_value(r).unwrap();
+    for field in [
+        "schema",
+        "time",
+        "node",
+        "proto",
+        "family",
+        "observed_as",
+        "pre_dnat",
+        "post_dnat",
+        "translated",
+        "translation",
+        "socket",
+        "hops",
+        "totals",
+        "state",
+        "final",
+        "start",
+        "end",
+    ] {
+        assert!(v.get(field).is_some(), "missing {field}");
+    }
+    assert_eq!(v["schema"], "observer.flow/v1");
+    assert_eq!(v["hops"][0]["tcp_flags"], "SYN|ACK|FIN");
+    assert!(v["time"].as_str().unwrap().ends_with('Z'));
+}

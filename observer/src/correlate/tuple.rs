@@ -71,14 +71,6 @@ impl Tuple {
         }
     }
 
-    pub fn reversed(&self) -> Tuple {
-        Tuple {
-            proto: self.proto,
-            src: self.dst,
-            dst: self.src,
-        }
-    }
-
     /// TCP and UDP identify a connection by ports; other protocols have none.
     pub fn has_ports(&self) -> bool {
         matches!(self.proto, IPPROTO_TCP | IPPROTO_UDP)

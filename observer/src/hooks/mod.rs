@@ -87,7 +87,6 @@ pub struct Hooks {
     tc_mode: TcMode,
     /// Attached interfaces by name.
     attached: BTreeMap<String, TcAttachment>,
-    cgroup: Option<PathBuf>,
 }
 
 impl Hooks {
@@ -112,7 +111,6 @@ impl Hooks {
                 ebpf,
                 tc_mode,
                 attached: BTreeMap::new(),
-                cgroup: None,
             },
             maps,
         ))
@@ -121,13 +119,7 @@ impl Hooks {
     /// Attach the socket hooks to `cgroup` in multi-program mode, so several agents (one per lab
     /// node) and other tools can share the cgroup root.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), HookError> {
-        cgroup::attach(&mut self.ebpf, cgroup)?;
-        self.cgroup = Some(cgroup.to_owned());
-        Ok(())
-    }
-
-    pub fn cgroup(&self) -> Option<&Path> {
-        self.cgroup.as_deref()
+        cgroup::attach(&mut self.ebpf, cgroup)
     }
 
     pub fn attach_iface(&mut self, iface: &str, role: Role) -> Result<(), HookError> {
@@ -150,10 +142,10 @@ impl Hooks {
 
     /// Forget an interface. `gone` says the kernel already removed it (and with it our links).
     pub fn detach_iface(&mut self, iface: &str, gone: bool) {
-        if let Some(a) = self.attached.remove(iface) {
-            if let Err(e) = tc::detach(&mut self.ebpf, a, gone) {
-                warn!("detaching from {iface}: {e}");
-            }
+        if let Some(a) = self.attached.remove(iface)
+            && let Err(e) = tc::detach(&mut self.ebpf, a, gone)
+        {
+            warn!("detaching from {iface}: {e}");
         }
     }
 

@@ -166,6 +166,7 @@ impl LabConfig {
         Ok(cfg)
     }
 
+    #[cfg(test)]
     pub fn story() -> LabConfig {
         LabConfig::parse(STORY).expect("the built-in story is valid")
     }

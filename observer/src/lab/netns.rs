@@ -90,10 +90,6 @@ pub fn list() -> Vec<String> {
         .collect()
 }
 
-pub fn exists(ns: &str) -> bool {
-    list().iter().any(|n| n == ns)
-}
-
 pub fn pids(ns: &str) -> Vec<i32> {
     run(&["ip", "netns", "pids", ns])
         .unwrap_or_default()

@@ -9,6 +9,7 @@ use std::{
 };
 
 use serde_json::Value;
+#[allow(unused_imports, reason = "each test binary uses a different subset")]
 pub use xtask::harness::{LabRun, tuple_of, unique_name};
 
 pub fn bin() -> PathBuf {
@@ -49,13 +50,16 @@ pub fn t(src: &str, sport: u16, dst: &str, dport: u16) -> (String, u16, String, 
 /// Validate every record against docs/flow-schema.json.
 pub fn validate_schema(records: &[Value]) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/flow-schema.json");
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).expect("schema file")).expect("schema JSON");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("schema file"))
+        .expect("schema JSON");
     let validator = jsonschema::validator_for(&schema).expect("valid JSON Schema");
     assert!(!records.is_empty(), "no records to validate");
     for r in records {
         let errors: Vec<String> = validator.iter_errors(r).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "record violates the schema: {errors:?}\n{r}");
+        assert!(
+            errors.is_empty(),
+            "record violates the schema: {errors:?}\n{r}"
+        );
     }
 }
 
@@ -69,10 +73,24 @@ pub fn promtool_check(text: &str) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("promtool (Debian package prometheus) is installed");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "promtool check metrics failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// Value of the sample `name{labels...}` (labels given must all match; others are ignored).
@@ -80,11 +98,15 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-pub fn find<'a>(records: &'a [Value], pred: impl Fn(&Value) -> bool) -> Vec<&'a Value> {
+pub fn find(records: &[Value], pred: impl Fn(&Value) -> bool) -> Vec<&Value> {
     records.iter().filter(|r| pred(r)).collect()
 }
 

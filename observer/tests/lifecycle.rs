@@ -1,0 +1,253 @@
+//! Agent lifecycle against the real kernel: flush and detach on SIGTERM, clsact mode cleanup,
+//! and the errors a user can act on.
+
+mod common;
+
+use std::{
+    collections::HashSet,
+    process::{Command, Output},
+    time::Duration,
+};
+
+use common::*;
+use serde_json::Value;
+
+const OUR_PROGRAMS: [&str; 9] = [
+    "tc_pod_ingress",
+    "tc_pod_egress",
+    "tc_uplink_ingress",
+    "tc_uplink_egress",
+    "sock_connect4",
+    "sock_connect6",
+    "sock_sendmsg4",
+    "sock_sendmsg6",
+    "sock_egress",
+];
+
+fn bpftool_json(args: &[&str]) -> Value {
+    let out = Command::new("bpftool")
+        .arg("-j")
+        .args(args)
+        .output()
+        .expect("bpftool");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Array(vec![]))
+}
+
+/// Kernel links (tcx and cgroup) whose program is one of ours, by bpftool, independently of aya.
+fn our_links() -> usize {
+    let progs = bpftool_json(&["prog", "show"]);
+    let ours: HashSet<u64> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| OUR_PROGRAMS.iter().any(|n| p["name"] == *n))
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    bpftool_json(&["link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ours.contains(&id)))
+        .count()
+}
+
+#[test]
+fn sigterm_flushes_open_flows_and_leaves_no_attachment() {
+    let mut lab = lab("stop", None);
+    let before = our_links();
+    // A long idle timeout: the UDP flow is still open when the agent is told to stop.
+    lab.start_agent("node-a", &["--idle-timeout", "10m"])
+        .unwrap();
+    // 2 uplink + 2 per pod veth (2 pods on node-a) + 5 cgroup.
+    assert_eq!(
+        our_links() - before,
+        2 + 4 + 5,
+        "tcx and cgroup links while running"
+    );
+    let s = lab
+        .client("pod-a", &["--to", "100.64.0.53:53", "--proto", "udp"])
+        .unwrap();
+    assert_eq!(s["ok"], 1);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        lab.records("node-a").unwrap().is_empty(),
+        "nothing written before the flow ends"
+    );
+
+    let (code, took) = lab.stop_agent("node-a").unwrap();
+    assert_eq!(code, Some(0));
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    let recs = lab.records("node-a").unwrap();
+    let dns = find(&recs, |r| r["pre_dnat"]["dst"] == "100.64.0.53");
+    assert_eq!(
+        dns.len(),
+        1,
+        "the open flow was flushed at shutdown: {recs:?}"
+    );
+    assert_eq!(dns[0]["final"], true);
+    assert_eq!(our_links(), before, "no tcx or cgroup link left behind");
+    let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
+    assert!(log.contains("SIGTERM: flushing and detaching"), "{log}");
+}
+
+fn qdiscs(lab: &LabRun) -> String {
+    let out = lab
+        .exec("node-a", &["tc", "qdisc", "show", "dev", "eth0"])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn clsact_mode_works_and_removes_the_qdisc_it_added() {
+    let mut lab = lab("cls", None);
+    assert!(!qdiscs(&lab).contains("clsact"));
+    lab.start_agent("node-a", &["--tc-mode", "clsact", "--idle-timeout", "2s"])
+        .unwrap();
+    assert!(qdiscs(&lab).contains("clsact"), "{}", qdiscs(&lab));
+    let f = lab
+        .exec("node-a", &["tc", "filter", "show", "dev", "eth0", "egress"])
+        .unwrap();
+    assert!(String::from_utf8_lossy(&f.stdout).contains("tc_uplink_egress"));
+    let out = lab
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
+        )
+        .unwrap();
+    assert!(out.status.success());
+    let recs = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
+        })
+        .unwrap();
+    let r = find(&recs, |r| r["post_dnat"]["dport"] == 8443)[0];
+    assert_eq!(r["pre_dnat"]["dport"], 443);
+    assert_eq!(lab.stop_agent("node-a").unwrap().0, Some(0));
+    assert!(
+        !qdiscs(&lab).contains("clsact"),
+        "clsact left behind: {}",
+        qdiscs(&lab)
+    );
+}
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("agent")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn one_error_line(out: &Output, want: &str) {
+    assert!(!out.status.success(), "expected failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(want), "stderr should say {want:?}: {err}");
+    assert_eq!(
+        err.trim().lines().filter(|l| l.contains("ERROR")).count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn errors_a_user_can_act_on() {
+    let mut lab = lab("err", None);
+    let ns = lab.ns("node-a");
+    one_error_line(
+        &agent(&[
+            "--netns",
+            &ns,
+            "--uplink",
+            "nope0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]),
+        "interface nope0 does not exist",
+    );
+    one_error_line(
+        &agent(&[
+            "--netns",
+            &ns,
+            "--cgroup",
+            "/tmp",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]),
+        "/tmp is not a cgroup v2 directory",
+    );
+    one_error_line(
+        &agent(&[
+            "--netns",
+            "no-such-netns-here",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]),
+        "entering network namespace /run/netns/no-such-netns-here",
+    );
+    // The port is taken by a running agent in the same namespace.
+    lab.start_agent("node-a", &[]).unwrap();
+    one_error_line(
+        &agent(&["--netns", &ns, "--metrics-addr", "127.0.0.1:9464"]),
+        "cannot listen on 127.0.0.1:9464",
+    );
+    // Missing capabilities: root without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN in its bounding set
+    // (`ip netns exec` enters the namespace first, since setns itself needs CAP_SYS_ADMIN).
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "setpriv"])
+        .args([
+            "--bounding-set",
+            "-bpf,-sys_admin,-perfmon",
+            "--inh-caps",
+            "-bpf,-sys_admin,-perfmon",
+        ])
+        .arg(bin())
+        .args([
+            "agent",
+            "--no-socket-hooks",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    one_error_line(&out, "missing capabilities: CAP_BPF, CAP_PERFMON");
+    // Malformed flags are clap's: exit code 2 and a usage hint.
+    let out = agent(&["--flush-interval", "banana"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("examples: 500ms, 10s, 1m"));
+}
+
+#[test]
+fn lab_up_refuses_a_second_time_and_down_is_idempotent() {
+    let lab = lab("idem", None);
+    let out = Command::new(bin())
+        .args(["lab", "up", "--name", &lab.name])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already up"));
+    let out = Command::new(bin())
+        .args(["lab", "status", "--name", &lab.name])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        status.contains("payments/web") && status.contains("100.64.0.10:443"),
+        "{status}"
+    );
+    let bad = Command::new(bin())
+        .args(["lab", "up", "--name", "Bad-Name"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("use 1-12 of [a-z0-9]"));
+    let name = lab.name.clone();
+    drop(lab);
+    let out = Command::new(bin())
+        .args(["lab", "down", "--name", &name])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("removed 0 namespaces"));
+    let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&left.stdout).contains(&format!("{name}-")));
+}
