@@ -1,4 +1,241 @@
-//! placeholder
-pub fn run(_seconds: u32) -> anyhow::Result<()> {
-    anyhow::bail!("bench is not implemented yet")
+//! `cargo xtask bench`: what observing costs, measured in one run against a baseline.
+//!
+//! - Throughput (iperf3 TCP, pod-a -> pod-b across both nodes: 4 tc hooks per packet per
+//!   direction plus the cgroup_skb hook) and connection rate (short TCP connections through the
+//!   lab client) without agents, then with one agent per node; the ratio is the cost.
+//! - Per-packet cost of each kernel program from the kernel's own accounting
+//!   (`kernel.bpf_stats_enabled`: run time and run count per program).
+//! - Agent resident memory and kernel map memory.
+//!
+//! Numbers come from a 2-core machine with everything (both nodes, both pods, iperf3) on it:
+//! read them as ratios, not absolutes.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::Value;
+use xtask::harness::LabRun;
+
+const LAB: &str = "bench";
+const POD_B: &str = "10.244.2.10";
+const CONNS: u32 = 2000;
+
+fn iperf(lab: &LabRun, seconds: u32) -> anyhow::Result<f64> {
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("pod-b"), "iperf3", "-s", "-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("iperf3 server")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let out = lab.exec(
+        "pod-a",
+        &["iperf3", "-c", POD_B, "-t", &seconds.to_string(), "-J"],
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let out = out?;
+    let v: Value = serde_json::from_slice(&out.stdout).context("iperf3 -J output")?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .map(|b| b / 1e9)
+        .context("iperf3 reported no throughput")
+}
+
+fn conn_rate(lab: &LabRun) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let s = lab.client(
+        "pod-a",
+        &[
+            "--to",
+            &format!("{POD_B}:8443"),
+            "--count",
+            &CONNS.to_string(),
+            "--concurrency",
+            "20",
+        ],
+    )?;
+    let took = t0.elapsed().as_secs_f64();
+    if s["failed"] != 0 {
+        bail!("connection-rate run had failures: {s}");
+    }
+    Ok(CONNS as f64 / took)
+}
+
+fn sysctl(kv: &str) -> anyhow::Result<()> {
+    crate::run(Command::new("sysctl").args(["-qw", kv]))
+}
+
+fn bpf_stats_enabled() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "0".into())
+}
+
+/// (runs, ns) per program name, summed over both agents' copies.
+fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for p in v.as_array().into_iter().flatten() {
+        let name = p["name"].as_str().unwrap_or_default();
+        if !(name.starts_with("tc_") || name.starts_with("sock_")) {
+            continue;
+        }
+        let e = m.entry(name.to_owned()).or_default();
+        e.0 += p["run_cnt"].as_u64().unwrap_or(0);
+        e.1 += p["run_time_ns"].as_u64().unwrap_or(0);
+    }
+    Ok(m)
+}
+
+fn map_memory() -> anyhow::Result<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "show"])
+        .output()?;
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| {
+            let n = m["name"].as_str().unwrap_or_default();
+            ["FLOWS", "SOCKS", "FLOW_EVENTS", "SOCKET_EVENTS", "STATS"].contains(&n)
+        })
+        .filter_map(|m| m["bytes_memlock"].as_u64())
+        .sum())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
+pub fn run(seconds: u32) -> anyhow::Result<()> {
+    let bin = crate::observer_bin();
+    let _ = Command::new(&bin)
+        .args(["lab", "down", "--name", LAB])
+        .output();
+    let dir = crate::workspace_root().join("target/bench");
+    let mut lab = LabRun::up(&bin, LAB, None, &dir)?;
+    let reps = 2;
+
+    println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
+    let mut base_tput = Vec::new();
+    let mut base_rate = Vec::new();
+    for _ in 0..reps {
+        base_tput.push(iperf(&lab, seconds)?);
+        base_rate.push(conn_rate(&lab)?);
+    }
+
+    println!("==> with one agent per node");
+    for node in ["node-a", "node-b"] {
+        lab.start_agent(node, &["--idle-timeout", "5s"])?;
+    }
+    let mut obs_tput = Vec::new();
+    let mut obs_rate = Vec::new();
+    for _ in 0..reps {
+        obs_tput.push(iperf(&lab, seconds)?);
+        obs_rate.push(conn_rate(&lab)?);
+    }
+    // Kernel accounting costs a little itself, so it is on only for this separate run.
+    println!("==> per-program cost: one more run of each workload with kernel.bpf_stats_enabled=1");
+    let stats_before = bpf_stats_enabled();
+    sysctl("kernel.bpf_stats_enabled=1")?;
+    let measured = iperf(&lab, seconds).and_then(|_| conn_rate(&lab));
+    let progs = prog_stats();
+    sysctl(&format!("kernel.bpf_stats_enabled={stats_before}"))?;
+    measured?;
+    let progs = progs?;
+    let rss: Vec<(String, u64)> = lab
+        .agents
+        .iter()
+        .map(|a| (a.node.clone(), rss_kib(a.child.id())))
+        .collect();
+    let maps = map_memory()?;
+    let metrics = lab.metrics("node-a")?;
+    lab.stop_agents()?;
+    drop(lab);
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nobserver bench ({} CPUs; everything on one machine)",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    let _ = writeln!(
+        out,
+        "\n  workload                         no agent      with agents   ratio"
+    );
+    let (bt, ot) = (mean(&base_tput), mean(&obs_tput));
+    let (br, or) = (mean(&base_rate), mean(&obs_rate));
+    let _ = writeln!(
+        out,
+        "  iperf3 TCP pod-a -> pod-b        {bt:>7.2} Gb/s  {ot:>7.2} Gb/s  {:>5.3}",
+        ot / bt
+    );
+    let _ = writeln!(
+        out,
+        "  short TCP connections / s        {br:>7.0}       {or:>7.0}       {:>5.3}",
+        or / br
+    );
+    let _ = writeln!(
+        out,
+        "\n  kernel program cost (kernel.bpf_stats_enabled, one run of each workload, both agents' copies)"
+    );
+    let _ = writeln!(out, "  program              runs          ns/run");
+    for (name, (runs, ns)) in &progs {
+        let per = if *runs > 0 {
+            *ns as f64 / *runs as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(out, "  {name:<20} {runs:>12}  {per:>8.1}");
+    }
+    let _ = writeln!(out, "\n  memory");
+    for (node, kib) in &rss {
+        let _ = writeln!(
+            out,
+            "  agent {node} RSS      {:>8.1} MiB",
+            *kib as f64 / 1024.0
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  kernel maps (both agents) {:>6.1} MiB (bytes_memlock; flow map preallocated for {} entries per agent)",
+        maps as f64 / 1048576.0,
+        observer_common::FLOWS_MAX_ENTRIES
+    );
+    let lost = metric_sum(&metrics, "observer_kernel_events_lost_total");
+    let full = metric_sum(&metrics, "observer_map_full_total");
+    let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
+    print!("{out}");
+    std::fs::write(dir.join("bench.txt"), &out)?;
+    println!("\n(kept in {})", dir.join("bench.txt").display());
+    Ok(())
+}
+
+fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
