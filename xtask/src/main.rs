@@ -118,10 +118,39 @@ fn test(extra: &[String]) -> anyhow::Result<()> {
     println!(
         "==> unit and real-kernel tests (lab tests run one at a time: they share the cgroup root)"
     );
-    run(cargo()
+    let mut child = cargo()
         .args(["test", "--release", "--no-fail-fast"])
         .args(extra)
-        .args(["--", "--test-threads=1"]))
+        .args(["--", "--test-threads=1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    // Pass the output through and add up every binary's summary for one closing line.
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut w = part.split_whitespace().rev();
+                let (Some(what), Some(n)) = (w.next(), w.next()) else {
+                    continue;
+                };
+                match (what, n.parse::<u64>()) {
+                    ("passed", Ok(n)) => passed += n,
+                    ("failed", Ok(n)) => failed += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("\n{passed} passed, {failed} failed");
+    if !status.success() {
+        bail!("cargo test failed: {status}");
+    }
+    Ok(())
 }
 
 fn lint() -> anyhow::Result<()> {
