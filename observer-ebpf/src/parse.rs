@@ -84,28 +84,27 @@ pub fn parse_ip<P: Packet>(p: &P) -> Result<Tuple, Stat> {
     }
 }
 
+// One `bpf_skb_load_bytes` per header: helper calls dominate the per-packet cost.
+
 #[inline(always)]
 fn parse_ipv4<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
-    let ver_ihl = ld::<P, u8>(p, l3)?;
-    let ihl = ((ver_ihl & 0x0f) as usize) * 4;
-    if ver_ihl >> 4 != 4 || ihl < 20 {
+    let h: [u8; 20] = ld(p, l3)?;
+    let ihl = ((h[0] & 0x0f) as usize) * 4;
+    if h[0] >> 4 != 4 || ihl < 20 {
         return Err(Stat::Malformed);
     }
-    let frag = u16::from_be(ld::<P, u16>(p, l3 + 6)?);
-    let proto = ld::<P, u8>(p, l3 + 9)?;
+    let frag = u16::from_be_bytes([h[6], h[7]]);
     let mut t = Tuple {
         src: [0; 16],
         dst: [0; 16],
         sport: 0,
         dport: 0,
-        proto,
+        proto: h[9],
         family: AF_INET,
         tcp_flags: 0,
     };
-    let src: [u8; 4] = ld(p, l3 + 12)?;
-    let dst: [u8; 4] = ld(p, l3 + 16)?;
-    t.src[..4].copy_from_slice(&src);
-    t.dst[..4].copy_from_slice(&dst);
+    t.src[..4].copy_from_slice(&h[12..16]);
+    t.dst[..4].copy_from_slice(&h[16..20]);
     if frag & 0x1fff != 0 {
         // Non-first fragment: no L4 header to read.
         return Ok(t);
@@ -116,28 +115,31 @@ fn parse_ipv4<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
 
 #[inline(always)]
 fn parse_ipv6<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
-    let mut next = ld::<P, u8>(p, l3 + 6)?;
+    let h: [u8; IPV6_HDR_LEN] = ld(p, l3)?;
+    let mut next = h[6];
     let mut t = Tuple {
-        src: ld(p, l3 + 8)?,
-        dst: ld(p, l3 + 24)?,
+        src: [0; 16],
+        dst: [0; 16],
         sport: 0,
         dport: 0,
         proto: next,
         family: AF_INET6,
         tcp_flags: 0,
     };
+    t.src.copy_from_slice(&h[8..24]);
+    t.dst.copy_from_slice(&h[24..40]);
     let mut off = l3 + IPV6_HDR_LEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
-                let hdr: [u8; 2] = ld(p, off)?;
-                next = hdr[0];
-                off += (hdr[1] as usize + 1) * 8;
+                let e: [u8; 2] = ld(p, off)?;
+                next = e[0];
+                off += (e[1] as usize + 1) * 8;
             }
             NEXTHDR_FRAGMENT => {
-                let hdr: [u8; 4] = ld(p, off)?;
-                next = hdr[0];
-                let frag_off = u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8;
+                let e: [u8; 4] = ld(p, off)?;
+                next = e[0];
+                let frag_off = u16::from_be_bytes([e[2], e[3]]) & 0xfff8;
                 t.proto = next;
                 if frag_off != 0 {
                     return Ok(t);
@@ -156,15 +158,16 @@ fn parse_ipv6<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
 fn parse_l4<P: Packet>(p: &P, l4: usize, t: &mut Tuple) -> Result<(), Stat> {
     match t.proto {
         IPPROTO_TCP => {
-            let ports: [u8; 4] = ld(p, l4)?;
-            t.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            t.dport = u16::from_be_bytes([ports[2], ports[3]]);
-            t.tcp_flags = ld::<P, u8>(p, l4 + 13)?;
+            // Ports, then the flags byte at offset 13.
+            let h: [u8; 14] = ld(p, l4)?;
+            t.sport = u16::from_be_bytes([h[0], h[1]]);
+            t.dport = u16::from_be_bytes([h[2], h[3]]);
+            t.tcp_flags = h[13];
         }
         IPPROTO_UDP => {
-            let ports: [u8; 4] = ld(p, l4)?;
-            t.sport = u16::from_be_bytes([ports[0], ports[1]]);
-            t.dport = u16::from_be_bytes([ports[2], ports[3]]);
+            let h: [u8; 4] = ld(p, l4)?;
+            t.sport = u16::from_be_bytes([h[0], h[1]]);
+            t.dport = u16::from_be_bytes([h[2], h[3]]);
         }
         _ => {}
     }

@@ -235,7 +235,7 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
     );
     let _ = writeln!(
         s,
-        "  4. on the node-to-node wire {:<42} tc egress of node-a's uplink: what a VPC firewall sees",
+        "  4. on the wire            {:<44} tc egress of node-a's uplink: what a firewall between nodes sees",
         flow(post)
     );
     let _ = writeln!(
