@@ -158,6 +158,27 @@ pub struct SocketEvent {
     pub asked_dst: [u8; 16],
 }
 
+/// Ring-buffer event: the kernel freed a packet of this node's network namespace with a drop
+/// reason (`tp_btf/kfree_skb`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct DropEvent {
+    pub ts_ns: u64,
+    /// Kernel address of the caller that dropped it (symbolised in userspace).
+    pub location: u64,
+    /// `enum skb_drop_reason` value; names come from the kernel's BTF.
+    pub reason: u32,
+    /// Device the packet was on when dropped.
+    pub ifindex: u32,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
 /// Indexes of the per-CPU `STATS` array: everything the kernel side skipped or could not deliver.
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -182,9 +203,11 @@ pub enum Stat {
     Icmp = 8,
     /// Other L4 protocols (tracked without ports).
     OtherL4 = 9,
+    /// A [`DropEvent`] did not fit in the ring buffer.
+    DropEventsLost = 10,
 }
 
-pub const STATS_LEN: u32 = 10;
+pub const STATS_LEN: u32 = 11;
 
 impl Stat {
     pub const ALL: [Stat; STATS_LEN as usize] = [
@@ -198,6 +221,7 @@ impl Stat {
         Stat::Fragment,
         Stat::Icmp,
         Stat::OtherL4,
+        Stat::DropEventsLost,
     ];
 }
 
@@ -206,6 +230,7 @@ pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
 pub const SOCKS_MAX_ENTRIES: u32 = 16_384;
 pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 pub const SOCKET_EVENTS_BYTES: u32 = 256 * 1024;
+pub const DROP_EVENTS_BYTES: u32 = 64 * 1024;
 
 // Layout checks: a size change here is a kernel/user ABI change.
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
@@ -213,6 +238,7 @@ const _: () = assert!(core::mem::size_of::<FlowCounters>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 56);
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 104);
+const _: () = assert!(core::mem::size_of::<DropEvent>() == 64);
 
 #[cfg(feature = "user")]
 mod user {

@@ -10,6 +10,7 @@ mod cgroup;
 mod maps;
 mod parse;
 mod tc;
+mod trace;
 
 #[cfg(not(test))]
 #[panic_handler]

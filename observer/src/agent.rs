@@ -28,6 +28,7 @@ use crate::{
     },
     hooks::{
         HookError, Hooks, KernelMaps, Role,
+        drop::DropConfig,
         ifaces::{self, glob_match},
         preflight::{self, PreflightError},
     },
@@ -125,7 +126,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         args.node, args.metrics_addr
     );
 
-    let (mut hooks, maps) = Hooks::load(args.max_flows, args.tc_mode)?;
+    let drop_cfg = match DropConfig::from_kernel() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!("drop tracing is off: {e}");
+            None
+        }
+    };
+    let (mut hooks, maps) = Hooks::load(args.max_flows, args.tc_mode, drop_cfg.as_ref())?;
     for u in &uplinks {
         hooks.attach_iface(u, Role::Uplink)?;
     }
@@ -133,6 +141,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         hooks.attach_cgroup(cg)?;
         info!("socket hooks attached to cgroup {}", cg.display());
     }
+    if drop_cfg.is_some() {
+        hooks.attach_drops()?;
+        info!("drop tracepoint attached (tp_btf/kfree_skb)");
+    }
+    let reasons = drop_cfg.map(|c| c.reasons).unwrap_or_default();
+    let kallsyms = crate::kallsyms::Kallsyms::load();
     let clock = Clock::new();
     let mut corr = Correlator::new(
         correlate::Config {
@@ -156,9 +170,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         stats,
         flow_events,
         socket_events,
+        drop_events,
     } = maps;
     let mut flow_events = watch(flow_events)?;
     let mut socket_events = watch(socket_events)?;
+    let mut drop_events = watch(drop_events)?;
     let mut pending: HashSet<FlowKey> = HashSet::new();
     let mut kstats = KernelStats::default();
     let mut poll = interval(args.poll_interval);
@@ -188,6 +204,21 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     if let Some(ev) = events::decode_socket(b) {
                         metrics.socket_events.inc();
                         corr.add_socket(&ev, now);
+                    }
+                });
+                guard.clear_ready();
+            }
+            guard = drop_events.readable_mut() => {
+                let mut guard = guard.map_err(AgentError::RingBuf)?;
+                let now = Clock::mono_now();
+                drain(guard.get_inner_mut(), |b| {
+                    if let Some(ev) = events::decode_drop(b) {
+                        let reason = reasons
+                            .get(&(ev.reason as i64))
+                            .cloned()
+                            .unwrap_or_else(|| ev.reason.to_string());
+                        metrics.drops.with_label_values(&[reason.as_str()]).inc();
+                        corr.add_drop(&ev, reason, kallsyms.resolve(ev.location), now);
                     }
                 });
                 guard.clear_ready();
@@ -387,6 +418,7 @@ fn stat_counter(m: &Metrics, s: Stat) -> prometheus::IntCounter {
         Stat::Fragment => m.packets_portless.with_label_values(&["fragment"]),
         Stat::Icmp => m.packets_portless.with_label_values(&["icmp"]),
         Stat::OtherL4 => m.packets_portless.with_label_values(&["other_l4"]),
+        Stat::DropEventsLost => m.kernel_events_lost.with_label_values(&["drop"]),
     }
 }
 

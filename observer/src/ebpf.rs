@@ -2,12 +2,17 @@
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
+use crate::hooks::drop::DropConfig;
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
 
-/// Load (but do not attach) the programs and create the maps, with the flow map sized by the
-/// operator.
-pub fn load(max_flows: u32) -> Result<Ebpf, EbpfError> {
-    EbpfLoader::new()
-        .map_max_entries("FLOWS", max_flows)
-        .load(OBJECT)
+/// Create the maps, with the flow map sized by the operator and the drop tracepoint's kernel
+/// offsets patched in; programs are loaded by the hooks that attach them.
+pub fn load(max_flows: u32, drops: Option<&DropConfig>) -> Result<Ebpf, EbpfError> {
+    let mut loader = EbpfLoader::new();
+    loader.map_max_entries("FLOWS", max_flows);
+    if let Some(d) = drops {
+        d.apply(&mut loader);
+    }
+    loader.load(OBJECT)
 }

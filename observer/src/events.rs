@@ -6,7 +6,7 @@
 
 use std::mem::size_of;
 
-use observer_common::{FlowEvent, SocketEvent};
+use observer_common::{DropEvent, FlowEvent, SocketEvent};
 
 fn decode<T: Copy>(bytes: &[u8]) -> Option<T> {
     (bytes.len() >= size_of::<T>()).then(|| {
@@ -21,6 +21,10 @@ pub fn decode_flow(bytes: &[u8]) -> Option<FlowEvent> {
 }
 
 pub fn decode_socket(bytes: &[u8]) -> Option<SocketEvent> {
+    decode(bytes)
+}
+
+pub fn decode_drop(bytes: &[u8]) -> Option<DropEvent> {
     decode(bytes)
 }
 

@@ -5,6 +5,7 @@
 //! two-node lab this all can be watched in.
 
 mod agent;
+mod btf;
 mod cli;
 mod clock;
 mod correlate;
@@ -12,6 +13,7 @@ mod ebpf;
 mod events;
 mod export;
 mod hooks;
+mod kallsyms;
 mod lab;
 mod record;
 

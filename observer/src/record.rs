@@ -77,6 +77,22 @@ pub struct SocketInfo {
     pub asked: TupleView,
 }
 
+/// Where and why the kernel dropped packets of this connection.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Drop {
+    pub node: String,
+    /// `enum skb_drop_reason` name without its prefix, e.g. `NETFILTER_DROP`.
+    pub reason: String,
+    /// Kernel function that dropped it, e.g. `nf_hook_slow+0x..` (netfilter).
+    pub location: String,
+    /// Device the packet was on.
+    pub iface: Option<String>,
+    /// The tuple of the dropped packet: what the dropping layer saw.
+    pub tuple: TupleView,
+    pub packets: u64,
+    pub last_seen: String,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Totals {
     pub packets: u64,
@@ -102,6 +118,8 @@ pub struct FlowRecord {
     pub translation: Option<Translation>,
     pub socket: Option<SocketInfo>,
     pub hops: Vec<Hop>,
+    /// Null when the kernel dropped none of its packets on this node (with a reason).
+    pub drop: Option<Drop>,
     pub totals: Totals,
     /// TCP: syn_sent, established, closed, reset. Other protocols: active, ended.
     pub state: String,

@@ -528,3 +528,76 @@ fn two_agents_share_the_machine_without_disturbing_each_other() {
             >= 1.0
     );
 }
+
+/// The filter layer sees the post-DNAT tuple: a FORWARD rule on the Service port matches nothing,
+/// one on the targetPort drops the connection, and the record says where, why and what it saw.
+#[test]
+fn forward_filter_sees_the_target_port_not_the_service_port() {
+    let lab = lab_with_agents("fwd", "2s");
+    let ipt = |args: &[&str]| {
+        let mut v = vec!["iptables"];
+        v.extend_from_slice(args);
+        let out = lab.exec("node-a", &v).unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let curl = || {
+        lab.exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "2", "http://100.64.0.10:443/"],
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    ipt(&["-A", "FORWARD", "-p", "tcp", "--dport", "443", "-j", "DROP"]);
+    assert!(
+        curl(),
+        "a FORWARD rule on the Service port 443 must not match"
+    );
+    ipt(&["-D", "FORWARD", "-p", "tcp", "--dport", "443", "-j", "DROP"]);
+    ipt(&[
+        "-A", "FORWARD", "-p", "tcp", "--dport", "8443", "-j", "DROP",
+    ]);
+    assert!(!curl(), "a FORWARD rule on the targetPort 8443 drops it");
+
+    let dropped = |r: &serde_json::Value| r["final"] == true && !r["drop"].is_null();
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| rs.iter().any(dropped))
+        .unwrap();
+    let r = find(&a, dropped)[0];
+    assert_eq!(r["pre_dnat"]["dport"], 443);
+    assert!(r["post_dnat"].is_null(), "it never left node-a: {r}");
+    assert_eq!(r["state"], "syn_sent");
+    let d = &r["drop"];
+    assert_eq!(d["node"], "node-a");
+    assert_eq!(d["reason"], "NETFILTER_DROP");
+    assert!(
+        d["location"].as_str().unwrap().starts_with("nf")
+            || d["location"].as_str().unwrap().contains("ipt"),
+        "{d}"
+    );
+    assert_eq!(
+        d["tuple"]["dst"], "10.244.2.10",
+        "the filter layer saw the backend pod"
+    );
+    assert_eq!(d["tuple"]["dport"], 8443, "and the targetPort");
+    assert!(d["packets"].as_u64().unwrap() >= 1);
+    let m = lab.metrics("node-a").unwrap();
+    assert!(metric(&m, "observer_drops_total", &[("reason", "NETFILTER_DROP")]).unwrap() >= 1.0);
+    // The dropped connection never reached node-b (the first one, on port 443, did).
+    let b = lab.records("node-b").unwrap();
+    assert_eq!(
+        find(&b, |r| r["post_dnat"]["dport"] == 8443).len(),
+        1,
+        "{b:?}"
+    );
+    assert!(
+        !b.iter()
+            .any(|r| tuple_of(&r["post_dnat"]) == tuple_of(&d["tuple"]))
+    );
+    validate_schema(&a);
+}

@@ -12,7 +12,7 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-const OUR_PROGRAMS: [&str; 9] = [
+const OUR_PROGRAMS: [&str; 10] = [
     "tc_pod_ingress",
     "tc_pod_egress",
     "tc_uplink_ingress",
@@ -22,6 +22,7 @@ const OUR_PROGRAMS: [&str; 9] = [
     "sock_sendmsg4",
     "sock_sendmsg6",
     "sock_egress",
+    "trace_kfree_skb",
 ];
 
 fn bpftool_json(args: &[&str]) -> Value {
@@ -51,18 +52,32 @@ fn our_links() -> usize {
         .count()
 }
 
+/// The kernel frees a link shortly after its process exits: wait for the count to settle.
+fn settled_links() -> usize {
+    let mut last = our_links();
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = our_links();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    last
+}
+
 #[test]
 fn sigterm_flushes_open_flows_and_leaves_no_attachment() {
     let mut lab = lab("stop", None);
-    let before = our_links();
+    let before = settled_links();
     // A long idle timeout: the UDP flow is still open when the agent is told to stop.
     lab.start_agent("node-a", &["--idle-timeout", "10m"])
         .unwrap();
-    // 2 uplink + 2 per pod veth (2 pods on node-a) + 5 cgroup.
+    // 2 uplink + 2 per pod veth (2 pods on node-a) + 5 cgroup + the drop tracepoint.
     assert_eq!(
         our_links() - before,
-        2 + 4 + 5,
-        "tcx and cgroup links while running"
+        2 + 4 + 5 + 1,
+        "tcx, cgroup and tracing links while running"
     );
     let s = lab
         .client("pod-a", &["--to", "100.64.0.53:53", "--proto", "udp"])
@@ -85,7 +100,11 @@ fn sigterm_flushes_open_flows_and_leaves_no_attachment() {
         "the open flow was flushed at shutdown: {recs:?}"
     );
     assert_eq!(dns[0]["final"], true);
-    assert_eq!(our_links(), before, "no tcx or cgroup link left behind");
+    assert_eq!(
+        settled_links(),
+        before,
+        "no tcx, cgroup or tracing link left behind"
+    );
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(log.contains("SIGTERM: flushing and detaching"), "{log}");
 }

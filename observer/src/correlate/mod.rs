@@ -9,7 +9,9 @@ pub mod tuple;
 
 use std::collections::HashMap;
 
-use observer_common::{FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST, TCP_SYN};
+use observer_common::{
+    DropEvent, FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 use crate::{
     clock::Clock,
@@ -38,6 +40,16 @@ struct SockMeta {
     cgroup_id: u64,
     asked: Endpoint,
     ts_ns: u64,
+    received_ns: u64,
+}
+
+#[derive(Clone, Debug)]
+struct DropSeen {
+    reason: String,
+    location: String,
+    ifindex: u32,
+    packets: u64,
+    last_ns: u64,
     received_ns: u64,
 }
 
@@ -71,6 +83,8 @@ pub struct Correlator {
     clock: Clock,
     obs: HashMap<FlowKey, Observation>,
     sockets: HashMap<Tuple, SockMeta>,
+    /// Drops by the tuple of the dropped packet.
+    drops: HashMap<Tuple, DropSeen>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
 }
@@ -82,6 +96,7 @@ impl Correlator {
             clock,
             obs: HashMap::new(),
             sockets: HashMap::new(),
+            drops: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
         }
@@ -148,6 +163,49 @@ impl Correlator {
         );
     }
 
+    pub fn add_drop(&mut self, ev: &DropEvent, reason: String, location: String, now_ns: u64) {
+        let tuple = Tuple {
+            proto: ev.proto,
+            src: Endpoint {
+                ip: addr(ev.family, &ev.src),
+                port: ev.sport,
+            },
+            dst: Endpoint {
+                ip: addr(ev.family, &ev.dst),
+                port: ev.dport,
+            },
+        };
+        let d = self.drops.entry(tuple).or_insert_with(|| DropSeen {
+            reason: String::new(),
+            location: String::new(),
+            ifindex: ev.ifindex,
+            packets: 0,
+            last_ns: 0,
+            received_ns: now_ns,
+        });
+        d.reason = reason;
+        d.location = location;
+        d.ifindex = ev.ifindex;
+        d.packets += 1;
+        d.last_ns = ev.ts_ns;
+        d.received_ns = now_ns;
+    }
+
+    /// A drop of this connection: a packet from or to its client endpoint (DNAT keeps that one),
+    /// or, without ports, of one of its tuples.
+    fn drop_of(&self, c: &Conn<'_>) -> Option<(&Tuple, &DropSeen)> {
+        let id = c.id();
+        self.drops.iter().find(|(t, _)| {
+            t.proto == id.proto
+                && if t.has_ports() {
+                    t.src == id.client || t.dst == id.client
+                } else {
+                    c.legs()
+                        .any(|l| **t == l.orig || (t.src == l.orig.dst && t.dst == l.orig.src))
+                }
+        })
+    }
+
     /// Build the records due at `now_ns`: final ones for finished connections (all of them when
     /// `flush_all`, at shutdown), interim ones for long connections.
     pub fn collect(&mut self, now_ns: u64, flush_all: bool) -> Collected {
@@ -155,6 +213,7 @@ impl Correlator {
         let observations: Vec<Observation> = self.obs.values().cloned().collect();
         let conns = conn::group(&observations);
         let mut used_sockets = Vec::new();
+        let mut used_drops = Vec::new();
         for c in &conns {
             if c.ambiguous {
                 out.ambiguous += 1;
@@ -184,6 +243,7 @@ impl Correlator {
             if is_final {
                 self.emitted.remove(&id);
                 used_sockets.extend(sock_key);
+                used_drops.extend(self.drop_of(c).map(|(t, _)| *t));
                 for leg in c.legs() {
                     for o in &leg.obs {
                         out.finished.push(o.key);
@@ -205,11 +265,16 @@ impl Correlator {
         for t in used_sockets {
             self.sockets.remove(&t);
         }
+        for t in used_drops {
+            self.drops.remove(&t);
+        }
         let ttl = self.cfg.socket_ttl_ns;
         let before = self.sockets.len();
         self.sockets
             .retain(|_, s| now_ns.saturating_sub(s.received_ns) < ttl);
         out.sockets_unmatched = (before - self.sockets.len()) as u64;
+        self.drops
+            .retain(|_, d| now_ns.saturating_sub(d.received_ns) < ttl);
         out
     }
 
@@ -332,6 +397,15 @@ impl Correlator {
             }
         });
         hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
+        let drop = self.drop_of(c).map(|(t, d)| crate::record::Drop {
+            node: self.cfg.node.clone(),
+            reason: d.reason.clone(),
+            location: d.location.clone(),
+            iface: self.ifnames.get(&d.ifindex).cloned(),
+            tuple: t.view(),
+            packets: d.packets,
+            last_seen: self.clock.rfc3339(d.last_ns),
+        });
 
         let (fo, fr) = conn_flags(c);
         let state = if proto == IPPROTO_TCP {
@@ -363,6 +437,7 @@ impl Correlator {
             translation,
             socket,
             hops: hops.into_iter().map(|(_, _, h)| h).collect(),
+            drop,
             totals,
             state: state.to_owned(),
             is_final,

@@ -24,6 +24,7 @@ pub struct Metrics {
     pub record_write_errors: IntCounter,
     pub map_delete_errors: IntCounter,
     pub interfaces_attached: IntGaugeVec,
+    pub drops: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -149,6 +150,12 @@ impl Metrics {
                 r,
                 "observer_map_delete_errors_total",
                 "Finished flows that could not be removed from the kernel map.",
+            ),
+            drops: counter_vec(
+                r,
+                "observer_drops_total",
+                "Packets the kernel dropped in this node's network namespace, by drop reason (tp_btf/kfree_skb).",
+                &["reason"],
             ),
             interfaces_attached,
             registry,

@@ -5,6 +5,7 @@
 //! filters are removed explicitly, and the qdisc too when this agent added it.
 
 mod cgroup;
+pub mod drop;
 pub mod ifaces;
 pub mod preflight;
 mod tc;
@@ -63,6 +64,7 @@ pub struct KernelMaps {
     pub stats: PerCpuArray<MapData, u64>,
     pub flow_events: RingBuf<MapData>,
     pub socket_events: RingBuf<MapData>,
+    pub drop_events: RingBuf<MapData>,
 }
 
 /// What an interface is to us.
@@ -91,14 +93,19 @@ pub struct Hooks {
 
 impl Hooks {
     /// Load the programs into the kernel and take the maps out.
-    pub fn load(max_flows: u32, tc_mode: TcMode) -> Result<(Hooks, KernelMaps), HookError> {
-        let mut ebpf = crate::ebpf::load(max_flows)?;
+    pub fn load(
+        max_flows: u32,
+        tc_mode: TcMode,
+        drops: Option<&drop::DropConfig>,
+    ) -> Result<(Hooks, KernelMaps), HookError> {
+        let mut ebpf = crate::ebpf::load(max_flows, drops)?;
         tc::load_all(&mut ebpf)?;
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,
             stats: take_map(&mut ebpf, "STATS")?,
             flow_events: take_map(&mut ebpf, "FLOW_EVENTS")?,
             socket_events: take_map(&mut ebpf, "SOCKET_EVENTS")?,
+            drop_events: take_map(&mut ebpf, "DROP_EVENTS")?,
         };
         let tc_mode = match tc_mode {
             TcMode::Auto if tc::tcx_supported() => TcMode::Tcx,
@@ -120,6 +127,12 @@ impl Hooks {
     /// node) and other tools can share the cgroup root.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), HookError> {
         cgroup::attach(&mut self.ebpf, cgroup)
+    }
+
+    /// Attach the drop tracepoint (`tp_btf/kfree_skb`); the object must have been loaded with a
+    /// [`drop::DropConfig`].
+    pub fn attach_drops(&mut self) -> Result<(), HookError> {
+        drop::attach(&mut self.ebpf)
     }
 
     pub fn attach_iface(&mut self, iface: &str, role: Role) -> Result<(), HookError> {

@@ -1,0 +1,3 @@
+//! Tracepoints.
+
+mod drop;
