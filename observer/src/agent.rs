@@ -155,6 +155,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             flush_ns: args.flush_interval.as_nanos() as u64,
             linger_ns: Duration::from_secs(1).as_nanos() as u64,
             socket_ttl_ns: Duration::from_secs(120).as_nanos() as u64,
+            pending_max: 65_536,
         },
         clock,
     );
@@ -356,6 +357,15 @@ fn emit(
 ) {
     let out = corr.collect(Clock::mono_now(), flush_all);
     metrics.correlation_ambiguous.inc_by(out.ambiguous);
+    let refused = std::mem::take(&mut corr.refused);
+    metrics
+        .pending_refused
+        .with_label_values(&["socket"])
+        .inc_by(refused.sockets);
+    metrics
+        .pending_refused
+        .with_label_values(&["drop"])
+        .inc_by(refused.drops);
     metrics
         .socket_events_unmatched
         .inc_by(out.sockets_unmatched);
@@ -436,5 +446,8 @@ fn prime_metrics(m: &Metrics) {
     }
     for kind in ["final", "interim"] {
         m.records.with_label_values(&[kind]);
+    }
+    for kind in ["socket", "drop"] {
+        m.pending_refused.with_label_values(&[kind]);
     }
 }

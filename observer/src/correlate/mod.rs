@@ -31,6 +31,9 @@ pub struct Config {
     /// Socket events that match no flow of this node are forgotten after this long (they belong
     /// to another node's pods, or to host sockets).
     pub socket_ttl_ns: u64,
+    /// At most this many pending socket events and drops are kept; beyond it new ones are
+    /// refused and counted, so a connection storm on other nodes cannot grow the agent.
+    pub pending_max: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +74,13 @@ pub struct Collected {
     pub sockets_unmatched: u64,
 }
 
+/// Events refused because [`Config::pending_max`] was reached.
+#[derive(Default, Debug)]
+pub struct Refused {
+    pub sockets: u64,
+    pub drops: u64,
+}
+
 /// Packets and bytes added to one observation since the last read.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Delta {
@@ -87,6 +97,7 @@ pub struct Correlator {
     drops: HashMap<Tuple, DropSeen>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
+    pub refused: Refused,
 }
 
 impl Correlator {
@@ -99,6 +110,7 @@ impl Correlator {
             drops: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
+            refused: Refused::default(),
         }
     }
 
@@ -142,6 +154,10 @@ impl Correlator {
     }
 
     pub fn add_socket(&mut self, ev: &SocketEvent, now_ns: u64) {
+        if self.sockets.len() >= self.cfg.pending_max {
+            self.refused.sockets += 1;
+            return;
+        }
         let comm_len = ev
             .comm
             .iter()
@@ -175,6 +191,10 @@ impl Correlator {
                 port: ev.dport,
             },
         };
+        if self.drops.len() >= self.cfg.pending_max && !self.drops.contains_key(&tuple) {
+            self.refused.drops += 1;
+            return;
+        }
         let d = self.drops.entry(tuple).or_insert_with(|| DropSeen {
             reason: String::new(),
             location: String::new(),

@@ -60,6 +60,7 @@ fn correlator() -> Correlator {
             flush_ns: 10 * S,
             linger_ns: S,
             socket_ttl_ns: 120 * S,
+            pending_max: 3,
         },
         Clock::new(),
     );
@@ -392,4 +393,30 @@ fn record_serialises_to_the_documented_shape() {
     assert_eq!(v["schema"], "observer.flow/v1");
     assert_eq!(v["hops"][0]["tcp_flags"], "SYN|ACK|FIN");
     assert!(v["time"].as_str().unwrap().ends_with('Z'));
+}
+
+#[test]
+fn pending_socket_events_are_bounded_and_refusals_counted() {
+    let mut c = correlator();
+    let mut ev = SocketEvent {
+        cookie: 1,
+        cgroup_id: 1,
+        ts_ns: S,
+        tgid: 1,
+        sport: 0,
+        dport: 53,
+        asked_dport: 53,
+        proto: IPPROTO_UDP,
+        family: AF_INET,
+        _pad: [0; 4],
+        comm: [0; 16],
+        src: [0; 16],
+        dst: [0; 16],
+        asked_dst: [0; 16],
+    };
+    for port in 1..=5 {
+        ev.sport = port;
+        c.add_socket(&ev, S);
+    }
+    assert_eq!(c.refused.sockets, 2, "pending_max is 3 in these tests");
 }

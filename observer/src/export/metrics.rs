@@ -25,6 +25,7 @@ pub struct Metrics {
     pub map_delete_errors: IntCounter,
     pub interfaces_attached: IntGaugeVec,
     pub drops: IntCounterVec,
+    pub pending_refused: IntCounterVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -156,6 +157,12 @@ impl Metrics {
                 "observer_drops_total",
                 "Packets the kernel dropped in this node's network namespace, by drop reason (tp_btf/kfree_skb).",
                 &["reason"],
+            ),
+            pending_refused: counter_vec(
+                r,
+                "observer_pending_events_refused_total",
+                "Socket or drop events not kept because the agent already held its maximum of unmatched ones, by kind.",
+                &["kind"],
             ),
             interfaces_attached,
             registry,
