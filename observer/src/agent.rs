@@ -152,6 +152,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         correlate::Config {
             node: args.node.clone(),
             idle_timeout_ns: args.idle_timeout.as_nanos() as u64,
+            tcp_idle_timeout_ns: args.tcp_idle_timeout.as_nanos() as u64,
             flush_ns: args.flush_interval.as_nanos() as u64,
             linger_ns: Duration::from_secs(1).as_nanos() as u64,
             socket_ttl_ns: Duration::from_secs(120).as_nanos() as u64,

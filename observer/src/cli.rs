@@ -81,9 +81,13 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub flush_interval: Duration,
 
-    /// A connection with no packet for this long is ended (UDP, and TCP that never closed).
+    /// A connection with no packet for this long is ended (UDP, ICMP, unanswered TCP).
     #[arg(long, env = "OBSERVER_IDLE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+
+    /// Idle limit for answered TCP connections that did not close (FIN/RST end them sooner).
+    #[arg(long, env = "OBSERVER_TCP_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub tcp_idle_timeout: Duration,
 
     /// How often kernel counters are read.
     #[arg(long, env = "OBSERVER_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]

@@ -270,3 +270,95 @@ fn lab_up_refuses_a_second_time_and_down_is_idempotent() {
     let left = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(!String::from_utf8_lossy(&left.stdout).contains(&format!("{name}-")));
 }
+
+#[test]
+fn long_connections_get_interim_records_before_the_final_one() {
+    let mut lab = lab("long", None);
+    lab.start_agent(
+        "node-a",
+        &[
+            "--flush-interval",
+            "1s",
+            "--idle-timeout",
+            "2s",
+            "--poll-interval",
+            "200ms",
+        ],
+    )
+    .unwrap();
+    // Each connection stays open 3 s before its request.
+    let s = lab
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.10:443",
+                "--hold",
+                "3s",
+                "--timeout",
+                "10s",
+            ],
+        )
+        .unwrap();
+    assert_eq!(s["ok"], 1, "{s}");
+    let recs = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
+        })
+        .unwrap();
+    let conn: Vec<_> = find(&recs, |r| r["pre_dnat"]["dport"] == 443);
+    let interim: Vec<_> = conn.iter().filter(|r| r["final"] == false).collect();
+    assert!(
+        !interim.is_empty(),
+        "an interim record while the connection was open: {conn:?}"
+    );
+    assert_eq!(interim[0]["state"], "established");
+    let last = conn.last().unwrap();
+    assert_eq!(last["final"], true);
+    assert_eq!(last["state"], "closed");
+    assert!(last["totals"]["packets"].as_u64() >= interim[0]["totals"]["packets"].as_u64());
+    assert_eq!(conn.iter().filter(|r| r["final"] == true).count(), 1);
+}
+
+#[test]
+fn a_full_flow_map_is_counted_not_fatal() {
+    let mut lab = lab("full", None);
+    // Room for a handful of flow keys only: 20 connections need 4 keys each on node-a.
+    lab.start_agent(
+        "node-a",
+        &[
+            "--max-flows",
+            "8",
+            "--idle-timeout",
+            "1s",
+            "--poll-interval",
+            "200ms",
+        ],
+    )
+    .unwrap();
+    let s = lab
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.10:443",
+                "--count",
+                "20",
+                "--concurrency",
+                "20",
+                "--hold",
+                "500ms",
+            ],
+        )
+        .unwrap();
+    assert_eq!(s["ok"], 20, "observing never breaks traffic: {s}");
+    std::thread::sleep(Duration::from_millis(800));
+    let m = lab.metrics("node-a").unwrap();
+    assert!(
+        metric(&m, "observer_map_full_total", &[("map", "flows")]).unwrap() > 0.0,
+        "{m}"
+    );
+    assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
+    assert_eq!(lab.stop_agent("node-a").unwrap().0, Some(0));
+}

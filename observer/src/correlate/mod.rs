@@ -25,6 +25,9 @@ use tuple::{Endpoint, Tuple, addr, proto_name, tcp_flags_string};
 pub struct Config {
     pub node: String,
     pub idle_timeout_ns: u64,
+    /// Idle limit for TCP connections that were answered and not closed (conntrack keeps such
+    /// connections for days; a quiet keep-alive connection is not over).
+    pub tcp_idle_timeout_ns: u64,
     pub flush_ns: u64,
     /// After FIN both ways or RST, wait this long for the last ACKs before the final record.
     pub linger_ns: u64,
@@ -244,9 +247,13 @@ impl Correlator {
             let tcp_done = id.proto == IPPROTO_TCP
                 && ((fo | fr) & TCP_RST != 0 || (fo & TCP_FIN != 0 && fr & TCP_FIN != 0));
             let idle = now_ns.saturating_sub(last);
-            let is_final = flush_all
-                || (tcp_done && idle >= self.cfg.linger_ns)
-                || idle >= self.cfg.idle_timeout_ns;
+            let idle_limit = if id.proto == IPPROTO_TCP && fr != 0 && !tcp_done {
+                self.cfg.tcp_idle_timeout_ns
+            } else {
+                self.cfg.idle_timeout_ns
+            };
+            let is_final =
+                flush_all || (tcp_done && idle >= self.cfg.linger_ns) || idle >= idle_limit;
             let packets: u64 = c.legs().flat_map(|l| &l.obs).map(|o| o.c.packets).sum();
             let due = match self.emitted.get(&id) {
                 Some(e) => {

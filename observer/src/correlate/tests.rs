@@ -57,6 +57,7 @@ fn correlator() -> Correlator {
         Config {
             node: "node-a".into(),
             idle_timeout_ns: 30 * S,
+            tcp_idle_timeout_ns: 300 * S,
             flush_ns: 10 * S,
             linger_ns: S,
             socket_ttl_ns: 120 * S,

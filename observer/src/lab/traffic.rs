@@ -58,8 +58,8 @@ pub async fn serve(args: ServeArgs) -> std::io::Result<()> {
 async fn answer_tcp(mut s: TcpStream, name: Arc<str>) {
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
-    // Read the request head (or whatever arrives within 2 s).
-    let _ = timeout(Duration::from_secs(2), async {
+    // Read the request head; clients may hold a connection open a while before asking.
+    let _ = timeout(Duration::from_secs(30), async {
         while let Ok(n) = s.read(&mut buf).await {
             if n == 0 {
                 break;
