@@ -112,6 +112,10 @@ pub enum LabCommand {
     Status(LabNameArgs),
     /// Run a command inside a lab pod or node, e.g. `observer lab exec pod-a -- curl ...`.
     Exec(LabExecArgs),
+    /// Add a pod (namespace, veth, routes) to a running lab, e.g. to watch an agent pick it up.
+    AddPod(LabAddPodArgs),
+    /// Delete a pod from a running lab.
+    DelPod(LabDelPodArgs),
     /// Print the default lab description (the story), to copy and edit.
     Example,
     /// Traffic generator used inside pods: connect to ADDR:PORT and exchange a request.
@@ -135,6 +139,34 @@ pub struct LabUpArgs {
     /// Lab description (TOML); default: the built-in story (`observer lab example`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabAddPodArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// Pod name.
+    pub pod: String,
+    /// Node to put it on.
+    #[arg(long)]
+    pub node: String,
+    /// IPv4 address inside the node's pod_cidr.
+    #[arg(long)]
+    pub ip: std::net::Ipv4Addr,
+    /// IPv6 address inside the node's pod_cidr6.
+    #[arg(long)]
+    pub ip6: Option<std::net::Ipv6Addr>,
+    /// Kubernetes namespace (declared in the lab description if it is new).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabDelPodArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// Pod name.
+    pub pod: String,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -35,12 +35,7 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         .expect("tcpdump");
     std::thread::sleep(Duration::from_millis(800));
 
-    let out = lab
-        .exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
-        )
-        .unwrap();
+    let out = curl_web(&lab, "pod-a", 5);
     assert!(
         out.status.success(),
         "curl failed: {}",
@@ -371,76 +366,36 @@ fn ipv6_service() {
     }
 }
 
-/// Add a pod to node-a by hand after the agent started (named under the lab, so `lab down`
-/// removes it).
-fn add_late_pod(lab: &LabRun, veth: &str, ip: &str) {
-    let pod = lab.ns("late");
-    let node = lab.ns("node-a");
-    let run = |args: &[&str]| {
-        let out = Command::new("ip").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&["netns", "add", &pod]);
-    run(&["-n", &pod, "link", "set", "lo", "up"]);
-    run(&[
-        "-n", &node, "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", &pod,
-    ]);
-    run(&["-n", &node, "link", "set", veth, "up"]);
-    run(&["-n", &node, "addr", "add", "169.254.1.1/32", "dev", veth]);
-    run(&[
-        "-n",
-        &node,
-        "route",
-        "add",
-        &format!("{ip}/32"),
-        "dev",
-        veth,
-        "scope",
-        "link",
-    ]);
-    run(&[
-        "-n",
-        &pod,
-        "addr",
-        "add",
-        &format!("{ip}/32"),
-        "dev",
-        "eth0",
-    ]);
-    run(&["-n", &pod, "link", "set", "eth0", "up"]);
-    run(&[
-        "-n",
-        &pod,
-        "route",
-        "add",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-        "scope",
-        "link",
-    ]);
-    run(&[
-        "-n",
-        &pod,
-        "route",
-        "add",
-        "default",
-        "via",
-        "169.254.1.1",
-        "dev",
-        "eth0",
-    ]);
-}
-
 #[test]
 fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     let lab = lab_with_agents("late", "2s");
-    let veth = "vethlate0001";
-    add_late_pod(&lab, veth, "10.244.1.77");
+    let out = Command::new(bin())
+        .args([
+            "lab",
+            "add-pod",
+            "late",
+            "--name",
+            &lab.name,
+            "--node",
+            "node-a",
+            "--ip",
+            "10.244.1.77",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let added = String::from_utf8_lossy(&out.stdout);
+    let veth = added
+        .split("node iface ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("add-pod names the node-side veth")
+        .to_owned();
+    let veth = veth.as_str();
     let attached = |n: f64| {
         for _ in 0..50 {
             let m = lab.metrics("node-a").unwrap();
@@ -455,12 +410,7 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
         attached(3.0),
         "the agent attached to the new veth within 5 s"
     );
-    let out = lab
-        .exec(
-            "late",
-            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
-        )
-        .unwrap();
+    let out = curl_web(&lab, "late", 5);
     assert!(
         out.status.success(),
         "{}",
@@ -476,11 +426,15 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     assert_eq!(hop(r, "pod_ingress", "orig").unwrap()["iface"], veth);
     assert_eq!(r["post_dnat"]["dport"], 8443);
 
-    let out = Command::new("ip")
-        .args(["netns", "del", &lab.ns("late")])
+    let out = Command::new(bin())
+        .args(["lab", "del-pod", "late", "--name", &lab.name])
         .output()
         .unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(attached(2.0), "the agent forgot the deleted veth");
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(log.contains(&format!("{veth} went away")), "{log}");
@@ -500,12 +454,7 @@ fn two_agents_share_the_machine_without_disturbing_each_other() {
     // Stop node-a's agent: node-b's keeps recording.
     let (code, _) = lab.stop_agent("node-a").unwrap();
     assert_eq!(code, Some(0));
-    let out = lab
-        .exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
-        )
-        .unwrap();
+    let out = curl_web(&lab, "pod-a", 5);
     assert!(out.status.success());
     let b = lab
         .wait_records("node-b", WAIT, |rs| {
@@ -544,15 +493,7 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let curl = || {
-        lab.exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "2", "http://100.64.0.10:443/"],
-        )
-        .unwrap()
-        .status
-        .success()
-    };
+    let curl = || curl_web(&lab, "pod-a", 2).status.success();
     ipt(&["-A", "FORWARD", "-p", "tcp", "--dport", "443", "-j", "DROP"]);
     assert!(
         curl(),

@@ -127,12 +127,7 @@ fn clsact_mode_works_and_removes_the_qdisc_it_added() {
         .exec("node-a", &["tc", "filter", "show", "dev", "eth0", "egress"])
         .unwrap();
     assert!(String::from_utf8_lossy(&f.stdout).contains("tc_uplink_egress"));
-    let out = lab
-        .exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
-        )
-        .unwrap();
+    let out = curl_web(&lab, "pod-a", 5);
     assert!(out.status.success());
     let recs = lab
         .wait_records("node-a", WAIT, |rs| {

@@ -12,16 +12,8 @@ use observer_common::{FlowKey, MARK_SYN_ONLY, Point};
 
 use super::tuple::{Endpoint, Tuple};
 
-/// Counters of one observation, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub packets: u64,
-    pub bytes: u64,
-    pub first_ns: u64,
-    pub last_ns: u64,
-    pub tcp_flags: u8,
-    pub marks: u8,
-}
+/// Counters of one observation, summed over CPUs: the kernel's own value type.
+pub use observer_common::FlowCounters as Counters;
 
 #[derive(Clone, Debug)]
 pub struct Observation {

@@ -183,17 +183,7 @@ impl Correlator {
     }
 
     pub fn add_drop(&mut self, ev: &DropEvent, reason: String, location: String, now_ns: u64) {
-        let tuple = Tuple {
-            proto: ev.proto,
-            src: Endpoint {
-                ip: addr(ev.family, &ev.src),
-                port: ev.sport,
-            },
-            dst: Endpoint {
-                ip: addr(ev.family, &ev.dst),
-                port: ev.dport,
-            },
-        };
+        let tuple = Tuple::from_drop(ev);
         if self.drops.len() >= self.cfg.pending_max && !self.drops.contains_key(&tuple) {
             self.refused.drops += 1;
             return;

@@ -49,6 +49,7 @@ fn counters(first: u64, last: u64, flags: u8, marks: u8) -> Counters {
         last_ns: last,
         tcp_flags: flags,
         marks,
+        ..Default::default()
     }
 }
 
@@ -327,25 +328,29 @@ fn icmp_is_one_connection_per_peer_and_never_translated() {
     );
 }
 
-#[test]
-fn socket_events_join_by_the_tuple_the_socket_sent() {
-    let mut c = correlator();
-    let mut ev = SocketEvent {
+fn socket_event(proto: u8, sport: u16, dport: u16) -> SocketEvent {
+    SocketEvent {
         cookie: 7,
         cgroup_id: 99,
         ts_ns: S - 1000,
         tgid: 4242,
-        sport: 40000,
-        dport: 443,
-        asked_dport: 443,
-        proto: IPPROTO_TCP,
+        sport,
+        dport,
+        asked_dport: dport,
+        proto,
         family: AF_INET,
         _pad: [0; 4],
         comm: [0; 16],
         src: [0; 16],
         dst: [0; 16],
         asked_dst: [0; 16],
-    };
+    }
+}
+
+#[test]
+fn socket_events_join_by_the_tuple_the_socket_sent() {
+    let mut c = correlator();
+    let mut ev = socket_event(IPPROTO_TCP, 40000, 443);
     ev.comm[..4].copy_from_slice(b"curl");
     ev.src[..4].copy_from_slice(&[10, 244, 1, 10]);
     ev.dst[..4].copy_from_slice(&[100, 64, 0, 10]);
@@ -399,22 +404,7 @@ fn record_serialises_to_the_documented_shape() {
 #[test]
 fn pending_socket_events_are_bounded_and_refusals_counted() {
     let mut c = correlator();
-    let mut ev = SocketEvent {
-        cookie: 1,
-        cgroup_id: 1,
-        ts_ns: S,
-        tgid: 1,
-        sport: 0,
-        dport: 53,
-        asked_dport: 53,
-        proto: IPPROTO_UDP,
-        family: AF_INET,
-        _pad: [0; 4],
-        comm: [0; 16],
-        src: [0; 16],
-        dst: [0; 16],
-        asked_dst: [0; 16],
-    };
+    let mut ev = socket_event(IPPROTO_UDP, 0, 53);
     for port in 1..=5 {
         ev.sport = port;
         c.add_socket(&ev, S);

@@ -6,7 +6,8 @@ use std::{
 };
 
 use observer_common::{
-    AF_INET, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, SocketEvent,
+    AF_INET, DropEvent, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP,
+    SocketEvent,
 };
 
 use crate::record::TupleView;
@@ -43,32 +44,38 @@ pub fn addr(family: u8, raw: &[u8; 16]) -> IpAddr {
 }
 
 impl Tuple {
-    pub fn from_key(k: &FlowKey) -> Tuple {
+    /// From the kernel's raw form (addresses in network order, ports in host order).
+    pub fn from_raw(
+        proto: u8,
+        family: u8,
+        src: &[u8; 16],
+        sport: u16,
+        dst: &[u8; 16],
+        dport: u16,
+    ) -> Tuple {
         Tuple {
-            proto: k.proto,
+            proto,
             src: Endpoint {
-                ip: addr(k.family, &k.src),
-                port: k.sport,
+                ip: addr(family, src),
+                port: sport,
             },
             dst: Endpoint {
-                ip: addr(k.family, &k.dst),
-                port: k.dport,
+                ip: addr(family, dst),
+                port: dport,
             },
         }
     }
 
+    pub fn from_key(k: &FlowKey) -> Tuple {
+        Tuple::from_raw(k.proto, k.family, &k.src, k.sport, &k.dst, k.dport)
+    }
+
     pub fn from_socket(e: &SocketEvent) -> Tuple {
-        Tuple {
-            proto: e.proto,
-            src: Endpoint {
-                ip: addr(e.family, &e.src),
-                port: e.sport,
-            },
-            dst: Endpoint {
-                ip: addr(e.family, &e.dst),
-                port: e.dport,
-            },
-        }
+        Tuple::from_raw(e.proto, e.family, &e.src, e.sport, &e.dst, e.dport)
+    }
+
+    pub fn from_drop(e: &DropEvent) -> Tuple {
+        Tuple::from_raw(e.proto, e.family, &e.src, e.sport, &e.dst, e.dport)
     }
 
     /// TCP and UDP identify a connection by ports; other protocols have none.

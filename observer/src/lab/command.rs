@@ -44,6 +44,30 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 .context("running ip netns exec")?;
             Ok(status.code().unwrap_or(1))
         }
+        LabCommand::AddPod(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            lab.add_pod_live(super::config::Pod {
+                name: a.pod.clone(),
+                namespace: a.namespace,
+                node: a.node,
+                ip: a.ip,
+                ip6: a.ip6,
+                labels: Default::default(),
+            })?;
+            println!(
+                "lab {}: pod {} added (node iface {})",
+                lab.name,
+                a.pod,
+                super::host_veth(&a.pod)
+            );
+            Ok(0)
+        }
+        LabCommand::DelPod(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            lab.del_pod_live(&a.pod)?;
+            println!("lab {}: pod {} deleted", lab.name, a.pod);
+            Ok(0)
+        }
         LabCommand::Example => {
             print!("{}", super::config::STORY);
             Ok(0)

@@ -357,6 +357,55 @@ impl Lab {
         Err(LabError::ServersNotReady(missing.join(", ")))
     }
 
+    fn save_config(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        let text = toml::to_string(cfg).expect("lab descriptions serialise");
+        // Re-parse: the same validation as `up`.
+        LabConfig::parse(&text)?;
+        std::fs::write(self.config_path(), text).map_err(|source| LabError::Io {
+            path: self.config_path(),
+            source,
+        })
+    }
+
+    /// Add a pod to a running lab and record it in the lab's description.
+    pub fn add_pod_live(&self, pod: Pod) -> Result<(), LabError> {
+        let mut cfg = self.load_config()?;
+        if !cfg.namespaces.iter().any(|n| n.name == pod.namespace) {
+            cfg.namespaces.push(config::Namespace {
+                name: pod.namespace.clone(),
+                labels: [(
+                    "kubernetes.io/metadata.name".to_owned(),
+                    pod.namespace.clone(),
+                )]
+                .into_iter()
+                .collect(),
+            });
+        }
+        cfg.pods.push(pod.clone());
+        self.save_config(&cfg)?;
+        let node = cfg.node(&pod.node).expect("validated").clone();
+        if let Err(e) = self.add_pod(&node, &pod) {
+            let _ = self.del_pod_live(&pod.name);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Delete a pod of a running lab (its veth goes with its namespace).
+    pub fn del_pod_live(&self, name: &str) -> Result<(), LabError> {
+        let mut cfg = self.load_config()?;
+        let ns = self.target_ns(&cfg, name)?;
+        for pid in netns::pids(&ns) {
+            // SAFETY: plain kill(2).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        if netns::list().contains(&ns) {
+            netns::run(&["ip", "netns", "del", &ns])?;
+        }
+        cfg.pods.retain(|p| p.name != name);
+        self.save_config(&cfg)
+    }
+
     /// Kill every process in the lab's namespaces and delete them; safe to run any time.
     pub fn down(&self) -> Result<usize, LabError> {
         let spaces = self.namespaces();

@@ -117,4 +117,19 @@ pub fn hop<'a>(r: &'a Value, point: &str, dir: &str) -> Option<&'a Value> {
         .find(|h| h["point"] == point && h["dir"] == dir)
 }
 
+/// curl `http://100.64.0.10:443/` (the story's Service) from `pod`, with a timeout in seconds.
+pub fn curl_web(lab: &LabRun, pod: &str, timeout_s: u32) -> std::process::Output {
+    lab.exec(
+        pod,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            &timeout_s.to_string(),
+            "http://100.64.0.10:443/",
+        ],
+    )
+    .expect("curl runs")
+}
+
 pub const WAIT: Duration = Duration::from_secs(20);
