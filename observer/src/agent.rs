@@ -281,6 +281,17 @@ fn sync_ifaces(
             warn!("{e}");
         }
     }
+    let pod_ifaces: Vec<&str> = hooks
+        .attached()
+        .iter()
+        .filter(|(_, a)| a.role == Role::Pod)
+        .map(|(n, _)| n.as_str())
+        .collect();
+    corr.set_local_pods(
+        ifaces::pod_routes(&pod_ifaces)
+            .into_iter()
+            .map(|(ip, _)| ip),
+    );
     let gone: Vec<String> = hooks
         .attached()
         .iter()

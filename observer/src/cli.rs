@@ -112,6 +112,8 @@ pub enum LabCommand {
     Status(LabNameArgs),
     /// Run a command inside a lab pod or node, e.g. `observer lab exec pod-a -- curl ...`.
     Exec(LabExecArgs),
+    /// Replace the lab's NetworkPolicies (networking.k8s.io/v1 YAML) while it runs.
+    Apply(LabApplyArgs),
     /// Add a pod (namespace, veth, routes) to a running lab, e.g. to watch an agent pick it up.
     AddPod(LabAddPodArgs),
     /// Delete a pod from a running lab.
@@ -139,6 +141,14 @@ pub struct LabUpArgs {
     /// Lab description (TOML); default: the built-in story (`observer lab example`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LabApplyArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// YAML with NetworkPolicy documents (`---`-separated); an empty file removes them all.
+    pub file: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -542,3 +542,92 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
     );
     validate_schema(&a);
 }
+
+/// NetworkPolicy, enforced in filter FORWARD after kube-proxy's DNAT, sees the backend and the
+/// targetPort on both nodes: an egress rule on port 443 drops the Service connection on node-a,
+/// the same rule on the named targetPort lets it through, and an ingress policy on pod-b drops
+/// it on node-b after it crossed the wire as pod-b:8443.
+#[test]
+fn network_policy_sees_the_target_port_on_both_nodes() {
+    let lab = lab_with_agents("np", "2s");
+    let apply = |scenario: &str| {
+        let file = format!(
+            "{}/../lab/scenarios/{scenario}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let out = Command::new(bin())
+            .args(["lab", "apply", "--name", &lab.name, &file])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let dropped_on = |node: &str, sport_seen: &mut Vec<u64>| -> serde_json::Value {
+        let pred = |r: &serde_json::Value| {
+            r["final"] == true
+                && !r["drop"].is_null()
+                && !sport_seen.contains(&r["drop"]["tuple"]["sport"].as_u64().unwrap_or(0))
+        };
+        let recs = lab
+            .wait_records(node, WAIT, |rs| rs.iter().any(pred))
+            .unwrap();
+        let r = find(&recs, pred)[0].clone();
+        sport_seen.push(r["drop"]["tuple"]["sport"].as_u64().unwrap());
+        r
+    };
+    let mut seen = Vec::new();
+
+    apply("egress-service-port");
+    assert!(!curl_web(&lab, "pod-a", 2).status.success());
+    let r = dropped_on("node-a", &mut seen);
+    assert_eq!(r["pre_dnat"]["dport"], 443);
+    assert_eq!(r["drop"]["reason"], "NETFILTER_DROP");
+    assert_eq!(r["drop"]["tuple"]["dst"], "10.244.2.10");
+    assert_eq!(
+        r["drop"]["tuple"]["dport"], 8443,
+        "the egress policy was evaluated on 8443, not 443"
+    );
+
+    apply("egress-target-port");
+    let out = curl_web(&lab, "pod-a", 5);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    apply("ingress-deny");
+    assert!(!curl_web(&lab, "pod-a", 2).status.success());
+    let rb = dropped_on("node-b", &mut seen);
+    assert_eq!(rb["observed_as"], "receiver");
+    assert_eq!(rb["drop"]["node"], "node-b");
+    assert_eq!(rb["drop"]["reason"], "NETFILTER_DROP");
+    assert_eq!(
+        rb["drop"]["tuple"]["dport"], 8443,
+        "the ingress policy on node-b saw 8443 too"
+    );
+    assert_eq!(
+        tuple_of(&hop(&rb, "uplink_ingress", "orig").unwrap()["tuple"]),
+        tuple_of(&rb["drop"]["tuple"])
+    );
+    // On node-a the same connection left over the wire and was never answered.
+    let sport = rb["drop"]["tuple"]["sport"].as_u64().unwrap();
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["final"] == true && r["pre_dnat"]["sport"] == sport)
+        })
+        .unwrap();
+    let ra = find(&a, |r| r["pre_dnat"]["sport"] == sport)[0];
+    assert_eq!(ra["translated"], true);
+    assert_eq!(ra["post_dnat"]["dport"], 8443);
+    assert_eq!(ra["state"], "syn_sent");
+    assert!(ra["drop"].is_null(), "nothing was dropped on node-a");
+
+    apply("none");
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    validate_schema(&a);
+}

@@ -100,6 +100,8 @@ pub struct Correlator {
     drops: HashMap<Tuple, DropSeen>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
+    /// IPs routed to this node's pod veths.
+    local_pods: std::collections::HashSet<std::net::IpAddr>,
     pub refused: Refused,
 }
 
@@ -113,12 +115,17 @@ impl Correlator {
             drops: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
+            local_pods: Default::default(),
             refused: Refused::default(),
         }
     }
 
     pub fn set_ifname(&mut self, ifindex: u32, name: &str) {
         self.ifnames.insert(ifindex, name.to_owned());
+    }
+
+    pub fn set_local_pods(&mut self, ips: impl IntoIterator<Item = std::net::IpAddr>) {
+        self.local_pods = ips.into_iter().collect();
     }
 
     pub fn known_keys(&self) -> impl Iterator<Item = &FlowKey> {
@@ -338,11 +345,14 @@ impl Correlator {
         let translated = matches!((pre, post), (Some(a), Some(b)) if a != b);
 
         let from_pod = pre.is_some();
+        // Delivered to a local pod, or addressed to one (a drop may have stopped it first).
         let to_pod = post_leg.is_some_and(|l| {
             l.obs
                 .iter()
                 .any(|o| l.is_orig(o) && o.point == Point::PodEgress)
-        });
+        }) || c
+            .legs()
+            .any(|l| !l.sent_by_local_pod() && self.local_pods.contains(&l.orig.dst.ip));
         let observed_as = match (from_pod, to_pod) {
             (true, true) => ObservedAs::Local,
             (true, false) => ObservedAs::Sender,

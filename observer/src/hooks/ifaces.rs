@@ -86,6 +86,43 @@ fn gateway_ifaces_v6(table: &str) -> Vec<String> {
         .collect()
 }
 
+/// Host routes (/32, /128) through the given interfaces: pod IPs, where the CNI routes each pod
+/// to its veth (Calico, GKE, the lab).
+pub fn pod_routes(ifaces: &[&str]) -> Vec<(std::net::IpAddr, String)> {
+    let v4 = std::fs::read_to_string("/proc/net/route").unwrap_or_default();
+    let v6 = std::fs::read_to_string("/proc/net/ipv6_route").unwrap_or_default();
+    host_routes(&v4, &v6)
+        .into_iter()
+        .filter(|(_, i)| ifaces.contains(&i.as_str()))
+        .collect()
+}
+
+fn host_routes(v4: &str, v6: &str) -> Vec<(std::net::IpAddr, String)> {
+    let mut out = Vec::new();
+    for l in v4.lines().skip(1) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let (Some(dst), Some(mask)) = (f.get(1), f.get(7))
+            && *mask == "FFFFFFFF"
+            && let Ok(d) = u32::from_str_radix(dst, 16)
+        {
+            // /proc/net/route prints the address in host byte order.
+            out.push((
+                std::net::Ipv4Addr::from(d.to_le_bytes()).into(),
+                f[0].to_owned(),
+            ));
+        }
+    }
+    for l in v6.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if let (Some(dst), Some(&"80"), Some(iface)) = (f.first(), f.get(1), f.get(9))
+            && let Ok(d) = u128::from_str_radix(dst, 16)
+        {
+            out.push((std::net::Ipv6Addr::from(d).into(), (*iface).to_owned()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +146,13 @@ mod tests {
         let v6 = "fd000010024400020000000000000000 40 00000000000000000000000000000000 00 fd000200000000000000000000000002 00000400 00000001 00000000 00000003     eth1\n\
                   fd000010024400010000000000000010 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001 veth1\n";
         assert_eq!(gateway_ifaces_v6(v6), vec!["eth1".to_owned()]);
+        let hosts = host_routes(v4, v6);
+        assert_eq!(
+            hosts,
+            vec![
+                ("10.244.1.10".parse().unwrap(), "veth1".to_owned()),
+                ("fd00:10:244:1::10".parse().unwrap(), "veth1".to_owned())
+            ]
+        );
     }
 }

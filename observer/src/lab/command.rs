@@ -44,6 +44,14 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 .context("running ip netns exec")?;
             Ok(status.code().unwrap_or(1))
         }
+        LabCommand::Apply(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            let yaml = std::fs::read_to_string(&a.file)
+                .with_context(|| format!("reading {}", a.file.display()))?;
+            let n = lab.apply_policies(&yaml)?;
+            println!("lab {}: {n} NetworkPolicies in force", lab.name);
+            Ok(0)
+        }
         LabCommand::AddPod(a) => {
             let lab = Lab::new(&a.lab.name)?;
             lab.add_pod_live(super::config::Pod {
@@ -53,6 +61,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 ip: a.ip,
                 ip6: a.ip6,
                 labels: Default::default(),
+                ports: Vec::new(),
             })?;
             println!(
                 "lab {}: pod {} added (node iface {})",

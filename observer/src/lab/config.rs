@@ -15,6 +15,8 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("lab description: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Policy(#[from] super::policy::PolicyError),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -29,6 +31,10 @@ pub struct LabConfig {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// networking.k8s.io/v1 NetworkPolicy objects (YAML, `---`-separated), enforced the way
+    /// Calico's iptables dataplane does. `observer lab apply FILE` replaces them.
+    #[serde(default)]
+    pub network_policies: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -59,6 +65,17 @@ pub struct Pod {
     pub ip6: Option<Ipv6Addr>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Named container ports, for NetworkPolicy named ports.
+    #[serde(default)]
+    pub ports: Vec<ContainerPort>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ContainerPort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -223,6 +240,7 @@ impl LabConfig {
                 ));
             }
         }
+        super::policy::parse(&self.network_policies)?;
         for s in &self.services {
             if s.cluster_ip.is_ipv4() && !self.service_cidr.contains(s.cluster_ip) {
                 return bad(format!(

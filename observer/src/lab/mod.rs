@@ -10,6 +10,7 @@ pub mod command;
 pub mod config;
 pub mod kubeproxy;
 pub mod netns;
+pub mod policy;
 pub mod traffic;
 
 use std::{
@@ -141,6 +142,7 @@ impl Lab {
                 )?;
             }
         }
+        self.program_policies(cfg)?;
         self.start_servers(cfg)?;
         info!("lab {} is up", self.name);
         Ok(())
@@ -404,6 +406,53 @@ impl Lab {
         }
         cfg.pods.retain(|p| p.name != name);
         self.save_config(&cfg)
+    }
+
+    /// Program the NetworkPolicy chains of every node from `cfg.network_policies`.
+    fn program_policies(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        let policies = policy::parse(&cfg.network_policies).map_err(config::ConfigError::from)?;
+        for n in &cfg.nodes {
+            let ns = self.ns(&n.name);
+            for (family, tool) in [(Family::V4, "iptables"), (Family::V6, "ip6tables")] {
+                if family == Family::V6 && cfg.cluster_cidr6.is_none() {
+                    continue;
+                }
+                let (text, chains) = policy::filter_table(cfg, &policies, &n.name, family);
+                let before: Vec<String> = netns::exec(&ns, &[tool, "-S"])?
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("-N OBS-").map(|c| format!("OBS-{c}")))
+                    .collect();
+                let restore = format!("{tool}-restore");
+                netns::run_with_input(
+                    &["ip", "netns", "exec", &ns, &restore, "--noflush"],
+                    Some(&text),
+                )?;
+                // Chains of an earlier apply that this one no longer defines: unreferenced now.
+                let stale: Vec<&String> = before.iter().filter(|c| !chains.contains(*c)).collect();
+                for c in &stale {
+                    netns::exec(&ns, &[tool, "-F", c])?;
+                }
+                for c in &stale {
+                    netns::exec(&ns, &[tool, "-X", c])?;
+                }
+                if netns::exec(&ns, &[tool, "-C", "FORWARD", "-j", "OBS-FORWARD"]).is_err() {
+                    netns::exec(&ns, &[tool, "-I", "FORWARD", "1", "-j", "OBS-FORWARD"])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Replace the lab's NetworkPolicies while it runs; returns how many are in force.
+    pub fn apply_policies(&self, yaml: &str) -> Result<usize, LabError> {
+        let n = policy::parse(yaml)
+            .map_err(config::ConfigError::from)?
+            .len();
+        let mut cfg = self.load_config()?;
+        cfg.network_policies = yaml.to_owned();
+        self.save_config(&cfg)?;
+        self.program_policies(&cfg)?;
+        Ok(n)
     }
 
     /// Kill every process in the lab's namespaces and delete them; safe to run any time.
