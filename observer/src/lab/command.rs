@@ -48,8 +48,22 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             let lab = Lab::new(&a.lab.name)?;
             let yaml = std::fs::read_to_string(&a.file)
                 .with_context(|| format!("reading {}", a.file.display()))?;
-            let n = lab.apply_policies(&yaml)?;
-            println!("lab {}: {n} NetworkPolicies in force", lab.name);
+            let p = lab.apply_policies(&yaml)?;
+            let fw = p.firewall.map_or_else(
+                || "GKE default (pod ranges -> all)".to_owned(),
+                |f| {
+                    f.rules
+                        .iter()
+                        .map(|r| format!("{} {} {}", r.name, r.action, r.rules.join(",")))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                },
+            );
+            println!(
+                "lab {}: {} NetworkPolicies in force; VPC firewall: {fw}",
+                lab.name,
+                p.network_policies.len()
+            );
             Ok(0)
         }
         LabCommand::AddPod(a) => {

@@ -31,10 +31,11 @@ pub struct LabConfig {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
-    /// networking.k8s.io/v1 NetworkPolicy objects (YAML, `---`-separated), enforced the way
-    /// Calico's iptables dataplane does. `observer lab apply FILE` replaces them.
+    /// YAML, `---`-separated: networking.k8s.io/v1 NetworkPolicies (enforced in the nodes the
+    /// way Calico's iptables dataplane does) and at most one lab.observer/v1 Firewall (the VPC
+    /// between the nodes; GKE's default when absent). `observer lab apply FILE` replaces them.
     #[serde(default)]
-    pub network_policies: String,
+    pub policies: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -203,6 +204,9 @@ impl LabConfig {
             .map(|n| &n.name)
             .chain(self.pods.iter().map(|p| &p.name))
         {
+            if n == super::VPC {
+                return bad(format!("{n:?} is the VPC namespace's name; pick another"));
+            }
             if !valid_name(n) {
                 return bad(format!("{n:?}: node and pod names are 1-20 of [a-z0-9-]"));
             }
@@ -240,7 +244,7 @@ impl LabConfig {
                 ));
             }
         }
-        super::policy::parse(&self.network_policies)?;
+        super::policy::parse(&self.policies)?;
         for s in &self.services {
             if s.cluster_ip.is_ipv4() && !self.service_cidr.contains(s.cluster_ip) {
                 return bad(format!(

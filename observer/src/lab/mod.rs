@@ -8,6 +8,7 @@
 
 pub mod command;
 pub mod config;
+pub mod firewall;
 pub mod kubeproxy;
 pub mod netns;
 pub mod policy;
@@ -47,6 +48,18 @@ pub enum LabError {
 }
 
 pub const STATE_ROOT: &str = "/run/observer-lab";
+
+/// The VPC router namespace between the nodes (`<lab>-vpc`).
+pub const VPC: &str = "vpc";
+/// The VPC's own address on its ports, the source of its ARP requests.
+const VPC_IP: &str = "10.200.255.254/32";
+
+/// VPC port facing node `i` (interface names have at most 15 characters).
+fn vpc_port(i: usize, node: &str) -> String {
+    let mut p = format!("n{i}-{node}");
+    p.truncate(15);
+    p
+}
 
 /// A lab by name: where its state lives and how its namespaces are called.
 pub struct Lab {
@@ -143,6 +156,7 @@ impl Lab {
             }
         }
         self.program_policies(cfg)?;
+        self.program_firewall(cfg)?;
         self.start_servers(cfg)?;
         info!("lab {} is up", self.name);
         Ok(())
@@ -174,22 +188,54 @@ impl Lab {
         Ok(())
     }
 
+    /// Join the nodes through the VPC router namespace: each node's eth0 is cabled to a port of
+    /// the VPC, which routes the node IPs and pod ranges and answers ARP/NDP for the other node,
+    /// so the nodes still see one subnet. The VPC firewall (nftables) filters what it forwards.
     fn add_wire(&self, a: &Node, b: &Node) -> Result<(), LabError> {
-        let (na, nb) = (self.ns(&a.name), self.ns(&b.name));
-        ip(
-            &na,
+        let vpc = self.new_ns(VPC)?;
+        netns::sysctl(
+            &vpc,
             &[
-                "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &nb,
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.proxy_arp=1",
+                "net.ipv6.conf.all.proxy_ndp=1",
             ],
         )?;
-        for (ns, me, peer) in [(&na, a, b), (&nb, b, a)] {
+        for (i, (me, peer)) in [(a, b), (b, a)].into_iter().enumerate() {
+            let ns = self.ns(&me.name);
+            let port = vpc_port(i, &me.name);
             ip(
-                ns,
+                &vpc,
+                &[
+                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+                ],
+            )?;
+            ip(&vpc, &["addr", "add", VPC_IP, "dev", &port])?;
+            ip(&vpc, &["link", "set", &port, "up"])?;
+            ip(
+                &vpc,
+                &["route", "add", &format!("{}/32", me.ip), "dev", &port],
+            )?;
+            ip(
+                &vpc,
+                &[
+                    "route",
+                    "add",
+                    &me.pod_cidr.to_string(),
+                    "via",
+                    &me.ip.to_string(),
+                    "dev",
+                    &port,
+                ],
+            )?;
+            ip(
+                &ns,
                 &["addr", "add", &format!("{}/24", me.ip), "dev", "eth0"],
             )?;
-            ip(ns, &["link", "set", "eth0", "up"])?;
+            ip(&ns, &["link", "set", "eth0", "up"])?;
             ip(
-                ns,
+                &ns,
                 &[
                     "route",
                     "add",
@@ -200,18 +246,49 @@ impl Lab {
                     "eth0",
                 ],
             )?;
-            if let (Some(me6), Some(peer6), Some(cidr6)) = (me.ip6, peer.ip6, peer.pod_cidr6) {
+            if let (Some(me6), Some(peer6), Some(my_cidr6), Some(peer_cidr6)) =
+                (me.ip6, peer.ip6, me.pod_cidr6, peer.pod_cidr6)
+            {
                 ip(
-                    ns,
-                    &["addr", "add", &format!("{me6}/64"), "dev", "eth0", "nodad"],
+                    &vpc,
+                    &["-6", "route", "add", &format!("{me6}/128"), "dev", &port],
                 )?;
                 ip(
-                    ns,
+                    &vpc,
                     &[
                         "-6",
                         "route",
                         "add",
-                        &cidr6.to_string(),
+                        &my_cidr6.to_string(),
+                        "via",
+                        &me6.to_string(),
+                        "dev",
+                        &port,
+                    ],
+                )?;
+                ip(
+                    &vpc,
+                    &[
+                        "-6",
+                        "neigh",
+                        "add",
+                        "proxy",
+                        &peer6.to_string(),
+                        "dev",
+                        &port,
+                    ],
+                )?;
+                ip(
+                    &ns,
+                    &["addr", "add", &format!("{me6}/64"), "dev", "eth0", "nodad"],
+                )?;
+                ip(
+                    &ns,
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        &peer_cidr6.to_string(),
                         "via",
                         &peer6.to_string(),
                         "dev",
@@ -408,9 +485,11 @@ impl Lab {
         self.save_config(&cfg)
     }
 
-    /// Program the NetworkPolicy chains of every node from `cfg.network_policies`.
+    /// Program the NetworkPolicy chains of every node from `cfg.policies`.
     fn program_policies(&self, cfg: &LabConfig) -> Result<(), LabError> {
-        let policies = policy::parse(&cfg.network_policies).map_err(config::ConfigError::from)?;
+        let policies = policy::parse(&cfg.policies)
+            .map_err(config::ConfigError::from)?
+            .network_policies;
         for n in &cfg.nodes {
             let ns = self.ns(&n.name);
             for (family, tool) in [(Family::V4, "iptables"), (Family::V6, "ip6tables")] {
@@ -443,16 +522,28 @@ impl Lab {
         Ok(())
     }
 
-    /// Replace the lab's NetworkPolicies while it runs; returns how many are in force.
-    pub fn apply_policies(&self, yaml: &str) -> Result<usize, LabError> {
-        let n = policy::parse(yaml)
+    /// Program the VPC firewall from `cfg.policies` (GKE's default when it has none).
+    fn program_firewall(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        let fw = policy::parse(&cfg.policies)
             .map_err(config::ConfigError::from)?
-            .len();
+            .firewall
+            .unwrap_or_else(|| firewall::Firewall::gke_default(cfg));
+        netns::run_with_input(
+            &["ip", "netns", "exec", &self.ns(VPC), "nft", "-f", "-"],
+            Some(&firewall::nft_ruleset(&fw)),
+        )?;
+        Ok(())
+    }
+
+    /// Replace the lab's NetworkPolicies and firewall while it runs.
+    pub fn apply_policies(&self, yaml: &str) -> Result<policy::Policies, LabError> {
+        let parsed = policy::parse(yaml).map_err(config::ConfigError::from)?;
         let mut cfg = self.load_config()?;
-        cfg.network_policies = yaml.to_owned();
+        cfg.policies = yaml.to_owned();
         self.save_config(&cfg)?;
         self.program_policies(&cfg)?;
-        Ok(n)
+        self.program_firewall(&cfg)?;
+        Ok(parsed)
     }
 
     /// Kill every process in the lab's namespaces and delete them; safe to run any time.
@@ -538,7 +629,11 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
         lab.name,
         lab.state_dir().display()
     );
-    let _ = writeln!(s, "nodes (wire eth0 <-> eth0, no NAT, no encapsulation):");
+    let _ = writeln!(
+        s,
+        "nodes (eth0 <-> VPC router netns {}-{VPC} with its firewall; no NAT, no encapsulation):",
+        lab.name
+    );
     for n in &cfg.nodes {
         let ns = lab.ns(&n.name);
         let _ = writeln!(

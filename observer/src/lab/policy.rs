@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use super::{
     config::{Cidr, LabConfig, Pod, Protocol},
+    firewall::Firewall,
     host_veth,
     kubeproxy::Family,
 };
@@ -52,6 +53,17 @@ pub struct Metadata {
 
 fn default_namespace() -> String {
     "default".into()
+}
+
+impl Metadata {
+    pub fn named(name: &str) -> Metadata {
+        Metadata {
+            name: name.into(),
+            namespace: default_namespace(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -133,19 +145,38 @@ pub enum PortRef {
     Name(String),
 }
 
-/// Parse `---`-separated NetworkPolicy documents, refusing what this lab cannot enforce.
-pub fn parse(text: &str) -> Result<Vec<NetworkPolicy>, PolicyError> {
-    let mut out = Vec::new();
+/// What the lab enforces: NetworkPolicies in the nodes, a firewall in the VPC between them.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub network_policies: Vec<NetworkPolicy>,
+    /// None: GKE's default rule.
+    pub firewall: Option<Firewall>,
+}
+
+/// Parse `---`-separated documents: `networking.k8s.io/v1` NetworkPolicies and at most one
+/// `lab.observer/v1` Firewall; refuse what this lab cannot enforce.
+pub fn parse(text: &str) -> Result<Policies, PolicyError> {
+    let mut out = Policies::default();
+    let yaml = |e: serde_norway::Error| PolicyError::Yaml(e.to_string());
     for doc in serde_norway::Deserializer::from_str(text) {
-        let v =
-            serde_norway::Value::deserialize(doc).map_err(|e| PolicyError::Yaml(e.to_string()))?;
+        let v = serde_norway::Value::deserialize(doc).map_err(yaml)?;
         if v.is_null() {
             continue;
         }
-        let p: NetworkPolicy =
-            serde_norway::from_value(v).map_err(|e| PolicyError::Yaml(e.to_string()))?;
+        if v.get("kind").and_then(|k| k.as_str()) == Some("Firewall") {
+            let fw: Firewall = serde_norway::from_value(v).map_err(yaml)?;
+            fw.check().map_err(|what| PolicyError::Unsupported {
+                name: format!("Firewall {}", fw.metadata.name),
+                what,
+            })?;
+            if out.firewall.replace(fw).is_some() {
+                return Err(PolicyError::Yaml("more than one Firewall document".into()));
+            }
+            continue;
+        }
+        let p: NetworkPolicy = serde_norway::from_value(v).map_err(yaml)?;
         check(&p)?;
-        out.push(p);
+        out.network_policies.push(p);
     }
     Ok(out)
 }
@@ -543,7 +574,9 @@ mod tests {
             "{}/../lab/scenarios/{name}.yaml",
             env!("CARGO_MANIFEST_DIR")
         );
-        parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+        parse(&std::fs::read_to_string(path).unwrap())
+            .unwrap()
+            .network_policies
     }
 
     #[test]
@@ -610,7 +643,8 @@ mod tests {
              spec:\n  podSelector: {matchExpressions: [{key: app, operator: In, values: [frontend]}]}\n  policyTypes: [Egress]\n  \
              egress:\n  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [10.244.2.0/24]}}]\n",
         )
-        .unwrap();
+        .unwrap()
+        .network_policies;
         let (t, chains) = filter_table(&story(), &pols, "node-a", Family::V4);
         let sub = chains
             .iter()
@@ -643,6 +677,6 @@ mod tests {
                 .contains("not networking.k8s.io/v1 NetworkPolicy"),
             "{err}"
         );
-        assert!(parse("# nothing\n").unwrap().is_empty());
+        assert!(parse("# nothing\n").unwrap().network_policies.is_empty());
     }
 }
