@@ -77,6 +77,25 @@ pub struct SocketInfo {
     pub asked: TupleView,
 }
 
+/// The last observation point on this node that saw the client's packets.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct LastSeen {
+    pub node: String,
+    pub point: String,
+}
+
+/// The tuple the filter table (NetworkPolicy) evaluated on this node, and how we know it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PolicyView {
+    pub node: String,
+    pub tuple: TupleView,
+    /// `drop`: the packet the filter dropped, read from the kernel at the drop. `egress_hop`: the
+    /// client's source as it entered (pod_ingress or uplink_ingress) and the destination as it
+    /// left (uplink_egress or pod_egress): DNAT happens before filter FORWARD and nothing after
+    /// it rewrites the destination. `ingress_hop`: it never left and was not dropped by a filter.
+    pub source: String,
+}
+
 /// Where and why the kernel dropped packets of this connection.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Drop {
@@ -118,6 +137,11 @@ pub struct FlowRecord {
     pub translation: Option<Translation>,
     pub socket: Option<SocketInfo>,
     pub hops: Vec<Hop>,
+    /// Last point on this node that saw the client's packets.
+    pub last_seen: LastSeen,
+    /// The client -> server tuple on the node-to-node wire (uplink), null if it never was there.
+    pub wire_view: Option<TupleView>,
+    pub policy_view: Option<PolicyView>,
     /// Null when the kernel dropped none of its packets on this node (with a reason).
     pub drop: Option<Drop>,
     pub totals: Totals,

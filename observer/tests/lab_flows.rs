@@ -83,6 +83,10 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         tuple_of(&wire_back["tuple"]),
         Some(t("10.244.2.10", 8443, "10.244.1.10", sport))
     );
+    assert_eq!(rec["last_seen"]["point"], "uplink_egress");
+    assert_eq!(tuple_of(&rec["wire_view"]), Some(post.clone()));
+    assert_eq!(rec["policy_view"]["source"], "egress_hop");
+    assert_eq!(tuple_of(&rec["policy_view"]["tuple"]), Some(post.clone()));
     assert_eq!(rec["socket"]["asked"]["dst"], "100.64.0.10");
     assert_eq!(rec["socket"]["asked"]["dport"], 443);
     assert!(rec["totals"]["reply_packets"].as_u64().unwrap() >= 3);
@@ -102,6 +106,9 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         rb["socket"].is_null(),
         "node-b must not claim node-a's socket: {rb}"
     );
+    assert_eq!(rb["last_seen"]["point"], "pod_egress");
+    assert_eq!(tuple_of(&rb["wire_view"]), Some(post.clone()));
+    assert_eq!(tuple_of(&rb["policy_view"]["tuple"]), Some(post.clone()));
     assert_eq!(
         tuple_of(&hop(rb, "uplink_ingress", "orig").unwrap()["tuple"]),
         Some(post.clone())
@@ -590,6 +597,10 @@ fn network_policy_sees_the_target_port_on_both_nodes() {
         r["drop"]["tuple"]["dport"], 8443,
         "the egress policy was evaluated on 8443, not 443"
     );
+    assert_eq!(r["policy_view"]["source"], "drop");
+    assert_eq!(r["policy_view"]["tuple"]["dport"], 8443);
+    assert_eq!(r["last_seen"]["point"], "pod_ingress");
+    assert!(r["wire_view"].is_null());
 
     apply("egress-target-port");
     let out = curl_web(&lab, "pod-a", 5);
@@ -609,6 +620,9 @@ fn network_policy_sees_the_target_port_on_both_nodes() {
         rb["drop"]["tuple"]["dport"], 8443,
         "the ingress policy on node-b saw 8443 too"
     );
+    assert_eq!(rb["policy_view"]["node"], "node-b");
+    assert_eq!(rb["policy_view"]["tuple"]["dport"], 8443);
+    assert_eq!(rb["last_seen"]["point"], "uplink_ingress");
     assert_eq!(
         tuple_of(&hop(&rb, "uplink_ingress", "orig").unwrap()["tuple"]),
         tuple_of(&rb["drop"]["tuple"])

@@ -15,7 +15,9 @@ use observer_common::{
 
 use crate::{
     clock::Clock,
-    record::{Direction, FlowRecord, Hop, ObservedAs, SCHEMA, SocketInfo, Totals, Translation},
+    record::{
+        Direction, FlowRecord, Hop, ObservedAs, SCHEMA, SocketInfo, Totals, Translation, TupleView,
+    },
 };
 use conn::{Conn, Leg};
 pub use conn::{ConnId, Counters, Observation};
@@ -424,6 +426,7 @@ impl Correlator {
             }
         });
         hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
+        let hops: Vec<Hop> = hops.into_iter().map(|(_, _, h)| h).collect();
         let drop = self.drop_of(c).map(|(t, d)| crate::record::Drop {
             node: self.cfg.node.clone(),
             reason: d.reason.clone(),
@@ -451,6 +454,21 @@ impl Correlator {
             "active"
         };
 
+        let orig_points: Vec<(&str, &TupleView)> = hops
+            .iter()
+            .filter(|h| h.dir == Direction::Orig)
+            .map(|h| (h.point.as_str(), &h.tuple))
+            .collect();
+        let last_point = orig_points
+            .iter()
+            .map(|(p, _)| *p)
+            .max_by_key(|p| path_order(p))
+            .unwrap_or("socket");
+        let wire_view = orig_points
+            .iter()
+            .find(|(p, _)| *p == "uplink_egress" || *p == "uplink_ingress")
+            .map(|(_, t)| (*t).clone());
+        let policy_view = policy_view(&self.cfg.node, &drop, &orig_points);
         FlowRecord {
             schema: SCHEMA.to_owned(),
             time: self.clock.rfc3339(now_ns),
@@ -463,7 +481,13 @@ impl Correlator {
             translated,
             translation,
             socket,
-            hops: hops.into_iter().map(|(_, _, h)| h).collect(),
+            last_seen: crate::record::LastSeen {
+                node: self.cfg.node.clone(),
+                point: last_point.to_owned(),
+            },
+            wire_view,
+            policy_view,
+            hops,
             drop,
             totals,
             state: state.to_owned(),
@@ -471,6 +495,54 @@ impl Correlator {
             start: self.clock.rfc3339(c.first_ns()),
             end: self.clock.rfc3339(c.last_ns()),
         }
+    }
+}
+
+/// Position along a connection's path through one node: entering (socket, pod veth or uplink
+/// ingress), then leaving (uplink egress or pod veth egress).
+fn path_order(p: &str) -> u8 {
+    match p {
+        "socket" => 0,
+        "pod_ingress" | "uplink_ingress" => 1,
+        _ => 2,
+    }
+}
+
+/// What the filter table evaluated: the dropped packet if netfilter dropped it, else the
+/// entering source with the leaving destination.
+fn policy_view(
+    node: &str,
+    drop: &Option<crate::record::Drop>,
+    orig: &[(&str, &TupleView)],
+) -> Option<crate::record::PolicyView> {
+    let view = |tuple: TupleView, source: &str| crate::record::PolicyView {
+        node: node.to_owned(),
+        tuple,
+        source: source.to_owned(),
+    };
+    if let Some(d) = drop
+        && d.reason.starts_with("NETFILTER")
+    {
+        return Some(view(d.tuple.clone(), "drop"));
+    }
+    let entered = orig
+        .iter()
+        .find(|(p, _)| *p == "pod_ingress" || *p == "uplink_ingress")
+        .map(|(_, t)| *t)?;
+    match orig
+        .iter()
+        .find(|(p, _)| *p == "uplink_egress" || *p == "pod_egress")
+    {
+        Some((_, left)) => Some(view(
+            TupleView {
+                src: entered.src.clone(),
+                sport: entered.sport,
+                dst: left.dst.clone(),
+                dport: left.dport,
+            },
+            "egress_hop",
+        )),
+        None => Some(view(entered.clone(), "ingress_hop")),
     }
 }
 
