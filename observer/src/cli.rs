@@ -27,6 +27,50 @@ pub enum Command {
     /// Build, inspect and remove the two-node lab (network namespaces on this machine).
     #[command(subcommand)]
     Lab(LabCommand),
+    /// Explain a connection from the agents' flow records: which tuple each layer saw, where it
+    /// stopped, why, and the fix in that layer's terms.
+    Explain(ExplainArgs),
+    /// NetworkPolicies (client egress, server ingress) that allow exactly the observed
+    /// connections, in targetPort terms.
+    Suggest(SuggestArgs),
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+    Mermaid,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Select by the Service the client asked for: VIP:PORT (or VIP).
+    #[arg(long)]
+    pub service: Option<String>,
+    /// Select by client: IP or IP:PORT.
+    #[arg(long)]
+    pub client: Option<String>,
+    /// Name pods and ranges from this running lab.
+    #[arg(long)]
+    pub lab: Option<String>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Every matching connection, not only the latest.
+    #[arg(long)]
+    pub all: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SuggestArgs {
+    /// Flow logs (JSON lines) of one or more agents.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// The running lab whose pods the flows are between.
+    #[arg(long)]
+    pub lab: String,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

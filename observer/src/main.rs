@@ -11,6 +11,7 @@ mod clock;
 mod correlate;
 mod ebpf;
 mod events;
+mod explain;
 mod export;
 mod hooks;
 mod kallsyms;
@@ -45,6 +46,8 @@ fn main() {
                 }
             }
         }
+        Command::Explain(args) => report(explain::explain(args)),
+        Command::Suggest(args) => report(explain::suggest(args)),
         Command::Lab(cmd) => match lab::command::run(cmd) {
             Ok(code) => code,
             Err(e) => {
@@ -54,6 +57,13 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn report(r: anyhow::Result<i32>) -> i32 {
+    r.unwrap_or_else(|e| {
+        log::error!("{e:#}");
+        1
+    })
 }
 
 /// "outer: inner: innermost", so a kernel errno is not hidden behind a summary.

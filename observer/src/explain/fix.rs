@@ -1,0 +1,211 @@
+//! Fixes in the stopping layer's own terms: a NetworkPolicy on the backend pods and the
+//! targetPort (never the Service IP or port), or a firewall rule for the wire tuple.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::{Names, Story, names::PodName};
+use crate::record::TupleView;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Fix {
+    /// `network_policy` or `firewall`.
+    pub kind: String,
+    pub summary: String,
+    /// NetworkPolicy YAML to add.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network_policy: Option<String>,
+    /// `gcloud compute firewall-rules create ...`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gcloud: Option<String>,
+    /// The same rule for the lab's VPC (`nft`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nft: Option<String>,
+    /// The same rule as a lab Firewall rule (for `observer lab apply`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lab_firewall_rule: Option<serde_json::Value>,
+}
+
+fn peer(p: &Option<PodName>, ip: &str) -> serde_json::Value {
+    match p {
+        Some(p) => json!({
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": p.namespace}},
+            "podSelector": {"matchLabels": p.labels},
+        }),
+        None => {
+            json!({"ipBlock": {"cidr": format!("{ip}/{}", if ip.contains(':') { 128 } else { 32 })}})
+        }
+    }
+}
+
+fn policy(
+    name: &str,
+    ns: &str,
+    selected: &BTreeMap<String, String>,
+    egress: bool,
+    peers: Vec<serde_json::Value>,
+    ports: Vec<(String, u16)>,
+) -> String {
+    let ports: Vec<_> = ports
+        .into_iter()
+        .map(|(proto, port)| json!({"protocol": proto, "port": port}))
+        .collect();
+    let rule = if egress {
+        json!({"to": peers, "ports": ports})
+    } else {
+        json!({"from": peers, "ports": ports})
+    };
+    let doc = json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "podSelector": {"matchLabels": selected},
+            "policyTypes": [if egress { "Egress" } else { "Ingress" }],
+            (if egress { "egress" } else { "ingress" }): [rule],
+        },
+    });
+    format!(
+        "---\n{}",
+        serde_norway::to_string(&doc).expect("JSON values serialise as YAML")
+    )
+}
+
+/// Allow the connection in the client's egress or the server's ingress policy. `saw` is what the
+/// filter evaluated: the backend pod and the targetPort.
+pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -> Option<Fix> {
+    let proto = story
+        .sender
+        .as_ref()
+        .or(story.receiver.as_ref())?
+        .proto
+        .clone();
+    let client = names.pod(&saw.src);
+    let server = names.pod(&saw.dst);
+    let (me, other, other_ip) = if egress {
+        (client.as_ref()?, &server, &saw.dst)
+    } else {
+        (server.as_ref()?, &client, &saw.src)
+    };
+    let other_name = other
+        .as_ref()
+        .map(|p| p.name.clone())
+        .unwrap_or_else(|| other_ip.replace([':', '.'], "-"));
+    let name = if egress {
+        format!("allow-{}-to-{}-{}", me.name, other_name, saw.dport)
+    } else {
+        format!("allow-{}-from-{}-{}", me.name, other_name, saw.dport)
+    };
+    let yaml = policy(
+        &name,
+        &me.namespace,
+        &me.labels,
+        egress,
+        vec![peer(other, other_ip)],
+        vec![(proto.clone(), saw.dport)],
+    );
+    Some(Fix {
+        kind: "network_policy".into(),
+        summary: format!(
+            "allow {} of {}/{} {} {} on {}/{} (the targetPort; not the Service IP or port)",
+            if egress { "egress" } else { "ingress" },
+            me.namespace,
+            me.name,
+            if egress { "to" } else { "from" },
+            names.label(other_ip),
+            proto,
+            saw.dport
+        ),
+        network_policy: Some(yaml),
+        gcloud: None,
+        nft: None,
+        lab_firewall_rule: None,
+    })
+}
+
+/// Admit the wire tuple's port from the pod range.
+pub fn firewall_fix(wire: &TupleView, proto: &str, names: &Names) -> Fix {
+    let p = proto.to_ascii_lowercase();
+    let range = names.pod_range(&wire.src);
+    let fam = if wire.src.contains(':') { "ip6" } else { "ip" };
+    let name = format!("allow-pods-to-{p}-{}", wire.dport);
+    Fix {
+        kind: "firewall".into(),
+        summary: format!(
+            "allow {p}:{} from the pod range {range} between the nodes (the wire carries the targetPort)",
+            wire.dport
+        ),
+        network_policy: None,
+        gcloud: Some(format!(
+            "gcloud compute firewall-rules create {name} --network=NETWORK --direction=INGRESS --action=ALLOW --rules={p}:{} --source-ranges={range} --target-tags=NODE_TAG",
+            wire.dport
+        )),
+        nft: Some(format!(
+            "nft insert rule inet vpc forward {fam} saddr {range} {p} dport {} accept",
+            wire.dport
+        )),
+        lab_firewall_rule: Some(
+            json!({"name": name, "sourceRanges": [range], "rules": [format!("{p}:{}", wire.dport)]}),
+        ),
+    }
+}
+
+/// NetworkPolicies that allow exactly the observed connections between known pods: egress for
+/// each client pod, ingress for each server pod, on the targetPorts seen after DNAT.
+pub fn suggest_policies(stories: &[Story], names: &Names) -> String {
+    /// (namespace, pod) -> the pod and its observed peers (peer, protocol, targetPort).
+    type Seen = BTreeMap<(String, String), (PodName, Vec<(PodName, String, u16)>)>;
+    let mut egress = Seen::new();
+    let mut ingress = Seen::new();
+    for s in stories {
+        let (Some(b), Some(r)) = (s.backend(), s.sender.as_ref().or(s.receiver.as_ref())) else {
+            continue;
+        };
+        let (Some(c), Some(sv)) = (names.pod(&b.src), names.pod(&b.dst)) else {
+            continue;
+        };
+        let e = egress
+            .entry((c.namespace.clone(), c.name.clone()))
+            .or_insert_with(|| (c.clone(), Vec::new()));
+        e.1.push((sv.clone(), r.proto.clone(), b.dport));
+        let i = ingress
+            .entry((sv.namespace.clone(), sv.name.clone()))
+            .or_insert_with(|| (sv.clone(), Vec::new()));
+        i.1.push((c.clone(), r.proto.clone(), b.dport));
+    }
+    let mut out = String::new();
+    for (egress_dir, map) in [(true, egress), (false, ingress)] {
+        for (_, (me, mut peers)) in map {
+            peers.sort_by(|a, b| (&a.0.name, &a.1, a.2).cmp(&(&b.0.name, &b.1, b.2)));
+            peers.dedup_by(|a, b| a.0.name == b.0.name && a.1 == b.1 && a.2 == b.2);
+            // One rule per peer pod, with the ports seen to or from it.
+            let mut rules: BTreeMap<String, (PodName, Vec<(String, u16)>)> = BTreeMap::new();
+            for (p, proto, port) in peers {
+                rules
+                    .entry(p.name.clone())
+                    .or_insert_with(|| (p.clone(), Vec::new()))
+                    .1
+                    .push((proto, port));
+            }
+            for (_, (p, ports)) in rules {
+                let name = format!(
+                    "observed-{}-{}-{}",
+                    me.name,
+                    if egress_dir { "to" } else { "from" },
+                    p.name
+                );
+                out.push_str(&policy(
+                    &name,
+                    &me.namespace,
+                    &me.labels,
+                    egress_dir,
+                    vec![peer(&Some(p.clone()), "")],
+                    ports,
+                ));
+            }
+        }
+    }
+    out
+}

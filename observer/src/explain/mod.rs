@@ -1,0 +1,113 @@
+//! `observer explain` and `observer suggest`: read the agents' flow records, stitch the sending
+//! and receiving nodes' records of one connection, say where it stopped and what fixes it, in
+//! the terms of the layer that stopped it (targetPort, backend pods, post-DNAT wire tuple).
+
+mod fix;
+mod names;
+mod render;
+mod story;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    cli::{ExplainArgs, Format, SuggestArgs},
+    record::FlowRecord,
+};
+pub use names::Names;
+pub use story::{Story, stitch};
+
+fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
+    let mut out = Vec::new();
+    for f in files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            out.push(serde_json::from_str(line).with_context(|| {
+                format!("{}:{}: not an observer.flow/v1 record", f.display(), i + 1)
+            })?);
+        }
+    }
+    Ok(out)
+}
+
+fn names(lab: &Option<String>) -> anyhow::Result<Names> {
+    match lab {
+        Some(name) => Names::from_lab(name),
+        None => Ok(Names::default()),
+    }
+}
+
+pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
+    let records = load(&args.files)?;
+    let names = names(&args.lab)?;
+    let mut stories: Vec<Story> = stitch(&records)
+        .into_iter()
+        .filter(|s| s.matches(args.service.as_deref(), args.client.as_deref()))
+        .collect();
+    if stories.is_empty() {
+        bail!(
+            "no connection in {} record(s) matches the selection",
+            records.len()
+        );
+    }
+    stories.sort_by(|a, b| a.end().cmp(b.end()));
+    if !args.all {
+        stories.drain(..stories.len() - 1);
+    }
+    // Nodes whose agents' logs were given: named by their records, or by the file when an agent
+    // wrote none (its silence is evidence too).
+    let nodes: Vec<String> = {
+        let mut n: Vec<String> = records.iter().map(|r| r.node.clone()).collect();
+        for f in &args.files {
+            if std::fs::metadata(f).is_ok_and(|m| m.len() == 0) {
+                n.push(
+                    f.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                );
+            }
+        }
+        n.sort();
+        n.dedup();
+        n
+    };
+    let verdicts: Vec<_> = stories
+        .iter()
+        .map(|s| (s, s.verdict(&nodes, &names)))
+        .collect();
+    match args.format {
+        Format::Text => {
+            for (s, v) in &verdicts {
+                print!("{}", render::text(s, v, &names));
+            }
+        }
+        Format::Json => {
+            let all: Vec<_> = verdicts.iter().map(|(s, v)| render::json(s, v)).collect();
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Format::Mermaid => {
+            for (s, v) in &verdicts {
+                print!("{}", render::mermaid(s, v, &names));
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub fn suggest(args: SuggestArgs) -> anyhow::Result<i32> {
+    let records = load(&args.files)?;
+    let names = Names::from_lab(&args.lab)?;
+    let stories = stitch(&records);
+    let yaml = fix::suggest_policies(&stories, &names);
+    if yaml.is_empty() {
+        bail!("no connection between known lab pods in these records");
+    }
+    print!("{yaml}");
+    Ok(0)
+}

@@ -1,0 +1,268 @@
+//! Verdicts for a person (text), for tools (JSON) and for diagrams (Mermaid).
+
+use std::fmt::Write as _;
+
+use super::{Names, Story, story::Verdict};
+use crate::record::{FlowRecord, TupleView};
+
+fn t(v: &TupleView) -> String {
+    let ep = |ip: &str, port: u16| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
+    format!("{} -> {}", ep(&v.src, v.sport), ep(&v.dst, v.dport))
+}
+
+fn hop<'a>(r: &'a FlowRecord, point: &str) -> Option<&'a crate::record::Hop> {
+    r.hops
+        .iter()
+        .find(|h| h.point == point && h.dir == crate::record::Direction::Orig)
+}
+
+/// (step, tuple or note, where) along the path, from both nodes' records.
+fn steps(s: &Story) -> Vec<(String, String, String)> {
+    let mut v = Vec::new();
+    if let Some(a) = &s.sender {
+        if let Some(sock) = &a.socket {
+            v.push((
+                "app asked".into(),
+                t(&sock.asked),
+                format!("{} pid {} on {}", sock.comm, sock.pid, a.node),
+            ));
+        }
+        if let (Some(pre), Some(h)) = (&a.pre_dnat, hop(a, "pod_ingress")) {
+            v.push((
+                "pre-DNAT".into(),
+                t(pre),
+                format!(
+                    "pod_ingress {} on {}",
+                    h.iface.clone().unwrap_or_default(),
+                    a.node
+                ),
+            ));
+        }
+        if let (Some(tr), Some(post)) = (&a.translation, &a.post_dnat) {
+            v.push((
+                "DNAT".into(),
+                format!("-> {}:{}", post.dst, post.dport),
+                format!("on {}, between {} and {}", tr.node, tr.after, tr.before),
+            ));
+        } else if let (Some(pre), Some(d)) = (&a.pre_dnat, &a.drop)
+            && (pre.dst != d.tuple.dst || pre.dport != d.tuple.dport)
+        {
+            // It never left, but the dropped packet shows the rewrite.
+            v.push((
+                "DNAT".into(),
+                format!("-> {}:{}", d.tuple.dst, d.tuple.dport),
+                format!("on {}, before the filter that dropped it", a.node),
+            ));
+        }
+        if let Some(p) = &a.policy_view {
+            v.push((
+                "policy egress saw".into(),
+                t(&p.tuple),
+                format!("filter FORWARD on {} ({})", p.node, p.source),
+            ));
+        }
+        if let Some(w) = &a.wire_view {
+            v.push((
+                "on the wire".into(),
+                t(w),
+                format!("uplink_egress on {}", a.node),
+            ));
+        }
+    }
+    if let Some(b) = &s.receiver {
+        if let Some(w) = &b.wire_view {
+            v.push((
+                "arrived".into(),
+                t(w),
+                format!("uplink_ingress on {}", b.node),
+            ));
+        }
+        if let Some(p) = &b.policy_view {
+            v.push((
+                "policy ingress saw".into(),
+                t(&p.tuple),
+                format!("filter FORWARD on {} ({})", p.node, p.source),
+            ));
+        }
+        if let Some(h) = hop(b, "pod_egress") {
+            v.push((
+                "delivered".into(),
+                t(&h.tuple),
+                format!(
+                    "pod_egress {} on {}",
+                    h.iface.clone().unwrap_or_default(),
+                    b.node
+                ),
+            ));
+        }
+    }
+    v
+}
+
+pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
+    let mut out = String::new();
+    let r = s
+        .sender
+        .as_ref()
+        .or(s.receiver.as_ref())
+        .expect("non-empty");
+    let asked = s.asked().map(t).unwrap_or_default();
+    let client = s.asked().map(|a| names.label(&a.src)).unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "{} connection from {client}: {asked} ({}, ended {})",
+        r.proto, r.state, r.end
+    );
+    for (step, what, where_) in steps(s) {
+        let _ = writeln!(out, "  {step:<20} {what:<46} {where_}");
+    }
+    if let Some(d) = s
+        .sender
+        .as_ref()
+        .and_then(|a| a.drop.as_ref())
+        .or(s.receiver.as_ref().and_then(|b| b.drop.as_ref()))
+    {
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<46} {} at {} on {}",
+            "DROPPED",
+            t(&d.tuple),
+            d.reason,
+            d.location,
+            d.node
+        );
+    }
+    let _ = writeln!(
+        out,
+        "last seen: {} on {}",
+        v.last_seen.point, v.last_seen.node
+    );
+    let _ = writeln!(
+        out,
+        "outcome:   {}{}",
+        v.outcome,
+        v.layer
+            .as_ref()
+            .map(|l| format!(" (layer: {l})"))
+            .unwrap_or_default()
+    );
+    let _ = writeln!(out, "why:       {}", v.explanation);
+    if let Some(f) = &v.fix {
+        let _ = writeln!(out, "fix:       {}", f.summary);
+        for (label, body) in [
+            ("NetworkPolicy", &f.network_policy),
+            ("gcloud", &f.gcloud),
+            ("lab (nft)", &f.nft),
+        ] {
+            if let Some(b) = body {
+                let _ = writeln!(out, "  {label}:");
+                for l in b.lines() {
+                    let _ = writeln!(out, "    {l}");
+                }
+            }
+        }
+    }
+    out.push('\n');
+    out
+}
+
+pub fn json(s: &Story, v: &Verdict) -> serde_json::Value {
+    let pick = |f: fn(&FlowRecord) -> serde_json::Value| {
+        serde_json::json!({
+            "sender": s.sender.as_ref().map(f),
+            "receiver": s.receiver.as_ref().map(f),
+        })
+    };
+    serde_json::json!({
+        "asked": s.asked(),
+        "backend": s.backend(),
+        "outcome": v.outcome,
+        "layer": v.layer,
+        "explanation": v.explanation,
+        "last_seen": v.last_seen,
+        "drop": pick(|r| serde_json::to_value(&r.drop).expect("serialisable")),
+        "policy_view": pick(|r| serde_json::to_value(&r.policy_view).expect("serialisable")),
+        "wire_view": pick(|r| serde_json::to_value(&r.wire_view).expect("serialisable")),
+        "fix": v.fix,
+        "steps": steps(s).into_iter().map(|(step, what, at)| serde_json::json!({"step": step, "tuple": what, "at": at})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn mermaid(s: &Story, v: &Verdict, names: &Names) -> String {
+    let mut m = String::from("sequenceDiagram\n");
+    let asked = s.asked();
+    let backend = s.backend();
+    let client = asked
+        .map(|a| names.label(&a.src))
+        .unwrap_or_else(|| "client".into());
+    let server = backend
+        .as_ref()
+        .map(|b| names.label(&b.dst))
+        .unwrap_or_else(|| "server".into());
+    let na = s
+        .sender
+        .as_ref()
+        .map(|r| r.node.clone())
+        .unwrap_or_else(|| "client node".into());
+    let nb = s
+        .receiver
+        .as_ref()
+        .map(|r| r.node.clone())
+        .unwrap_or_else(|| "server node".into());
+    let _ = writeln!(m, "    participant C as {client}");
+    let _ = writeln!(m, "    participant A as {na}");
+    let _ = writeln!(m, "    participant W as wire / VPC");
+    let _ = writeln!(m, "    participant B as {nb}");
+    let _ = writeln!(m, "    participant S as {server}");
+    if let Some(a) = &s.sender {
+        if let Some(pre) = &a.pre_dnat {
+            let _ = writeln!(m, "    C->>A: {} (pod_ingress)", t(pre));
+        }
+        if let (Some(_), Some(post)) = (&a.translation, &a.post_dnat) {
+            let _ = writeln!(m, "    Note over A: DNAT to {}:{}", post.dst, post.dport);
+        }
+        if let Some(d) = &a.drop {
+            let _ = writeln!(
+                m,
+                "    Note over A: dropped: {} (filter saw {})",
+                d.reason,
+                t(&d.tuple)
+            );
+        }
+        if let Some(w) = &a.wire_view {
+            let _ = writeln!(m, "    A->>W: {} (uplink_egress)", t(w));
+        }
+    }
+    match &s.receiver {
+        Some(b) => {
+            if let Some(w) = &b.wire_view {
+                let _ = writeln!(m, "    W->>B: {} (uplink_ingress)", t(w));
+            }
+            if let Some(d) = &b.drop {
+                let _ = writeln!(
+                    m,
+                    "    Note over B: dropped: {} (filter saw {})",
+                    d.reason,
+                    t(&d.tuple)
+                );
+            }
+            if let Some(h) = hop(b, "pod_egress") {
+                let _ = writeln!(m, "    B->>S: {} (pod_egress)", t(&h.tuple));
+            }
+        }
+        None if v.outcome == "lost_between_nodes" => {
+            let _ = writeln!(m, "    W-xB: never arrived (firewall between nodes)");
+        }
+        None => {}
+    }
+    if v.outcome == "answered" {
+        let _ = writeln!(m, "    S-->>C: reply");
+    }
+    m
+}

@@ -1,0 +1,292 @@
+//! `observer explain` and `observer suggest` on records from the real lab: for each shipped
+//! scenario the right layer and fix, and the fix applied to the lab makes the same request work.
+
+mod common;
+
+use std::{path::Path, process::Command, time::Duration};
+
+use common::*;
+use serde_json::Value;
+
+fn scenario(name: &str) -> String {
+    format!(
+        "{}/../lab/scenarios/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn apply(lab: &LabRun, file: &str) {
+    let out = Command::new(bin())
+        .args(["lab", "apply", "--name", &lab.name, file])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn explain(lab: &LabRun, format: &str) -> String {
+    let out = Command::new(bin())
+        .arg("explain")
+        .arg(lab.dir.join("node-a.jsonl"))
+        .arg(lab.dir.join("node-b.jsonl"))
+        .args([
+            "--service",
+            "100.64.0.10:443",
+            "--lab",
+            &lab.name,
+            "--format",
+            format,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Wait until both nodes wrote the final records of an answered request to the story's Service.
+fn wait_answered(lab: &LabRun) {
+    lab.wait_records("node-b", WAIT, |rs| {
+        rs.iter().any(|r| {
+            r["final"] == true
+                && r["post_dnat"]["dport"] == 8443
+                && r["totals"]["reply_packets"].as_u64() > Some(0)
+        })
+    })
+    .unwrap();
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443 && r["state"] == "closed")
+    })
+    .unwrap();
+}
+
+/// Request the story's Service, expect failure, wait until both agents wrote its records,
+/// and return `explain --format json` for it.
+fn failing_request(lab: &LabRun) -> Value {
+    assert!(
+        !curl_web(lab, "pod-a", 2).status.success(),
+        "the scenario should block the request"
+    );
+    let before = lab.records("node-a").unwrap().len();
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.len() > before
+            || rs
+                .iter()
+                .any(|r| r["final"] == true && r["state"] == "syn_sent")
+    })
+    .unwrap();
+    // The receiving node, if reached, closes its record after the same idle time.
+    std::thread::sleep(Duration::from_millis(2500));
+    let v: Value = serde_json::from_str(&explain(lab, "json")).unwrap();
+    v[0].clone()
+}
+
+#[test]
+fn egress_policy_on_the_service_port_is_explained_and_fixed() {
+    let lab = lab_with_agents("xeg", "2s");
+    apply(&lab, &scenario("egress-service-port"));
+    let v = failing_request(&lab);
+    assert_eq!(v["outcome"], "dropped");
+    assert_eq!(v["layer"], "network_policy_egress");
+    assert_eq!(v["last_seen"]["node"], "node-a");
+    assert_eq!(v["policy_view"]["sender"]["tuple"]["dport"], 8443);
+    assert_eq!(v["drop"]["sender"]["reason"], "NETFILTER_DROP");
+    let np = v["fix"]["network_policy"]
+        .as_str()
+        .expect("a NetworkPolicy fix");
+    assert!(
+        np.contains("port: 8443") && np.contains("namespace: shop"),
+        "{np}"
+    );
+    assert!(
+        !np.contains("port: 443\n") && !np.contains("100.64."),
+        "never the Service port or IP: {np}"
+    );
+    // Closed loop: the scenario plus the suggested policy lets the same request through.
+    let fixed = lab.dir.join("fixed.yaml");
+    std::fs::write(
+        &fixed,
+        std::fs::read_to_string(scenario("egress-service-port")).unwrap() + np,
+    )
+    .unwrap();
+    apply(&lab, fixed.to_str().unwrap());
+    assert!(curl_web(&lab, "pod-a", 5).status.success(), "the fix works");
+
+    wait_answered(&lab);
+    let text = explain(&lab, "text");
+    assert!(text.contains("outcome:   answered"), "{text}");
+}
+
+#[test]
+fn ingress_policy_is_explained_on_the_receiving_node_and_fixed() {
+    let lab = lab_with_agents("xin", "2s");
+    apply(&lab, &scenario("ingress-deny"));
+    let v = failing_request(&lab);
+    assert_eq!(v["layer"], "network_policy_ingress");
+    assert_eq!(v["last_seen"]["node"], "node-b");
+    assert_eq!(v["drop"]["receiver"]["node"], "node-b");
+    assert_eq!(v["policy_view"]["receiver"]["tuple"]["dport"], 8443);
+    assert_eq!(v["wire_view"]["sender"]["dport"], 8443);
+    let np = v["fix"]["network_policy"]
+        .as_str()
+        .expect("a NetworkPolicy fix");
+    assert!(
+        np.contains("namespace: payments") && np.contains("ingress:") && np.contains("port: 8443"),
+        "{np}"
+    );
+    assert!(np.contains("kubernetes.io/metadata.name: shop"), "{np}");
+    let fixed = lab.dir.join("fixed.yaml");
+    std::fs::write(
+        &fixed,
+        std::fs::read_to_string(scenario("ingress-deny")).unwrap() + np,
+    )
+    .unwrap();
+    apply(&lab, fixed.to_str().unwrap());
+    assert!(curl_web(&lab, "pod-a", 5).status.success(), "the fix works");
+}
+
+#[test]
+fn firewall_without_the_target_port_is_explained_and_fixed() {
+    let lab = lab_with_agents("xfw", "2s");
+    apply(&lab, &scenario("firewall-without-8443"));
+    let v = failing_request(&lab);
+    assert_eq!(v["outcome"], "lost_between_nodes");
+    assert_eq!(v["layer"], "firewall_between_nodes");
+    assert_eq!(v["last_seen"]["point"], "uplink_egress");
+    assert_eq!(v["wire_view"]["sender"]["dport"], 8443);
+    let fix = &v["fix"];
+    assert!(
+        fix["gcloud"]
+            .as_str()
+            .unwrap()
+            .contains("--rules=tcp:8443 --source-ranges=10.244.0.0/16"),
+        "{fix}"
+    );
+    let nft = fix["nft"].as_str().unwrap();
+    assert!(nft.contains("tcp dport 8443 accept"));
+    // Closed loop: the suggested nft rule in the lab's VPC.
+    let mut args = vec!["netns", "exec"];
+    let vpc = lab.ns("vpc");
+    args.push(&vpc);
+    args.extend(nft.split_whitespace());
+    let out = Command::new("ip").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(curl_web(&lab, "pod-a", 5).status.success(), "the fix works");
+
+    wait_answered(&lab);
+    let m = explain(&lab, "mermaid");
+    assert!(m.starts_with("sequenceDiagram\n"), "{m}");
+    assert!(m.contains("S-->>C: reply"), "{m}");
+}
+
+#[test]
+fn allowed_story_and_target_port_policy_are_answered() {
+    let lab = lab_with_agents("xok", "2s");
+    apply(&lab, &scenario("egress-target-port"));
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    lab.wait_records("node-b", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
+    })
+    .unwrap();
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
+    })
+    .unwrap();
+    let v: Value = serde_json::from_str(&explain(&lab, "json")).unwrap();
+    assert_eq!(v[0]["outcome"], "answered");
+    assert_eq!(v[0]["backend"]["dport"], 8443);
+    assert!(v[0]["fix"].is_null());
+    let steps: Vec<&str> = v[0]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "app asked",
+            "pre-DNAT",
+            "DNAT",
+            "policy egress saw",
+            "on the wire",
+            "arrived",
+            "policy ingress saw",
+            "delivered"
+        ]
+    );
+}
+
+#[test]
+fn suggested_policies_allow_exactly_the_observed_flows() {
+    let lab = lab_with_agents("xsg", "2s");
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
+    })
+    .unwrap();
+    lab.wait_records("node-b", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
+    })
+    .unwrap();
+    let out = Command::new(bin())
+        .arg("suggest")
+        .arg(lab.dir.join("node-a.jsonl"))
+        .arg(lab.dir.join("node-b.jsonl"))
+        .args(["--lab", &lab.name])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        yaml.contains("name: observed-pod-a-to-pod-b")
+            && yaml.contains("name: observed-pod-b-from-pod-a"),
+        "{yaml}"
+    );
+    assert!(
+        yaml.contains("port: 8443") && !yaml.contains("port: 443\n"),
+        "{yaml}"
+    );
+    let file = lab.dir.join("suggested.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+    apply(&lab, file.to_str().unwrap());
+    // The observed flow still works; an unobserved one (pod-a -> DNS) is now denied.
+    assert!(
+        curl_web(&lab, "pod-a", 5).status.success(),
+        "observed flow allowed"
+    );
+    let s = lab
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.53:53",
+                "--proto",
+                "udp",
+                "--timeout",
+                "1s",
+            ],
+        )
+        .unwrap();
+    assert_eq!(s["ok"], 0, "unobserved flow denied: {s}");
+    assert!(Path::new(&file).exists());
+}
