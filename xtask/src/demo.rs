@@ -1,7 +1,7 @@
 //! `cargo xtask demo`: the story, measured. One connection from pod-a to Service
 //! 100.64.0.10:443, followed through every layer of both nodes, told for a person.
 
-use std::{fmt::Write as _, process::Command, time::Duration};
+use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use serde_json::Value;
@@ -11,7 +11,7 @@ const LAB: &str = "demo";
 const VIP: &str = "100.64.0.10";
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/6] {text}");
+    println!("\n[{n}/7] {text}");
 }
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
@@ -130,17 +130,36 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     let ct_text = lab.exec("node-a", &["conntrack", "-L"])?;
     std::fs::write(dir.join("conntrack-node-a.txt"), &ct_text.stdout)?;
 
-    step(5, "stopping the agents (SIGTERM: flush, detach, exit)");
-    for (node, code, took) in lab.stop_agents()? {
-        println!("      {node}: exit code {code:?} after {took:.2?}");
-    }
-
-    step(6, "the story of one connection");
+    step(5, "the story of one connection");
     let text = tell(&story, &arrived, &ct, &evidence);
     print!("{text}");
     std::fs::write(dir.join("story.txt"), &text)?;
+
+    step(
+        6,
+        "the two failures users meet, explained by `observer explain`, then fixed",
+    );
+    let mut explained = String::new();
+    for (scenario, title) in [
+        (
+            "firewall-without-8443",
+            "a firewall between the nodes that opens 443 instead of 8443",
+        ),
+        (
+            "egress-service-port",
+            "an egress NetworkPolicy that allows the Service port 443",
+        ),
+    ] {
+        explained.push_str(&failure(&lab, &dir, scenario, title)?);
+    }
+    std::fs::write(dir.join("explain.txt"), &explained)?;
+
+    step(7, "stopping the agents (SIGTERM: flush, detach, exit)");
+    for (node, code, took) in lab.stop_agents()? {
+        println!("      {node}: exit code {code:?} after {took:.2?}");
+    }
     println!(
-        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt",
+        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt, explain.txt",
         dir.display()
     );
     if keep {
@@ -152,6 +171,102 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         println!("The lab is down again.");
     }
     Ok(())
+}
+
+fn observer(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(crate::observer_bin()).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "observer {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn curl_ok(lab: &LabRun, timeout: &str) -> anyhow::Result<bool> {
+    Ok(lab
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", timeout, &format!("http://{VIP}:443/")],
+        )?
+        .status
+        .success())
+}
+
+/// Apply a failing scenario, show `observer explain` for the request, apply its fix, show the
+/// request working again, restore the default. Returns what was printed.
+fn failure(lab: &LabRun, dir: &Path, scenario: &str, title: &str) -> anyhow::Result<String> {
+    let root = crate::workspace_root();
+    let file = root.join("lab/scenarios").join(format!("{scenario}.yaml"));
+    let file = file.to_string_lossy().into_owned();
+    let mut out = format!("\n  --- {title} ({scenario}.yaml) ---\n");
+    observer(&["lab", "apply", "--name", LAB, &file])?;
+    let before = lab.records("node-a")?.len();
+    let failed = !curl_ok(lab, "2")?;
+    let _ = writeln!(
+        out,
+        "  curl http://{VIP}:443/ from pod-a: {}",
+        if failed {
+            "FAILS"
+        } else {
+            "works (unexpected)"
+        }
+    );
+    lab.wait_records("node-a", Duration::from_secs(15), |rs| rs.len() > before)?;
+    std::thread::sleep(Duration::from_millis(2500));
+    let logs = [dir.join("node-a.jsonl"), dir.join("node-b.jsonl")];
+    let logs: Vec<String> = logs
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let mut args = vec![
+        "explain",
+        &logs[0],
+        &logs[1],
+        "--service",
+        "100.64.0.10:443",
+        "--lab",
+        LAB,
+    ];
+    let text = observer(&args)?;
+    let _ = writeln!(
+        out,
+        "  $ observer explain node-a.jsonl node-b.jsonl --service 100.64.0.10:443 --lab {LAB}"
+    );
+    out.push_str(&indent(&text));
+    args.extend(["--format", "json"]);
+    let v: Value = serde_json::from_str(&observer(&args)?)?;
+    let fix = &v[0]["fix"];
+    if let Some(nft) = fix["nft"].as_str() {
+        let vpc = format!("{LAB}-vpc");
+        let mut cmd = vec!["netns", "exec", vpc.as_str()];
+        cmd.extend(nft.split_whitespace());
+        crate::run(Command::new("ip").args(&cmd))?;
+        let _ = writeln!(out, "  applied the lab's version of the fix: {nft}");
+    } else if let Some(np) = fix["network_policy"].as_str() {
+        let fixed = dir.join(format!("{scenario}-fixed.yaml"));
+        std::fs::write(&fixed, std::fs::read_to_string(&file)? + np)?;
+        observer(&["lab", "apply", "--name", LAB, &fixed.to_string_lossy()])?;
+        let _ = writeln!(
+            out,
+            "  applied the scenario plus the suggested NetworkPolicy ({})",
+            fixed.display()
+        );
+    }
+    let works = curl_ok(lab, "5")?;
+    let _ = writeln!(
+        out,
+        "  curl http://{VIP}:443/ from pod-a after the fix: {}",
+        if works { "works" } else { "STILL FAILS" }
+    );
+    let none = root.join("lab/scenarios/none.yaml");
+    observer(&["lab", "apply", "--name", LAB, &none.to_string_lossy()])?;
+    print!("{out}");
+    if !works || !failed {
+        bail!("scenario {scenario} did not behave as documented");
+    }
+    Ok(out)
 }
 
 fn indent(s: &str) -> String {
