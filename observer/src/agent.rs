@@ -81,6 +81,8 @@ pub fn enter_netns(spec: &str) -> Result<(), AgentError> {
 /// Full map scans (to find keys whose "new flow" event was lost) happen this often at most.
 const RESCAN_EVERY: Duration = Duration::from_secs(10);
 const IFACE_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// Final records kept for /flows.
+const RECENT_FLOWS: usize = 1000;
 
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     preflight::check_capabilities()?;
@@ -120,7 +122,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let health = Arc::new(Health {
         ready: false.into(),
     });
-    tokio::spawn(http::serve(listener, metrics.clone(), health.clone()));
+    let recent = Arc::new(http::RecentFlows::new(RECENT_FLOWS));
+    tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        recent.clone(),
+    ));
     info!(
         "node {}: metrics on http://{}/metrics",
         args.node, args.metrics_addr
@@ -236,7 +244,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     pending.extend(flows.keys().filter_map(Result::ok));
                 }
                 read_counters(&flows, &mut corr, &mut pending, &metrics);
-                emit(&mut corr, &mut flows, &mut flow_log, &metrics, false);
+                emit(&mut corr, &mut flows, &mut flow_log, &metrics, &recent, false);
             }
         }
     }
@@ -244,7 +252,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     pending.extend(flows.keys().filter_map(Result::ok));
     read_counters(&flows, &mut corr, &mut pending, &metrics);
     kstats.read(&stats, &metrics);
-    emit(&mut corr, &mut flows, &mut flow_log, &metrics, true);
+    emit(
+        &mut corr,
+        &mut flows,
+        &mut flow_log,
+        &metrics,
+        &recent,
+        true,
+    );
     health.ready.store(false, Ordering::Relaxed);
     hooks.shutdown();
     info!("detached; bye");
@@ -365,6 +380,7 @@ fn emit(
     flows: &mut aya::maps::PerCpuHashMap<MapData, FlowKey, FlowCounters>,
     log: &mut FlowLog,
     metrics: &Metrics,
+    recent: &http::RecentFlows,
     flush_all: bool,
 ) {
     let out = corr.collect(Clock::mono_now(), flush_all);
@@ -395,6 +411,11 @@ fn emit(
     }
     for r in &out.records {
         metrics.on_record(r);
+        if r.is_final
+            && let Ok(line) = serde_json::to_string(r)
+        {
+            recent.push(line);
+        }
     }
     if let Err(e) = log.write(&out.records) {
         warn!("{e}");

@@ -44,7 +44,8 @@ pub enum Format {
 
 #[derive(Args, Debug, Clone)]
 pub struct ExplainArgs {
-    /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl.
+    /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl, or agents'
+    /// endpoints, e.g. http://10.0.0.5:9464/flows (the last 1000 final records).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
     /// Select by the Service the client asked for: VIP:PORT (or VIP).
@@ -53,6 +54,9 @@ pub struct ExplainArgs {
     /// Select by client: IP or IP:PORT.
     #[arg(long)]
     pub client: Option<String>,
+    /// Select connections from or to this pod (needs --lab).
+    #[arg(long, requires = "lab")]
+    pub pod: Option<String>,
     /// Name pods and ranges from this running lab.
     #[arg(long)]
     pub lab: Option<String>,

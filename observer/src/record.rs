@@ -102,7 +102,10 @@ pub struct Drop {
     pub node: String,
     /// `enum skb_drop_reason` name without its prefix, e.g. `NETFILTER_DROP`.
     pub reason: String,
-    /// Kernel function that dropped it, e.g. `nf_hook_slow+0x..` (netfilter).
+    /// The layer, from the dropping function: `netfilter`, `tc`, `ip`, `tcp`, `udp`, or the
+    /// function's name.
+    pub point: String,
+    /// Kernel function that dropped it, e.g. `nft_do_chain+0x3e8` (netfilter).
     pub location: String,
     /// Device the packet was on.
     pub iface: Option<String>,

@@ -98,6 +98,36 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
     assert_eq!(v["last_seen"]["node"], "node-a");
     assert_eq!(v["policy_view"]["sender"]["tuple"]["dport"], 8443);
     assert_eq!(v["drop"]["sender"]["reason"], "NETFILTER_DROP");
+    assert_eq!(v["drop"]["sender"]["point"], "netfilter");
+    // The same verdict from the agent's own endpoint (inside node-a) and selected by pod name.
+    let bin_path = bin().to_string_lossy().into_owned();
+    let out = lab
+        .exec(
+            "node-a",
+            &[
+                &bin_path,
+                "explain",
+                "http://127.0.0.1:9464/flows",
+                "--pod",
+                "pod-a",
+                "--lab",
+                &lab.name,
+                "--format",
+                "json",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_http: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(from_http[0]["layer"], "network_policy_egress");
+    assert_eq!(
+        from_http[0]["fix"]["network_policy"],
+        v["fix"]["network_policy"]
+    );
     let np = v["fix"]["network_policy"]
         .as_str()
         .expect("a NetworkPolicy fix");

@@ -523,6 +523,7 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
     let d = &r["drop"];
     assert_eq!(d["node"], "node-a");
     assert_eq!(d["reason"], "NETFILTER_DROP");
+    assert_eq!(d["point"], "netfilter");
     assert!(
         d["location"].as_str().unwrap().starts_with("nf")
             || d["location"].as_str().unwrap().contains("ipt"),

@@ -430,6 +430,7 @@ impl Correlator {
         let drop = self.drop_of(c).map(|(t, d)| crate::record::Drop {
             node: self.cfg.node.clone(),
             reason: d.reason.clone(),
+            point: drop_point(&d.location),
             location: d.location.clone(),
             iface: self.ifnames.get(&d.ifindex).cloned(),
             tuple: t.view(),
@@ -544,6 +545,22 @@ fn policy_view(
         )),
         None => Some(view(entered.clone(), "ingress_hop")),
     }
+}
+
+/// The layer a kernel function belongs to, for a person: `nft_do_chain+0x3e8` -> `netfilter`.
+fn drop_point(location: &str) -> String {
+    let f = location.split('+').next().unwrap_or(location);
+    let layer = [
+        (&["nf_", "nft_", "ipt_", "ip6t_", "ebt_"][..], "netfilter"),
+        (&["tcf_", "tcx_", "sch_", "tc_"][..], "tc"),
+        (&["ip_", "ip6_", "ipv6_"][..], "ip"),
+        (&["tcp_"][..], "tcp"),
+        (&["udp"][..], "udp"),
+    ]
+    .iter()
+    .find(|(prefixes, _)| prefixes.iter().any(|p| f.starts_with(p)))
+    .map(|(_, l)| *l);
+    layer.unwrap_or(f).to_owned()
 }
 
 fn point_order(p: &str) -> u8 {

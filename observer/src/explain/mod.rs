@@ -18,11 +18,37 @@ use crate::{
 pub use names::Names;
 pub use story::{Story, stitch};
 
+/// GET an agent's /flows (plain HTTP; the agent serves nothing else).
+fn fetch(url: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/flows".to_owned()), |(h, p)| (h, format!("/{p}")));
+    let mut s =
+        std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .context("malformed HTTP answer")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("{url}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
 fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
     let mut out = Vec::new();
     for f in files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let text = match f.to_str().filter(|s| s.starts_with("http://")) {
+            Some(url) => fetch(url)?,
+            None => {
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+            }
+        };
         for (i, line) in text
             .lines()
             .enumerate()
@@ -46,9 +72,14 @@ fn names(lab: &Option<String>) -> anyhow::Result<Names> {
 pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let records = load(&args.files)?;
     let names = names(&args.lab)?;
+    let pod_ips = args.pod.as_deref().map(|p| names.ips_of(p));
+    if pod_ips.as_ref().is_some_and(Vec::is_empty) {
+        bail!("lab has no pod {:?}", args.pod.unwrap_or_default());
+    }
     let mut stories: Vec<Story> = stitch(&records)
         .into_iter()
         .filter(|s| s.matches(args.service.as_deref(), args.client.as_deref()))
+        .filter(|s| pod_ips.as_ref().is_none_or(|ips| s.involves(ips)))
         .collect();
     if stories.is_empty() {
         bail!(

@@ -44,6 +44,16 @@ impl Names {
             })
     }
 
+    /// Addresses of the pod called `name`.
+    pub fn ips_of(&self, name: &str) -> Vec<String> {
+        self.cfg
+            .iter()
+            .flat_map(|c| &c.pods)
+            .filter(|p| p.name == name)
+            .flat_map(|p| std::iter::once(p.ip.to_string()).chain(p.ip6.map(|i| i.to_string())))
+            .collect()
+    }
+
     /// The pod range a firewall rule should admit: the cluster CIDR, or the client alone.
     pub fn pod_range(&self, client_ip: &str) -> String {
         let v6 = client_ip.contains(':');

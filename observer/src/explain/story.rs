@@ -114,6 +114,12 @@ impl Story {
         svc_ok && client_ok
     }
 
+    /// The client or the backend is one of `ips`.
+    pub fn involves(&self, ips: &[String]) -> bool {
+        self.asked().is_some_and(|a| ips.contains(&a.src))
+            || self.backend().is_some_and(|b| ips.contains(&b.dst))
+    }
+
     pub fn verdict(&self, nodes: &[String], names: &Names) -> Verdict {
         let backend = self.backend();
         let answered = self

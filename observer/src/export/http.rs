@@ -32,28 +32,67 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
+/// The last final records, served on /flows for `observer explain http://NODE:9464/flows`.
+pub struct RecentFlows {
+    lines: std::sync::Mutex<std::collections::VecDeque<String>>,
+    cap: usize,
+}
+
+impl RecentFlows {
+    pub fn new(cap: usize) -> RecentFlows {
+        RecentFlows {
+            lines: Default::default(),
+            cap,
+        }
+    }
+
+    pub fn push(&self, json_line: String) {
+        let mut l = self.lines.lock().expect("not poisoned");
+        if l.len() == self.cap {
+            l.pop_front();
+        }
+        l.push_back(json_line);
+    }
+
+    fn body(&self) -> String {
+        let l = self.lines.lock().expect("not poisoned");
+        l.iter().flat_map(|s| [s.as_str(), "\n"]).collect()
+    }
+}
+
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| BindError { addr, source })
 }
 
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    flows: Arc<RecentFlows>,
+) {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let metrics = metrics.clone();
         let health = health.clone();
+        let flows = flows.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &metrics, &health).await {
+            if let Err(e) = handle(stream, &metrics, &health, &flows).await {
                 debug!("metrics client {peer}: {e}");
             }
         });
     }
 }
 
-async fn handle(mut s: TcpStream, metrics: &Metrics, health: &Health) -> std::io::Result<()> {
+async fn handle(
+    mut s: TcpStream,
+    metrics: &Metrics,
+    health: &Health,
+    flows: &RecentFlows,
+) -> std::io::Result<()> {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
@@ -75,6 +114,7 @@ async fn handle(mut s: TcpStream, metrics: &Metrics, health: &Health) -> std::io
             metrics.encode(),
         ),
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+        "/flows" => ("200 OK", "application/x-ndjson", flows.body()),
         "/readyz" if health.ready.load(Ordering::Relaxed) => {
             ("200 OK", "text/plain", "ready\n".to_owned())
         }
