@@ -8,63 +8,20 @@ use std::{path::Path, process::Command, time::Duration};
 use common::*;
 use serde_json::Value;
 
-fn scenario(name: &str) -> String {
-    format!(
-        "{}/../lab/scenarios/{name}.yaml",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn apply(lab: &LabRun, file: &str) {
-    let out = Command::new(bin())
-        .args(["lab", "apply", "--name", &lab.name, file])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn explain(lab: &LabRun, format: &str) -> String {
-    let out = Command::new(bin())
-        .arg("explain")
-        .arg(lab.dir.join("node-a.jsonl"))
-        .arg(lab.dir.join("node-b.jsonl"))
-        .args([
-            "--service",
-            "100.64.0.10:443",
-            "--lab",
-            &lab.name,
-            "--format",
-            format,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Wait until both nodes wrote the final records of an answered request to the story's Service.
-fn wait_answered(lab: &LabRun) {
-    lab.wait_records("node-b", WAIT, |rs| {
-        rs.iter().any(|r| {
-            r["final"] == true
-                && r["post_dnat"]["dport"] == 8443
-                && r["totals"]["reply_packets"].as_u64() > Some(0)
-        })
-    })
-    .unwrap();
-    lab.wait_records("node-a", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443 && r["state"] == "closed")
-    })
-    .unwrap();
+    let a = lab.dir.join("node-a.jsonl");
+    let b = lab.dir.join("node-b.jsonl");
+    observer(&[
+        "explain",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--service",
+        "100.64.0.10:443",
+        "--lab",
+        &lab.name,
+        "--format",
+        format,
+    ])
 }
 
 /// Request the story's Service, expect failure, wait until both agents wrote its records,
@@ -225,16 +182,7 @@ fn allowed_story_and_target_port_policy_are_answered() {
     let lab = lab_with_agents("xok", "2s");
     apply(&lab, &scenario("egress-target-port"));
     assert!(curl_web(&lab, "pod-a", 5).status.success());
-    lab.wait_records("node-b", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
-    })
-    .unwrap();
-    lab.wait_records("node-a", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
-    })
-    .unwrap();
+    wait_answered(&lab);
     let v: Value = serde_json::from_str(&explain(&lab, "json")).unwrap();
     assert_eq!(v[0]["outcome"], "answered");
     assert_eq!(v[0]["backend"]["dport"], 8443);
@@ -264,29 +212,16 @@ fn allowed_story_and_target_port_policy_are_answered() {
 fn suggested_policies_allow_exactly_the_observed_flows() {
     let lab = lab_with_agents("xsg", "2s");
     assert!(curl_web(&lab, "pod-a", 5).status.success());
-    lab.wait_records("node-a", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
-    })
-    .unwrap();
-    lab.wait_records("node-b", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
-    })
-    .unwrap();
-    let out = Command::new(bin())
-        .arg("suggest")
-        .arg(lab.dir.join("node-a.jsonl"))
-        .arg(lab.dir.join("node-b.jsonl"))
-        .args(["--lab", &lab.name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let yaml = String::from_utf8_lossy(&out.stdout).into_owned();
+    wait_answered(&lab);
+    let a = lab.dir.join("node-a.jsonl");
+    let b = lab.dir.join("node-b.jsonl");
+    let yaml = observer(&[
+        "suggest",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--lab",
+        &lab.name,
+    ]);
     assert!(
         yaml.contains("name: observed-pod-a-to-pod-b")
             && yaml.contains("name: observed-pod-b-from-pod-a"),

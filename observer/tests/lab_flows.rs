@@ -376,26 +376,17 @@ fn ipv6_service() {
 #[test]
 fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     let lab = lab_with_agents("late", "2s");
-    let out = Command::new(bin())
-        .args([
-            "lab",
-            "add-pod",
-            "late",
-            "--name",
-            &lab.name,
-            "--node",
-            "node-a",
-            "--ip",
-            "10.244.1.77",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let added = String::from_utf8_lossy(&out.stdout);
+    let added = observer(&[
+        "lab",
+        "add-pod",
+        "late",
+        "--name",
+        &lab.name,
+        "--node",
+        "node-a",
+        "--ip",
+        "10.244.1.77",
+    ]);
     let veth = added
         .split("node iface ")
         .nth(1)
@@ -433,15 +424,7 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     assert_eq!(hop(r, "pod_ingress", "orig").unwrap()["iface"], veth);
     assert_eq!(r["post_dnat"]["dport"], 8443);
 
-    let out = Command::new(bin())
-        .args(["lab", "del-pod", "late", "--name", &lab.name])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    observer(&["lab", "del-pod", "late", "--name", &lab.name]);
     assert!(attached(2.0), "the agent forgot the deleted veth");
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(log.contains(&format!("{veth} went away")), "{log}");
@@ -558,21 +541,7 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
 #[test]
 fn network_policy_sees_the_target_port_on_both_nodes() {
     let lab = lab_with_agents("np", "2s");
-    let apply = |scenario: &str| {
-        let file = format!(
-            "{}/../lab/scenarios/{scenario}.yaml",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let out = Command::new(bin())
-            .args(["lab", "apply", "--name", &lab.name, &file])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let apply = |name: &str| apply(&lab, &scenario(name));
     let dropped_on = |node: &str, sport_seen: &mut Vec<u64>| -> serde_json::Value {
         let pred = |r: &serde_json::Value| {
             r["final"] == true

@@ -132,4 +132,48 @@ pub fn curl_web(lab: &LabRun, pod: &str, timeout_s: u32) -> std::process::Output
     .expect("curl runs")
 }
 
+/// Run `observer ARGS...`, which must succeed; returns its stdout.
+pub fn observer(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("observer runs");
+    assert!(
+        out.status.success(),
+        "observer {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Path of a shipped lab scenario.
+pub fn scenario(name: &str) -> String {
+    format!(
+        "{}/../lab/scenarios/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// `observer lab apply` a policy file to the lab.
+pub fn apply(lab: &LabRun, file: &str) {
+    observer(&["lab", "apply", "--name", &lab.name, file]);
+}
+
+/// Wait until both nodes wrote the final records of an answered request to the story's Service.
+pub fn wait_answered(lab: &LabRun) {
+    lab.wait_records("node-b", WAIT, |rs| {
+        rs.iter().any(|r| {
+            r["final"] == true
+                && r["post_dnat"]["dport"] == 8443
+                && r["totals"]["reply_packets"].as_u64() > Some(0)
+        })
+    })
+    .expect("node-b recorded the answered connection");
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443 && r["state"] == "closed")
+    })
+    .expect("node-a recorded the answered connection");
+}
+
 pub const WAIT: Duration = Duration::from_secs(20);
