@@ -180,7 +180,16 @@ fn firewall_without_the_target_port_is_explained_and_fixed() {
 #[test]
 fn allowed_story_and_target_port_policy_are_answered() {
     let lab = lab_with_agents("xok", "2s");
-    apply(&lab, &scenario("egress-target-port"));
+    // Both fixed scenarios at once: the targetPort in the policy and in the VPC firewall.
+    let both = lab.dir.join("both.yaml");
+    std::fs::write(
+        &both,
+        std::fs::read_to_string(scenario("egress-target-port")).unwrap()
+            + "---\n"
+            + &std::fs::read_to_string(scenario("firewall-with-8443")).unwrap(),
+    )
+    .unwrap();
+    apply(&lab, both.to_str().unwrap());
     assert!(curl_web(&lab, "pod-a", 5).status.success());
     wait_answered(&lab);
     let v: Value = serde_json::from_str(&explain(&lab, "json")).unwrap();

@@ -357,3 +357,58 @@ fn a_full_flow_map_is_counted_not_fatal() {
     assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
     assert_eq!(lab.stop_agent("node-a").unwrap().0, Some(0));
 }
+
+/// The DaemonSet grants CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN only: with exactly those the
+/// agent attaches everything and records the story.
+#[test]
+fn runs_with_only_bpf_perfmon_and_net_admin() {
+    let lab = lab("caps", None);
+    let flow_log = lab.dir.join("caps.jsonl");
+    let caps = "-all,+bpf,+perfmon,+net_admin";
+    let mut agent = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.ns("node-a")))
+        .args(["setpriv", "--reuid", "0"])
+        .args([
+            "--bounding-set",
+            caps,
+            "--inh-caps",
+            caps,
+            "--ambient-caps",
+            caps,
+        ])
+        .arg(bin())
+        .args([
+            "agent",
+            "--node",
+            "node-a",
+            "--idle-timeout",
+            "2s",
+            "--metrics-addr",
+            "127.0.0.1:9464",
+        ])
+        .arg("--flow-log")
+        .arg(&flow_log)
+        .stderr(std::fs::File::create(lab.dir.join("caps.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let ready = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        lab.http("node-a", "/readyz").is_ok()
+    });
+    let log = || std::fs::read_to_string(lab.dir.join("caps.log")).unwrap();
+    assert!(ready, "not ready: {}", log());
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.id())).unwrap();
+    assert!(status.contains("CapEff:\t000000c000001000"), "{status}");
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let found = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::read_to_string(&flow_log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("\"comm\":\"curl\"") && l.contains("\"dport\":8443"))
+    });
+    // SAFETY: plain kill(2) on our own child.
+    unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+    assert_eq!(agent.wait().unwrap().code(), Some(0), "{}", log());
+    assert!(found, "no record with the socket and the DNAT: {}", log());
+}
