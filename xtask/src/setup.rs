@@ -112,6 +112,31 @@ pub fn ensure() -> anyhow::Result<()> {
         )?;
     }
 
+    // Manifest checks: kubernetes-validate (real Kubernetes schemas, PyPI) and kubectl's
+    // kustomize (the machine image ships kubectl; its apt source has the package otherwise).
+    let has_validate = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_validate {
+        println!("==> installing kubernetes-validate (PyPI) for manifest checks");
+        crate::run(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "kubernetes-validate",
+        ]))?;
+    }
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        ensure_packages(&["kubectl"])?;
+    }
+
     let toolchains = Command::new("rustup")
         .args(["toolchain", "list"])
         .output()
