@@ -44,6 +44,8 @@ pub enum AgentError {
     Bind(#[from] http::BindError),
     #[error(transparent)]
     FlowLog(#[from] JsonError),
+    #[error("names: {0}")]
+    Names(#[from] crate::lab::LabError),
     #[error("no uplink found: no interface carries a gateway route here; pass --uplink IFACE")]
     NoUplink,
     #[error("entering network namespace {path} (needs CAP_SYS_ADMIN): {source}")]
@@ -111,6 +113,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         };
         preflight::check_cgroup2(&path)?;
         Some(path)
+    };
+    let names = match &args.lab {
+        Some(lab) => crate::names::Names::from_lab(lab)?,
+        None => crate::names::Names::default(),
     };
     let mut flow_log = FlowLog::open(&args.flow_log)?;
     let listener = http::bind(args.metrics_addr).await?;
@@ -244,7 +250,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
                     pending.extend(flows.keys().filter_map(Result::ok));
                 }
                 read_counters(&flows, &mut corr, &mut pending, &metrics);
-                emit(&mut corr, &mut flows, &mut flow_log, &metrics, &recent, false);
+                emit(&mut corr, &mut flows, &mut flow_log, &metrics, &recent, &names, false);
             }
         }
     }
@@ -258,6 +264,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         &mut flow_log,
         &metrics,
         &recent,
+        &names,
         true,
     );
     health.ready.store(false, Ordering::Relaxed);
@@ -381,9 +388,13 @@ fn emit(
     log: &mut FlowLog,
     metrics: &Metrics,
     recent: &http::RecentFlows,
+    names: &crate::names::Names,
     flush_all: bool,
 ) {
-    let out = corr.collect(Clock::mono_now(), flush_all);
+    let mut out = corr.collect(Clock::mono_now(), flush_all);
+    for r in &mut out.records {
+        names.enrich(r);
+    }
     metrics.correlation_ambiguous.inc_by(out.ambiguous);
     let refused = std::mem::take(&mut corr.refused);
     metrics

@@ -145,6 +145,10 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_MAX_FLOWS", default_value_t = observer_common::FLOWS_MAX_ENTRIES)]
     pub max_flows: u32,
 
+    /// Name pods and Services in records from this running lab (Kubernetes names: next).
+    #[arg(long, env = "OBSERVER_LAB_NAMES")]
+    pub lab: Option<String>,
+
     /// How tc programs are attached.
     #[arg(long, env = "OBSERVER_TC_MODE", value_enum, default_value_t = TcMode::Auto)]
     pub tc_mode: TcMode,

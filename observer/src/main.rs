@@ -16,6 +16,7 @@ mod export;
 mod hooks;
 mod kallsyms;
 mod lab;
+mod names;
 mod record;
 
 use clap::Parser as _;

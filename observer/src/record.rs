@@ -115,6 +115,25 @@ pub struct Drop {
     pub last_seen: String,
 }
 
+/// A pod, by its Kubernetes names.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub node: String,
+}
+
+/// The Service port a client asked for.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ServiceRef {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: Option<String>,
+    pub port: u16,
+    pub target_port: u16,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct Totals {
     pub packets: u64,
@@ -153,6 +172,15 @@ pub struct FlowRecord {
     /// False for interim records of a connection still in progress.
     #[serde(rename = "final")]
     pub is_final: bool,
+    /// The client pod (when the agent knows names: `--lab`, later Kubernetes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub src_pod: Option<PodRef>,
+    /// The server pod (after DNAT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dst_pod: Option<PodRef>,
+    /// The Service the client asked for, when it asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceRef>,
     pub start: String,
     pub end: String,
 }

@@ -83,6 +83,17 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         tuple_of(&wire_back["tuple"]),
         Some(t("10.244.2.10", 8443, "10.244.1.10", sport))
     );
+    // Names (from the lab through the same interface as Kubernetes names).
+    assert_eq!(rec["src_pod"]["name"], "pod-a");
+    assert_eq!(rec["src_pod"]["namespace"], "shop");
+    assert_eq!(rec["dst_pod"]["name"], "pod-b");
+    assert_eq!(rec["dst_pod"]["node"], "node-b");
+    assert_eq!(rec["dst_pod"]["labels"]["app"], "web");
+    assert_eq!(rec["service"]["namespace"], "payments");
+    assert_eq!(rec["service"]["name"], "web");
+    assert_eq!(rec["service"]["port_name"], "https");
+    assert_eq!(rec["service"]["port"], 443);
+    assert_eq!(rec["service"]["target_port"], 8443);
     assert_eq!(rec["last_seen"]["point"], "uplink_egress");
     assert_eq!(tuple_of(&rec["wire_view"]), Some(post.clone()));
     assert_eq!(rec["policy_view"]["source"], "egress_hop");
@@ -107,6 +118,12 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         "node-b must not claim node-a's socket: {rb}"
     );
     assert_eq!(rb["last_seen"]["point"], "pod_egress");
+    assert_eq!(rb["src_pod"]["name"], "pod-a");
+    assert_eq!(rb["dst_pod"]["name"], "pod-b");
+    assert!(
+        rb.get("service").is_none(),
+        "node-b never saw the Service address"
+    );
     assert_eq!(tuple_of(&rb["wire_view"]), Some(post.clone()));
     assert_eq!(tuple_of(&rb["policy_view"]["tuple"]), Some(post.clone()));
     assert_eq!(

@@ -493,6 +493,9 @@ impl Correlator {
             totals,
             state: state.to_owned(),
             is_final,
+            src_pod: None,
+            dst_pod: None,
+            service: None,
             start: self.clock.rfc3339(c.first_ns()),
             end: self.clock.rfc3339(c.last_ns()),
         }

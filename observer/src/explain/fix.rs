@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{Names, Story, names::PodName};
+use super::{Names, Story};
+use crate::names::PodName;
 use crate::record::TupleView;
 
 #[derive(Debug, Clone, Serialize)]

@@ -3,7 +3,6 @@
 //! the terms of the layer that stopped it (targetPort, backend pods, post-DNAT wire tuple).
 
 mod fix;
-mod names;
 mod render;
 mod story;
 
@@ -11,11 +10,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
 
+pub use crate::names::Names;
 use crate::{
     cli::{ExplainArgs, Format, SuggestArgs},
     record::FlowRecord,
 };
-pub use names::Names;
 pub use story::{Story, stitch};
 
 /// GET an agent's /flows (plain HTTP; the agent serves nothing else).
@@ -64,7 +63,8 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
 
 fn names(lab: &Option<String>) -> anyhow::Result<Names> {
     match lab {
-        Some(name) => Names::from_lab(name),
+        Some(name) => Names::from_lab(name)
+            .with_context(|| format!("lab {name} is not up (its description names the pods)")),
         None => Ok(Names::default()),
     }
 }
@@ -133,7 +133,12 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
 
 pub fn suggest(args: SuggestArgs) -> anyhow::Result<i32> {
     let records = load(&args.files)?;
-    let names = Names::from_lab(&args.lab)?;
+    let names = Names::from_lab(&args.lab).with_context(|| {
+        format!(
+            "lab {} is not up (its description names the pods)",
+            args.lab
+        )
+    })?;
     let stories = stitch(&records);
     let yaml = fix::suggest_policies(&stories, &names);
     if yaml.is_empty() {

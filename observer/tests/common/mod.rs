@@ -37,8 +37,19 @@ pub fn lab(prefix: &str, config: Option<&str>) -> LabRun {
 pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
     let mut l = lab(prefix, None);
     for node in ["node-a", "node-b"] {
-        l.start_agent(node, &["--idle-timeout", idle, "--poll-interval", "200ms"])
-            .expect("agent starts");
+        let name = l.name.clone();
+        l.start_agent(
+            node,
+            &[
+                "--idle-timeout",
+                idle,
+                "--poll-interval",
+                "200ms",
+                "--lab",
+                &name,
+            ],
+        )
+        .expect("agent starts");
     }
     l
 }
