@@ -3,7 +3,7 @@
 use std::{
     collections::HashSet,
     path::PathBuf,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
 
@@ -32,6 +32,7 @@ use crate::{
         ifaces::{self, glob_match},
         preflight::{self, PreflightError},
     },
+    names::Names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,8 @@ pub enum AgentError {
     FlowLog(#[from] JsonError),
     #[error("names: {0}")]
     Names(#[from] crate::lab::LabError),
+    #[error(transparent)]
+    Kube(crate::names::kube::KubeError),
     #[error("no uplink found: no interface carries a gateway route here; pass --uplink IFACE")]
     NoUplink,
     #[error("entering network namespace {path} (needs CAP_SYS_ADMIN): {source}")]
@@ -86,7 +89,49 @@ const IFACE_SCAN_EVERY: Duration = Duration::from_secs(1);
 /// Final records kept for /flows.
 const RECENT_FLOWS: usize = 1000;
 
-pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+/// Names for records: from the lab, from Kubernetes (watched on a thread of its own, started
+/// before `--netns` moves the agent, so it reaches the API from the host's network), or none.
+pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
+    if let Some(lab) = &args.lab {
+        return Ok(Arc::new(RwLock::new(Names::from_lab(lab)?)));
+    }
+    let shared = Arc::new(RwLock::new(Names::default()));
+    if args.kubeconfig.is_none() && !args.kubernetes {
+        return Ok(shared);
+    }
+    let path = args.kubeconfig.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let names = shared.clone();
+    std::thread::Builder::new()
+        .name("kube-names".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                match crate::names::kube::client(path.as_deref()).await {
+                    Ok(c) => {
+                        let _ = tx.send(Ok(()));
+                        crate::names::kube::watch(c, names).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(AgentError::Signal)?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(shared),
+        Ok(Err(e)) => Err(AgentError::Kube(e)),
+        Err(_) => Err(AgentError::Kube(crate::names::kube::KubeError::Config(
+            "the Kubernetes thread stopped".into(),
+        ))),
+    }
+}
+
+pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), AgentError> {
     preflight::check_capabilities()?;
     if !preflight::has_btf() {
         warn!(
@@ -113,10 +158,6 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         };
         preflight::check_cgroup2(&path)?;
         Some(path)
-    };
-    let names = match &args.lab {
-        Some(lab) => crate::names::Names::from_lab(lab)?,
-        None => crate::names::Names::default(),
     };
     let mut flow_log = FlowLog::open(&args.flow_log)?;
     let listener = http::bind(args.metrics_addr).await?;
@@ -388,12 +429,15 @@ fn emit(
     log: &mut FlowLog,
     metrics: &Metrics,
     recent: &http::RecentFlows,
-    names: &crate::names::Names,
+    names: &RwLock<Names>,
     flush_all: bool,
 ) {
     let mut out = corr.collect(Clock::mono_now(), flush_all);
-    for r in &mut out.records {
-        names.enrich(r);
+    if !out.records.is_empty() {
+        let names = names.read().expect("not poisoned");
+        for r in &mut out.records {
+            names.enrich(r);
+        }
     }
     metrics.correlation_ambiguous.inc_by(out.ambiguous);
     let refused = std::mem::take(&mut corr.refused);

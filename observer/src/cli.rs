@@ -145,9 +145,17 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_MAX_FLOWS", default_value_t = observer_common::FLOWS_MAX_ENTRIES)]
     pub max_flows: u32,
 
-    /// Name pods and Services in records from this running lab (Kubernetes names: next).
-    #[arg(long, env = "OBSERVER_LAB_NAMES")]
+    /// Name pods and Services in records from this running lab.
+    #[arg(long, env = "OBSERVER_LAB_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]
     pub lab: Option<String>,
+
+    /// Name pods and Services from the Kubernetes API, with this kubeconfig.
+    #[arg(long, env = "OBSERVER_KUBECONFIG", conflicts_with = "kubernetes")]
+    pub kubeconfig: Option<String>,
+
+    /// Name pods and Services from the Kubernetes API, in-cluster (service account).
+    #[arg(long, env = "OBSERVER_KUBERNETES")]
+    pub kubernetes: bool,
 
     /// How tc programs are attached.
     #[arg(long, env = "OBSERVER_TC_MODE", value_enum, default_value_t = TcMode::Auto)]

@@ -29,6 +29,13 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Agent(args) => {
+            let names = match agent::names(&args) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("{}", error_chain(&e));
+                    std::process::exit(1);
+                }
+            };
             if let Some(ns) = &args.netns
                 && let Err(e) = agent::enter_netns(ns)
             {
@@ -39,7 +46,7 @@ fn main() {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match rt.block_on(agent::run(*args)) {
+            match rt.block_on(agent::run(*args, names)) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{}", error_chain(&e));

@@ -1,21 +1,21 @@
-//! Enrichment: who an address is. Pods, Services, namespaces and ranges, today from the lab
-//! description; Kubernetes names come next through the same interface. Used by the agent to name
+//! Enrichment: who an address is. Pods and Services by address, from the lab description or
+//! from the Kubernetes API (`names/kube.rs`), behind one interface. Used by the agent to name
 //! both ends of a record, and by `explain` to write fixes in Kubernetes terms.
 
-use std::{collections::BTreeMap, net::IpAddr};
+pub mod kube;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+};
 
 use crate::{
     lab::{
         Lab, LabError,
-        config::{LabConfig, Pod, Protocol},
+        config::{Cidr, LabConfig, Protocol},
     },
     record::{FlowRecord, PodRef, ServiceRef},
 };
-
-#[derive(Default)]
-pub struct Names {
-    cfg: Option<LabConfig>,
-}
 
 #[derive(Clone, Debug)]
 pub struct PodName {
@@ -25,45 +25,93 @@ pub struct PodName {
     pub node: String,
 }
 
-impl Names {
-    /// Names from a running lab's description.
-    pub fn from_lab(name: &str) -> Result<Names, LabError> {
-        let cfg = Lab::new(name)?.load_config()?;
-        Ok(Names { cfg: Some(cfg) })
-    }
+/// One Service port on one cluster IP.
+#[derive(Clone, Debug)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port_name: Option<String>,
+    /// The spec's numeric targetPort, when it is a number.
+    pub target_port: Option<u16>,
+}
 
-    pub fn pod(&self, ip: &str) -> Option<PodName> {
-        let ip: IpAddr = ip.parse().ok()?;
-        let cfg = self.cfg.as_ref()?;
-        cfg.pods
-            .iter()
-            .find(|p| IpAddr::V4(p.ip) == ip || p.ip6.map(IpAddr::V6) == Some(ip))
-            .map(|p: &Pod| PodName {
+#[derive(Default, Clone, Debug)]
+pub struct Names {
+    pub pods: HashMap<IpAddr, PodName>,
+    /// (cluster IP, port, protocol) -> Service port.
+    pub services: HashMap<(IpAddr, u16, String), ServicePortName>,
+    /// Pod ranges, for firewall fixes.
+    pub pod_ranges: Vec<Cidr>,
+}
+
+impl Names {
+    pub fn from_lab_config(cfg: &LabConfig) -> Names {
+        let mut n = Names {
+            pod_ranges: std::iter::once(cfg.cluster_cidr)
+                .chain(cfg.cluster_cidr6)
+                .collect(),
+            ..Default::default()
+        };
+        for p in &cfg.pods {
+            let name = PodName {
                 name: p.name.clone(),
                 namespace: p.namespace.clone(),
                 labels: p.labels.clone(),
                 node: p.node.clone(),
-            })
+            };
+            for ip in std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6)) {
+                n.pods.insert(ip, name.clone());
+            }
+        }
+        for s in &cfg.services {
+            for p in &s.ports {
+                let proto = match p.protocol {
+                    Protocol::Tcp => "TCP",
+                    Protocol::Udp => "UDP",
+                };
+                n.services.insert(
+                    (s.cluster_ip, p.port, proto.to_owned()),
+                    ServicePortName {
+                        namespace: s.namespace.clone(),
+                        name: s.name.clone(),
+                        port_name: p.name.clone(),
+                        target_port: Some(p.target_port),
+                    },
+                );
+            }
+        }
+        n
+    }
+
+    /// Names from a running lab's description.
+    pub fn from_lab(name: &str) -> Result<Names, LabError> {
+        Ok(Names::from_lab_config(&Lab::new(name)?.load_config()?))
     }
 
     /// Addresses of the pod called `name`.
     pub fn ips_of(&self, name: &str) -> Vec<String> {
-        self.cfg
+        let mut ips: Vec<String> = self
+            .pods
             .iter()
-            .flat_map(|c| &c.pods)
-            .filter(|p| p.name == name)
-            .flat_map(|p| std::iter::once(p.ip.to_string()).chain(p.ip6.map(|i| i.to_string())))
-            .collect()
+            .filter(|(_, p)| p.name == name)
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        ips.sort();
+        ips
+    }
+
+    pub fn pod(&self, ip: &str) -> Option<PodName> {
+        self.pods.get(&ip.parse().ok()?).cloned()
     }
 
     /// The pod range a firewall rule should admit: the cluster CIDR, or the client alone.
     pub fn pod_range(&self, client_ip: &str) -> String {
         let v6 = client_ip.contains(':');
-        match &self.cfg {
-            Some(c) if !v6 => c.cluster_cidr.to_string(),
-            Some(c) if c.cluster_cidr6.is_some() => c.cluster_cidr6.expect("checked").to_string(),
-            _ => format!("{client_ip}/{}", if v6 { 128 } else { 32 }),
-        }
+        self.pod_ranges
+            .iter()
+            .find(|c| c.addr.is_ipv6() == v6)
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| format!("{client_ip}/{}", if v6 { 128 } else { 32 }))
     }
 
     pub fn label(&self, ip: &str) -> String {
@@ -72,33 +120,31 @@ impl Names {
             None => ip.to_owned(),
         }
     }
-}
 
-impl Names {
-    /// The Service port behind `ip:port` (a ClusterIP and a Service port).
-    pub fn service(&self, ip: &str, port: u16, proto: &str) -> Option<ServiceRef> {
-        let ip: IpAddr = ip.parse().ok()?;
-        let cfg = self.cfg.as_ref()?;
-        cfg.services
-            .iter()
-            .filter(|s| s.cluster_ip == ip)
-            .find_map(|s| {
-                s.ports
-                    .iter()
-                    .find(|p| p.port == port && (p.protocol == Protocol::Tcp) == (proto == "TCP"))
-                    .map(|p| ServiceRef {
-                        namespace: s.namespace.clone(),
-                        name: s.name.clone(),
-                        port_name: p.name.clone(),
-                        port: p.port,
-                        target_port: p.target_port,
-                    })
-            })
+    /// The Service port behind `ip:port`; `reached` is the port DNAT sent it to, if known.
+    pub fn service(
+        &self,
+        ip: &str,
+        port: u16,
+        proto: &str,
+        reached: Option<u16>,
+    ) -> Option<ServiceRef> {
+        let s = self
+            .services
+            .get(&(ip.parse().ok()?, port, proto.to_owned()))?;
+        Some(ServiceRef {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+            port_name: s.port_name.clone(),
+            port,
+            // A named targetPort resolves per endpoint: what DNAT chose is the truth.
+            target_port: reached.or(s.target_port).unwrap_or(0),
+        })
     }
 
     /// Name both ends of a record, and the Service the client asked for.
     pub fn enrich(&self, r: &mut FlowRecord) {
-        if self.cfg.is_none() {
+        if self.pods.is_empty() && self.services.is_empty() {
             return;
         }
         let pod = |ip: &str| {
@@ -118,14 +164,21 @@ impl Names {
         let server = r
             .post_dnat
             .as_ref()
-            .map(|t| t.dst.clone())
-            .or_else(|| r.drop.as_ref().map(|d| d.tuple.dst.clone()))
-            .or_else(|| r.policy_view.as_ref().map(|p| p.tuple.dst.clone()));
+            .map(|t| (t.dst.clone(), t.dport))
+            .or_else(|| {
+                r.drop
+                    .as_ref()
+                    .map(|d| (d.tuple.dst.clone(), d.tuple.dport))
+            })
+            .or_else(|| {
+                r.policy_view
+                    .as_ref()
+                    .map(|p| (p.tuple.dst.clone(), p.tuple.dport))
+            });
         r.src_pod = client.as_deref().and_then(pod);
-        r.dst_pod = server.as_deref().and_then(pod);
-        r.service = r
-            .pre_dnat
-            .as_ref()
-            .and_then(|t| self.service(&t.dst, t.dport, &r.proto));
+        r.dst_pod = server.as_ref().and_then(|(ip, _)| pod(ip));
+        r.service = r.pre_dnat.as_ref().and_then(|t| {
+            self.service(&t.dst, t.dport, &r.proto, server.as_ref().map(|(_, p)| *p))
+        });
     }
 }

@@ -2,3 +2,4 @@
 //! the real-kernel integration tests in `observer/tests/`.
 
 pub mod harness;
+pub mod kube;

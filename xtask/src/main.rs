@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod kube_apiserver;
 
 mod setup;
 
@@ -58,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::ensure()?;
+            kube_apiserver::ensure()?;
             build()?;
             test(&args)
         }

@@ -1,0 +1,172 @@
+//! Kubernetes names from a real kube-apiserver (built from Debian's source package by
+//! `cargo xtask test`): records carry the pods' and the Service's names, the watch follows
+//! changes, and the deploy manifests pass a server-side dry run.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use xtask::kube::KubeApi;
+
+const OBJECTS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: payments}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: frontend-7d9, namespace: shop, labels: {app: frontend}}
+spec: {nodeName: node-a, containers: [{name: c, image: example.invalid/none}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-5f6, namespace: payments, labels: {app: web}}
+spec:
+  nodeName: node-b
+  containers: [{name: c, image: example.invalid/none, ports: [{name: https, containerPort: 8443}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: payments}
+spec:
+  clusterIP: 100.64.0.10
+  selector: {app: web}
+  ports: [{name: https, port: 443, targetPort: https, protocol: TCP}]
+"#;
+
+fn api(lab: &LabRun) -> KubeApi {
+    let api = KubeApi::start(&lab.dir.join("kube"), (std::process::id() % 50) as u16)
+        .expect("kube-apiserver starts");
+    api.kubectl(&["apply", "-f", "-"], Some(OBJECTS)).unwrap();
+    // No kubelet here: publish the pods' IPs (those of the lab's pods) through the status.
+    for (ns, pod, ip) in [
+        ("shop", "frontend-7d9", "10.244.1.10"),
+        ("payments", "web-5f6", "10.244.2.10"),
+    ] {
+        let patch = format!(r#"{{"status":{{"podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
+        api.kubectl(
+            &[
+                "-n",
+                ns,
+                "patch",
+                "pod",
+                pod,
+                "--subresource=status",
+                "--type=merge",
+                "-p",
+                &patch,
+            ],
+            None,
+        )
+        .unwrap();
+    }
+    api
+}
+
+#[test]
+fn records_carry_kubernetes_names_from_the_api() {
+    let mut lab = lab("k8s", None);
+    let api = api(&lab);
+    let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
+    for node in ["node-a", "node-b"] {
+        lab.start_agent(node, &["--idle-timeout", "2s", "--kubeconfig", &kubeconfig])
+            .unwrap();
+    }
+    let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
+    assert!(!log.contains("ERROR"), "{log}");
+    // The watch lists asynchronously; wait for it.
+    let listed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_to_string(lab.dir.join("agent-node-a.log"))
+            .unwrap()
+            .contains("services listed")
+    });
+    assert!(listed);
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    wait_answered(&lab);
+    let a = lab.records("node-a").unwrap();
+    let r = find(&a, |r| r["pre_dnat"]["dport"] == 443 && r["final"] == true)[0];
+    assert_eq!(r["src_pod"]["name"], "frontend-7d9");
+    assert_eq!(r["src_pod"]["namespace"], "shop");
+    assert_eq!(r["src_pod"]["node"], "node-a");
+    assert_eq!(r["dst_pod"]["name"], "web-5f6");
+    assert_eq!(r["dst_pod"]["labels"]["app"], "web");
+    assert_eq!(r["service"]["name"], "web");
+    assert_eq!(r["service"]["namespace"], "payments");
+    assert_eq!(r["service"]["port_name"], "https");
+    assert_eq!(
+        r["service"]["target_port"], 8443,
+        "a named targetPort, resolved by what DNAT did"
+    );
+    let b = lab.records("node-b").unwrap();
+    let rb = find(&b, |r| {
+        r["post_dnat"]["dport"] == 8443 && r["final"] == true
+    })[0];
+    assert_eq!(rb["src_pod"]["name"], "frontend-7d9");
+    assert_eq!(rb["dst_pod"]["node"], "node-b");
+    validate_schema(&a);
+
+    // The watch follows deletions: without the pod, the next record has no name for it.
+    api.kubectl(
+        &[
+            "-n",
+            "payments",
+            "delete",
+            "pod",
+            "web-5f6",
+            "--grace-period=0",
+            "--force",
+        ],
+        None,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let after = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .filter(|r| r["pre_dnat"]["dport"] == 443 && r["final"] == true)
+                .count()
+                >= 2
+        })
+        .unwrap();
+    let last = find(&after, |r| {
+        r["pre_dnat"]["dport"] == 443 && r["final"] == true
+    })
+    .pop()
+    .unwrap()
+    .clone();
+    assert!(
+        last.get("dst_pod").is_none(),
+        "deleted pod still named: {last}"
+    );
+    assert_eq!(last["src_pod"]["name"], "frontend-7d9");
+}
+
+#[test]
+fn deploy_manifests_pass_a_server_side_dry_run() {
+    let lab = lab("kdry", None);
+    let api = KubeApi::start(&lab.dir.join("kube"), 50 + (std::process::id() % 50) as u16)
+        .expect("kube-apiserver starts");
+    let base = format!("{}/../deploy/base", env!("CARGO_MANIFEST_DIR"));
+    // The Namespace must exist for the namespaced objects' dry run.
+    api.kubectl(&["create", "namespace", "observer"], None)
+        .unwrap();
+    let out = api
+        .kubectl(&["apply", "--dry-run=server", "-k", &base], None)
+        .unwrap();
+    for obj in [
+        "serviceaccount/observer",
+        "clusterrole.rbac.authorization.k8s.io/observer",
+        "daemonset.apps/observer",
+        "service/observer-metrics",
+    ] {
+        assert!(out.contains(obj), "{obj} missing: {out}");
+    }
+    assert!(out.contains("(server dry run)"), "{out}");
+}

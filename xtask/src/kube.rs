@@ -1,0 +1,222 @@
+//! A real kube-apiserver (and its etcd) on 127.0.0.1 for a test: generated certificates, a token
+//! file, AlwaysAllow authorization, and a kubeconfig. Stopped on drop.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+pub const CACHE: &str = "/var/cache/observer";
+pub const VERSION: &str = "v1.20.2";
+
+/// Where `cargo xtask test` caches the built binary.
+pub fn binary() -> PathBuf {
+    PathBuf::from(CACHE).join(format!("kube-apiserver-{VERSION}"))
+}
+
+pub struct KubeApi {
+    pub kubeconfig: PathBuf,
+    procs: Vec<Child>,
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+impl KubeApi {
+    /// Start etcd and kube-apiserver with state in `dir`, on ports derived from `slot`.
+    pub fn start(dir: &Path, slot: u16) -> anyhow::Result<KubeApi> {
+        let bin = binary();
+        if !bin.exists() {
+            bail!("{} is missing: `cargo xtask test` builds it", bin.display());
+        }
+        std::fs::create_dir_all(dir)?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=observer-test-ca",
+            ],
+        )?;
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "tls.key",
+                "-out",
+                "tls.csr",
+                "-subj",
+                "/CN=kube-apiserver",
+            ],
+        )?;
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )?;
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "tls.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "tls.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        )?;
+        openssl(dir, &["genrsa", "-out", "sa.key", "2048"])?;
+        std::fs::write(
+            dir.join("tokens.csv"),
+            "testtoken,admin,admin,system:masters\n",
+        )?;
+        let (etcd_port, peer_port, api_port) = (23790 + slot * 3, 23791 + slot * 3, 16443 + slot);
+        let log = |name: &str| -> anyhow::Result<std::fs::File> {
+            Ok(std::fs::File::create(dir.join(name))?)
+        };
+        let mut api = KubeApi {
+            kubeconfig: dir.join("kubeconfig"),
+            procs: Vec::new(),
+        };
+        api.procs.push(
+            Command::new("etcd")
+                .arg("--data-dir")
+                .arg(dir.join("etcd"))
+                .arg(format!("--listen-client-urls=http://127.0.0.1:{etcd_port}"))
+                .arg(format!(
+                    "--advertise-client-urls=http://127.0.0.1:{etcd_port}"
+                ))
+                .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+                .stdout(Stdio::null())
+                .stderr(log("etcd.log")?)
+                .spawn()
+                .context("starting etcd (Debian package etcd-server)")?,
+        );
+        let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        api.procs.push(
+            Command::new(&bin)
+                .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
+                .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                .arg(format!("--secure-port={api_port}"))
+                .arg(format!("--tls-cert-file={}", p("tls.crt")))
+                .arg(format!("--tls-private-key-file={}", p("tls.key")))
+                .arg(format!("--token-auth-file={}", p("tokens.csv")))
+                .arg("--authorization-mode=AlwaysAllow")
+                .arg(format!("--service-account-key-file={}", p("sa.key")))
+                .arg(format!(
+                    "--service-account-signing-key-file={}",
+                    p("sa.key")
+                ))
+                .arg("--service-account-issuer=https://kubernetes.default.svc")
+                .arg("--service-cluster-ip-range=100.64.0.0/16")
+                // No controller-manager here to mint service-account tokens.
+                .arg("--disable-admission-plugins=ServiceAccount")
+                .stdout(Stdio::null())
+                .stderr(log("apiserver.log")?)
+                .spawn()
+                .context("starting kube-apiserver")?,
+        );
+        std::fs::write(
+            &api.kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"https://127.0.0.1:{api_port}\", certificate-authority: {}}}\n\
+                 users:\n- name: test\n  user: {{token: testtoken}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+                p("ca.crt")
+            ),
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = Command::new("curl")
+                .args([
+                    "-s",
+                    "--cacert",
+                    &p("ca.crt"),
+                    "-H",
+                    "Authorization: Bearer testtoken",
+                ])
+                .arg(format!("https://127.0.0.1:{api_port}/readyz"))
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).trim() == "ok" {
+                return Ok(api);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after 60 s: {}",
+                    std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// `kubectl` against this apiserver; must succeed.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        use std::io::Write as _;
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for KubeApi {
+    fn drop(&mut self) {
+        for p in self.procs.iter_mut().rev() {
+            let _ = p.kill();
+            let _ = p.wait();
+        }
+    }
+}

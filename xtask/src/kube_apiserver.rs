@@ -1,0 +1,118 @@
+//! A real kube-apiserver for the tests: no registry ships one, so it is built once from Debian's
+//! `kubernetes` source package (1.20.2, full upstream tree with vendor/) with Debian's Go 1.19,
+//! offline, and cached (FACTS.md §4). About 7 minutes on 2 cores the first time.
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+use xtask::kube::{CACHE, VERSION, binary};
+
+/// The Debian archive URI of this machine's apt configuration (not the security archive).
+fn debian_archive() -> anyhow::Result<String> {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")?.filter_map(Result::ok) {
+        texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("URIs:").map(str::trim).or_else(|| {
+                l.strip_prefix("deb ")
+                    .and_then(|r| r.split_whitespace().find(|w| w.contains("://")))
+            })
+        })
+        .find(|uri| uri.trim_end_matches('/').ends_with("/debian"))
+        .map(str::to_owned)
+        .context("no Debian archive in /etc/apt/sources.list(.d)")
+}
+
+pub fn ensure() -> anyhow::Result<()> {
+    crate::setup::ensure_packages(&[
+        "golang-1.19-go",
+        "golang-1.19-src",
+        "rsync",
+        "etcd-server",
+        "dpkg-dev",
+        "openssl",
+    ])?;
+    if binary().exists() {
+        return Ok(());
+    }
+    println!(
+        "==> building kube-apiserver {VERSION} from Debian's kubernetes source package (about 7 min, once; cached in {CACHE})"
+    );
+    let work = PathBuf::from(CACHE).join("k8s-src");
+    std::fs::create_dir_all(work.join("apt/lists/partial"))?;
+    let list = work.join("apt/src.list");
+    // A private sources list with a deb-src line for the archive the machine already uses (its
+    // own list has no deb-src lines).
+    std::fs::write(
+        &list,
+        format!("deb-src {} bookworm main\n", debian_archive()?),
+    )?;
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.current_dir(&work)
+            .arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", list.display()))
+            .args(["-o", "Dir::Etc::SourceParts=/dev/null", "-o"])
+            .arg(format!(
+                "Dir::State::Lists={}",
+                work.join("apt/lists").display()
+            ))
+            .args(args);
+        c
+    };
+    crate::run(&mut apt(&["update", "-q"]))?;
+    crate::run(&mut apt(&["source", "--download-only", "kubernetes"]))?;
+    let dsc = std::fs::read_dir(&work)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "dsc"))
+        .context("no .dsc downloaded")?;
+    let src = work.join("src");
+    if !src.exists() {
+        crate::run(
+            Command::new("dpkg-source")
+                .current_dir(&work)
+                .arg("-x")
+                .arg(&dsc)
+                .arg(&src),
+        )?;
+    }
+    let path = format!(
+        "/usr/lib/go-1.19/bin:{}",
+        std::env::var("PATH").unwrap_or_default()
+    );
+    crate::run(
+        Command::new("make")
+            .current_dir(&src)
+            .env("PATH", path)
+            .env("GOPROXY", "off")
+            .env("GOFLAGS", "-mod=vendor")
+            .env("CGO_ENABLED", "0")
+            .env("KUBE_GIT_VERSION", VERSION)
+            .env("KUBE_GIT_MAJOR", "1")
+            .env("KUBE_GIT_MINOR", "20")
+            .env("KUBE_GIT_TREE_STATE", "archive")
+            .arg("WHAT=cmd/kube-apiserver"),
+    )?;
+    let built = src.join("_output/bin/kube-apiserver");
+    if !built.exists() {
+        bail!("make finished but {} is missing", built.display());
+    }
+    std::fs::copy(&built, binary())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn finds_this_machines_debian_archive() {
+        let uri = super::debian_archive().expect("a Debian machine has one");
+        assert!(uri.contains("://") && uri.trim_end_matches('/').ends_with("/debian"), "{uri}");
+    }
+}
