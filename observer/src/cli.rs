@@ -54,10 +54,11 @@ pub struct ExplainArgs {
     /// Select by client: IP or IP:PORT.
     #[arg(long)]
     pub client: Option<String>,
-    /// Select connections from or to this pod (needs --lab).
-    #[arg(long, requires = "lab")]
+    /// Select connections from or to this pod (named by --lab, or by the records' own names).
+    #[arg(long)]
     pub pod: Option<String>,
-    /// Name pods and ranges from this running lab.
+    /// Name pods and ranges from this running lab (default: the names agents wrote into the
+    /// records, when they watch the Kubernetes API).
     #[arg(long)]
     pub lab: Option<String>,
     #[arg(long, value_enum, default_value_t = Format::Text)]

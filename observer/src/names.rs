@@ -83,6 +83,34 @@ impl Names {
         n
     }
 
+    /// The names agents already wrote into records (`src_pod`, `dst_pod`), for reading logs of
+    /// a cluster without access to its API.
+    pub fn from_records(records: &[FlowRecord]) -> Names {
+        let mut n = Names::default();
+        for r in records {
+            let client = r.pre_dnat.as_ref().or(r.post_dnat.as_ref()).map(|t| &t.src);
+            let server = r
+                .post_dnat
+                .as_ref()
+                .map(|t| &t.dst)
+                .or_else(|| r.drop.as_ref().map(|d| &d.tuple.dst));
+            for (ip, pod) in [(client, &r.src_pod), (server, &r.dst_pod)] {
+                if let (Some(ip), Some(p)) = (ip.and_then(|i| i.parse().ok()), pod) {
+                    n.pods.insert(
+                        ip,
+                        PodName {
+                            name: p.name.clone(),
+                            namespace: p.namespace.clone(),
+                            labels: p.labels.clone(),
+                            node: p.node.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        n
+    }
+
     /// Names from a running lab's description.
     pub fn from_lab(name: &str) -> Result<Names, LabError> {
         Ok(Names::from_lab_config(&Lab::new(name)?.load_config()?))

@@ -111,6 +111,22 @@ fn records_carry_kubernetes_names_from_the_api() {
     assert_eq!(rb["dst_pod"]["node"], "node-b");
     validate_schema(&a);
 
+    // explain reads the records' own Kubernetes names: no lab description needed.
+    let la = lab.dir.join("node-a.jsonl");
+    let lb = lab.dir.join("node-b.jsonl");
+    let text = observer(&[
+        "explain",
+        la.to_str().unwrap(),
+        lb.to_str().unwrap(),
+        "--pod",
+        "web-5f6",
+    ]);
+    assert!(
+        text.contains("from shop/frontend-7d9 (10.244.1.10)"),
+        "{text}"
+    );
+    assert!(text.contains("outcome:   answered"), "{text}");
+
     // The watch follows deletions: without the pod, the next record has no name for it.
     api.kubectl(
         &[

@@ -113,6 +113,9 @@ mod tests {
     #[test]
     fn finds_this_machines_debian_archive() {
         let uri = super::debian_archive().expect("a Debian machine has one");
-        assert!(uri.contains("://") && uri.trim_end_matches('/').ends_with("/debian"), "{uri}");
+        assert!(
+            uri.contains("://") && uri.trim_end_matches('/').ends_with("/debian"),
+            "{uri}"
+        );
     }
 }

@@ -61,20 +61,24 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
     Ok(out)
 }
 
-fn names(lab: &Option<String>) -> anyhow::Result<Names> {
+/// Names from the lab if given, else the ones the agents put in the records (Kubernetes).
+fn names(lab: &Option<String>, records: &[FlowRecord]) -> anyhow::Result<Names> {
     match lab {
         Some(name) => Names::from_lab(name)
             .with_context(|| format!("lab {name} is not up (its description names the pods)")),
-        None => Ok(Names::default()),
+        None => Ok(Names::from_records(records)),
     }
 }
 
 pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     let records = load(&args.files)?;
-    let names = names(&args.lab)?;
+    let names = names(&args.lab, &records)?;
     let pod_ips = args.pod.as_deref().map(|p| names.ips_of(p));
     if pod_ips.as_ref().is_some_and(Vec::is_empty) {
-        bail!("lab has no pod {:?}", args.pod.unwrap_or_default());
+        bail!(
+            "no pod {:?} is named in the lab or the records",
+            args.pod.unwrap_or_default()
+        );
     }
     let mut stories: Vec<Story> = stitch(&records)
         .into_iter()
