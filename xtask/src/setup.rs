@@ -120,13 +120,17 @@ pub fn ensure() -> anyhow::Result<()> {
         .is_ok_and(|o| o.status.success());
     if !has_validate {
         println!("==> installing kubernetes-validate (PyPI) for manifest checks");
-        crate::run(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "kubernetes-validate",
-        ]))?;
+        let pip = |extra: &[&str]| {
+            Command::new("python3")
+                .args(["-m", "pip", "install", "-q", "kubernetes-validate"])
+                .args(extra)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        // Debian's own python3 refuses pip installs (PEP 668) unless told otherwise.
+        if !pip(&[]) && !pip(&["--break-system-packages"]) {
+            bail!("could not install kubernetes-validate with `python3 -m pip`");
+        }
     }
     if Command::new("kubectl")
         .arg("version")
