@@ -42,6 +42,8 @@ pub struct Names {
     pub services: HashMap<(IpAddr, u16, String), ServicePortName>,
     /// Pod ranges, for firewall fixes.
     pub pod_ranges: Vec<Cidr>,
+    /// Namespace -> its labels.
+    pub namespaces: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl Names {
@@ -62,6 +64,9 @@ impl Names {
             for ip in std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6)) {
                 n.pods.insert(ip, name.clone());
             }
+        }
+        for ns in &cfg.namespaces {
+            n.namespaces.insert(ns.name.clone(), ns.labels.clone());
         }
         for s in &cfg.services {
             for p in &s.ports {
@@ -177,6 +182,11 @@ impl Names {
         }
         let pod = |ip: &str| {
             self.pod(ip).map(|p| PodRef {
+                namespace_labels: self
+                    .namespaces
+                    .get(&p.namespace)
+                    .cloned()
+                    .unwrap_or_default(),
                 namespace: p.namespace,
                 name: p.name,
                 labels: p.labels,

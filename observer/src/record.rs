@@ -122,6 +122,9 @@ pub struct PodRef {
     pub name: String,
     pub labels: std::collections::BTreeMap<String, String>,
     pub node: String,
+    /// Labels of the pod's namespace (what a NetworkPolicy namespaceSelector matches).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub namespace_labels: std::collections::BTreeMap<String, String>,
 }
 
 /// The Service port a client asked for.

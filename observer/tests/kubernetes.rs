@@ -12,7 +12,7 @@ use xtask::kube::KubeApi;
 const OBJECTS: &str = r#"
 apiVersion: v1
 kind: Namespace
-metadata: {name: shop}
+metadata: {name: shop, labels: {team: storefront}}
 ---
 apiVersion: v1
 kind: Namespace
@@ -94,6 +94,10 @@ fn records_carry_kubernetes_names_from_the_api() {
     assert_eq!(r["src_pod"]["name"], "frontend-7d9");
     assert_eq!(r["src_pod"]["namespace"], "shop");
     assert_eq!(r["src_pod"]["node"], "node-a");
+    assert_eq!(
+        r["src_pod"]["namespace_labels"]["team"], "storefront",
+        "from the Namespace watch"
+    );
     assert_eq!(r["dst_pod"]["name"], "web-5f6");
     assert_eq!(r["dst_pod"]["labels"]["app"], "web");
     assert_eq!(r["service"]["name"], "web");

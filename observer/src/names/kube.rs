@@ -1,5 +1,6 @@
-//! Names from the Kubernetes API: watch Pods and Services (all namespaces) and keep only what a
-//! record needs: pod IP -> namespace, name, labels, node; Service cluster IP and port -> names.
+//! Names from the Kubernetes API: watch Pods, Services and Namespaces and keep only what a
+//! record needs: pod IP -> namespace, name, labels, node; Service cluster IP and port -> names;
+//! namespace -> labels.
 //! Memory is a few hundred bytes per pod (labels dominate), independent of object size.
 
 use std::{
@@ -9,7 +10,7 @@ use std::{
 
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use k8s_openapi::{
-    api::core::v1::{Pod, Service},
+    api::core::v1::{Namespace, Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::{
@@ -132,6 +133,21 @@ pub async fn watch(client: Client, names: Arc<RwLock<Names>>) {
         |n: &mut Names| n.pods.clear(),
         "pods",
     );
+    let namespaces = watch_kind(
+        Api::<Namespace>::all(client.clone()),
+        names.clone(),
+        |n: &mut Names, ns: &Namespace, add: bool| {
+            let name = ns.metadata.name.clone().unwrap_or_default();
+            if add {
+                n.namespaces
+                    .insert(name, ns.metadata.labels.clone().unwrap_or_default());
+            } else {
+                n.namespaces.remove(&name);
+            }
+        },
+        |n: &mut Names| n.namespaces.clear(),
+        "namespaces",
+    );
     let services = watch_kind(
         Api::<Service>::all(client),
         names,
@@ -147,7 +163,7 @@ pub async fn watch(client: Client, names: Arc<RwLock<Names>>) {
         |n: &mut Names| n.services.clear(),
         "services",
     );
-    futures_util::join!(pods, services);
+    futures_util::join!(pods, services, namespaces);
 }
 
 async fn watch_kind<K>(
