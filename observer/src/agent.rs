@@ -367,10 +367,9 @@ fn sync_ifaces(
     }
     for role in [Role::Pod, Role::Uplink] {
         let n = hooks.attached().values().filter(|a| a.role == role).count();
-        let label = if role == Role::Pod { "pod" } else { "uplink" };
         metrics
             .interfaces_attached
-            .with_label_values(&[label])
+            .with_label_values(&[role.as_str()])
             .set(n as i64);
     }
 }

@@ -93,12 +93,8 @@ impl Names {
     pub fn from_records(records: &[FlowRecord]) -> Names {
         let mut n = Names::default();
         for r in records {
-            let client = r.pre_dnat.as_ref().or(r.post_dnat.as_ref()).map(|t| &t.src);
-            let server = r
-                .post_dnat
-                .as_ref()
-                .map(|t| &t.dst)
-                .or_else(|| r.drop.as_ref().map(|d| &d.tuple.dst));
+            let client = r.client_tuple().map(|t| &t.src);
+            let server = r.backend_tuple().map(|t| &t.dst);
             for (ip, pod) in [(client, &r.src_pod), (server, &r.dst_pod)] {
                 if let (Some(ip), Some(p)) = (ip.and_then(|i| i.parse().ok()), pod) {
                     n.pods.insert(
@@ -194,25 +190,8 @@ impl Names {
             })
         };
         // The client as it sent, the server as it was reached or aimed at after DNAT.
-        let client = r
-            .pre_dnat
-            .as_ref()
-            .or(r.post_dnat.as_ref())
-            .map(|t| t.src.clone());
-        let server = r
-            .post_dnat
-            .as_ref()
-            .map(|t| (t.dst.clone(), t.dport))
-            .or_else(|| {
-                r.drop
-                    .as_ref()
-                    .map(|d| (d.tuple.dst.clone(), d.tuple.dport))
-            })
-            .or_else(|| {
-                r.policy_view
-                    .as_ref()
-                    .map(|p| (p.tuple.dst.clone(), p.tuple.dport))
-            });
+        let client = r.client_tuple().map(|t| t.src.clone());
+        let server = r.backend_tuple().map(|t| (t.dst.clone(), t.dport));
         r.src_pod = client.as_deref().and_then(pod);
         r.dst_pod = server.as_ref().and_then(|(ip, _)| pod(ip));
         r.service = r.pre_dnat.as_ref().and_then(|t| {

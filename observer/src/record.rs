@@ -187,3 +187,19 @@ pub struct FlowRecord {
     pub start: String,
     pub end: String,
 }
+
+impl FlowRecord {
+    /// Client -> server as the client sent it (pre-DNAT), else as it left this node.
+    pub fn client_tuple(&self) -> Option<&TupleView> {
+        self.pre_dnat.as_ref().or(self.post_dnat.as_ref())
+    }
+
+    /// Client -> server after DNAT: as it left this node, else as the layer that dropped it
+    /// saw it, else the filter table's view.
+    pub fn backend_tuple(&self) -> Option<&TupleView> {
+        self.post_dnat
+            .as_ref()
+            .or(self.drop.as_ref().map(|d| &d.tuple))
+            .or(self.policy_view.as_ref().map(|p| &p.tuple))
+    }
+}

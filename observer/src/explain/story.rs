@@ -28,11 +28,7 @@ pub struct Verdict {
 }
 
 fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
-    let t = r
-        .pre_dnat
-        .as_ref()
-        .or(r.post_dnat.as_ref())
-        .or(r.wire_view.as_ref())?;
+    let t = r.client_tuple().or(r.wire_view.as_ref())?;
     Some((r.proto.clone(), t.src.clone(), t.sport))
 }
 
@@ -72,25 +68,16 @@ impl Story {
     /// What the client asked for (pre-DNAT), else the first tuple known.
     pub fn asked(&self) -> Option<&TupleView> {
         let a = self.any();
-        a.pre_dnat
-            .as_ref()
-            .or(a.post_dnat.as_ref())
-            .or(a.wire_view.as_ref())
+        a.client_tuple().or(a.wire_view.as_ref())
     }
 
     /// Where it was going after DNAT: the filter's view, the wire, or the delivery.
     pub fn backend(&self) -> Option<TupleView> {
-        let from = |r: &FlowRecord| {
-            r.drop
-                .as_ref()
-                .map(|d| d.tuple.clone())
-                .or_else(|| r.post_dnat.clone())
-                .or_else(|| r.policy_view.as_ref().map(|p| p.tuple.clone()))
-        };
         self.sender
             .as_ref()
-            .and_then(from)
-            .or_else(|| self.receiver.as_ref().and_then(from))
+            .and_then(FlowRecord::backend_tuple)
+            .or_else(|| self.receiver.as_ref().and_then(FlowRecord::backend_tuple))
+            .cloned()
     }
 
     pub fn matches(&self, service: Option<&str>, client: Option<&str>) -> bool {

@@ -75,6 +75,14 @@ pub enum Role {
 }
 
 impl Role {
+    /// The name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Pod => "pod",
+            Role::Uplink => "uplink",
+        }
+    }
+
     /// (ingress point, egress point) for this role.
     pub fn points(self) -> [Point; 2] {
         match self {
@@ -142,10 +150,7 @@ impl Hooks {
         let a = tc::attach(&mut self.ebpf, iface, role, self.tc_mode)?;
         info!(
             "attached {} programs to {iface} (ifindex {}, {:?})",
-            match role {
-                Role::Pod => "pod",
-                Role::Uplink => "uplink",
-            },
+            role.as_str(),
             a.ifindex,
             self.tc_mode
         );
