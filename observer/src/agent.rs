@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, RwLock, atomic::Ordering},
     time::Duration,
 };
@@ -19,7 +19,7 @@ use tokio::{
 use crate::{
     cli::AgentArgs,
     clock::Clock,
-    correlate::{self, Correlator, Counters},
+    correlate::{self, Correlator, Counters, Flush},
     events,
     export::{
         http::{self, Health},
@@ -30,6 +30,7 @@ use crate::{
         HookError, Hooks, KernelMaps, Role,
         drop::DropConfig,
         ifaces::{self, glob_match},
+        pin::{self, PinDir, PinError},
         preflight::{self, PreflightError},
     },
     names::Names,
@@ -43,6 +44,8 @@ pub enum AgentError {
     Hook(#[from] HookError),
     #[error(transparent)]
     Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
     #[error(transparent)]
     FlowLog(#[from] JsonError),
     #[error("names: {0}")]
@@ -131,7 +134,43 @@ pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
     }
 }
 
-pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), AgentError> {
+/// The pin directory this agent owns, if it pins. Taken before `--netns` moves the agent, so
+/// the ownership lock lives in the host's network namespace, where every agent sees it.
+pub fn pin_dir(args: &AgentArgs) -> Result<Option<PinDir>, AgentError> {
+    if args.no_pin {
+        return Ok(None);
+    }
+    let dir = match &args.pin_dir {
+        Some(d) => d.clone(),
+        None => {
+            let own = match &args.netns {
+                Some(ns) => Path::new(ns)
+                    .file_name()
+                    .map_or_else(|| ns.clone(), |n| n.to_string_lossy().into_owned()),
+                None => "host".to_owned(),
+            };
+            let dir = Path::new(pin::DEFAULT_ROOT).join(own);
+            if !pin::on_bpffs(&dir) {
+                warn!(
+                    "{} is not on a bpf filesystem: open flows' counters will not survive a \
+                     restart (mount bpffs there, or pass --pin-dir or --no-pin)",
+                    dir.display()
+                );
+                return Ok(None);
+            }
+            dir
+        }
+    };
+    let pin = PinDir::acquire(&dir, args.pin_wait)?;
+    info!("flow map pinned in {}", pin.dir().display());
+    Ok(Some(pin))
+}
+
+pub async fn run(
+    args: AgentArgs,
+    names: Arc<RwLock<Names>>,
+    pin: Option<PinDir>,
+) -> Result<(), AgentError> {
     preflight::check_capabilities()?;
     if !preflight::has_btf() {
         warn!(
@@ -188,20 +227,12 @@ pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), Agent
             None
         }
     };
-    let (mut hooks, maps) = Hooks::load(args.max_flows, args.tc_mode, drop_cfg.as_ref())?;
-    for u in &uplinks {
-        hooks.attach_iface(u, Role::Uplink)?;
-    }
-    if let Some(cg) = &cgroup {
-        hooks.attach_cgroup(cg)?;
-        info!("socket hooks attached to cgroup {}", cg.display());
-    }
-    if drop_cfg.is_some() {
-        hooks.attach_drops()?;
-        info!("drop tracepoint attached (tp_btf/kfree_skb)");
-    }
-    let reasons = drop_cfg.map(|c| c.reasons).unwrap_or_default();
-    let kallsyms = crate::kallsyms::Kallsyms::load();
+    let (mut hooks, maps) = Hooks::load(
+        args.max_flows,
+        args.tc_mode,
+        drop_cfg.as_ref(),
+        pin.as_ref(),
+    )?;
     let clock = Clock::new();
     let mut corr = Correlator::new(
         correlate::Config {
@@ -215,6 +246,25 @@ pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), Agent
         },
         clock,
     );
+    // Before anything is attached: what is in the map now was counted by a previous agent.
+    let adopted = adopt(&maps.flows, &mut corr);
+    if adopted > 0 {
+        info!("adopted {adopted} pinned flow entries from the previous agent");
+        metrics.flows_adopted.inc_by(adopted);
+    }
+    for u in &uplinks {
+        hooks.attach_iface(u, Role::Uplink)?;
+    }
+    if let Some(cg) = &cgroup {
+        hooks.attach_cgroup(cg)?;
+        info!("socket hooks attached to cgroup {}", cg.display());
+    }
+    if drop_cfg.is_some() {
+        hooks.attach_drops()?;
+        info!("drop tracepoint attached (tp_btf/kfree_skb)");
+    }
+    let reasons = drop_cfg.map(|c| c.reasons).unwrap_or_default();
+    let kallsyms = crate::kallsyms::Kallsyms::load();
     sync_ifaces(&mut hooks, &mut corr, &uplinks, &args.pod_iface, &metrics);
     health.ready.store(true, Ordering::Relaxed);
     info!(
@@ -242,8 +292,8 @@ pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), Agent
 
     loop {
         tokio::select! {
-            _ = sigterm.recv() => { info!("SIGTERM: flushing and detaching"); break; }
-            _ = sigint.recv() => { info!("SIGINT: flushing and detaching"); break; }
+            _ = sigterm.recv() => { info!("SIGTERM: {}", stopping(pin.as_ref())); break; }
+            _ = sigint.recv() => { info!("SIGINT: {}", stopping(pin.as_ref())); break; }
             guard = flow_events.readable_mut() => {
                 let mut guard = guard.map_err(AgentError::RingBuf)?;
                 drain(guard.get_inner_mut(), |b| {
@@ -291,7 +341,7 @@ pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), Agent
                     pending.extend(flows.keys().filter_map(Result::ok));
                 }
                 read_counters(&flows, &mut corr, &mut pending, &metrics);
-                emit(&mut corr, &mut flows, &mut flow_log, &metrics, &recent, &names, false);
+                emit(&mut corr, &mut flows, &mut flow_log, &metrics, &recent, &names, Flush::Due);
             }
         }
     }
@@ -306,7 +356,11 @@ pub async fn run(args: AgentArgs, names: Arc<RwLock<Names>>) -> Result<(), Agent
         &metrics,
         &recent,
         &names,
-        true,
+        if pin.is_some() {
+            Flush::Checkpoint
+        } else {
+            Flush::All
+        },
     );
     health.ready.store(false, Ordering::Relaxed);
     hooks.shutdown();
@@ -389,6 +443,30 @@ fn sum(values: &[FlowCounters]) -> Counters {
     c
 }
 
+fn stopping(pin: Option<&PinDir>) -> String {
+    match pin {
+        Some(p) => format!(
+            "writing open flows and detaching; their counters stay pinned in {}",
+            p.dir().display()
+        ),
+        None => "flushing and detaching".to_owned(),
+    }
+}
+
+/// Take the entries a previous agent left in the pinned map as the starting point of their
+/// flows: their counts go into records, not again into the packet and byte metrics.
+fn adopt(
+    flows: &aya::maps::PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    corr: &mut Correlator,
+) -> u64 {
+    let mut n = 0;
+    for (key, values) in flows.iter().filter_map(Result::ok) {
+        corr.observe(key, sum(&values));
+        n += 1;
+    }
+    n
+}
+
 fn read_counters(
     flows: &aya::maps::PerCpuHashMap<MapData, FlowKey, FlowCounters>,
     corr: &mut Correlator,
@@ -429,9 +507,9 @@ fn emit(
     metrics: &Metrics,
     recent: &http::RecentFlows,
     names: &RwLock<Names>,
-    flush_all: bool,
+    flush: Flush,
 ) {
-    let mut out = corr.collect(Clock::mono_now(), flush_all);
+    let mut out = corr.collect(Clock::mono_now(), flush);
     if !out.records.is_empty() {
         let names = names.read().expect("not poisoned");
         for r in &mut out.records {

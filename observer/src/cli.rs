@@ -161,6 +161,21 @@ pub struct AgentArgs {
     /// How tc programs are attached.
     #[arg(long, env = "OBSERVER_TC_MODE", value_enum, default_value_t = TcMode::Auto)]
     pub tc_mode: TcMode,
+
+    /// Directory on a bpf filesystem where the flow map is pinned, so a restarted agent keeps
+    /// the counters of open flows. Default: /sys/fs/bpf/observer/<netns name, or `host`>, used
+    /// only if /sys/fs/bpf is a bpf filesystem (a warning says so otherwise).
+    #[arg(long, env = "OBSERVER_PIN_DIR", conflicts_with = "no_pin")]
+    pub pin_dir: Option<PathBuf>,
+
+    /// Do not pin: counters live as long as the agent, and SIGTERM ends every open flow.
+    #[arg(long, env = "OBSERVER_NO_PIN")]
+    pub no_pin: bool,
+
+    /// How long to wait for a previous agent (a rolling update's old pod) to release the pin
+    /// directory.
+    #[arg(long, env = "OBSERVER_PIN_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub pin_wait: Duration,
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,15 +2,24 @@
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-use crate::hooks::drop::DropConfig;
+use crate::hooks::{drop::DropConfig, pin::PinDir};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
 
-/// Create the maps, with the flow map sized by the operator and the drop tracepoint's kernel
-/// offsets patched in; programs are loaded by the hooks that attach them.
-pub fn load(max_flows: u32, drops: Option<&DropConfig>) -> Result<Ebpf, EbpfError> {
+/// Create the maps, with the flow map sized by the operator (reused from `pin` if pinned there
+/// before) and the drop tracepoint's kernel offsets patched in; programs are loaded by the hooks
+/// that attach them.
+pub fn load(
+    max_flows: u32,
+    drops: Option<&DropConfig>,
+    pin: Option<&PinDir>,
+) -> Result<Ebpf, EbpfError> {
     let mut loader = EbpfLoader::new();
     loader.map_max_entries("FLOWS", max_flows);
+    if let Some(p) = pin {
+        p.drop_incompatible_flows(max_flows);
+        loader.map_pin_path("FLOWS", p.flows());
+    }
     if let Some(d) = drops {
         d.apply(&mut loader);
     }

@@ -36,6 +36,13 @@ fn main() {
                     std::process::exit(1);
                 }
             };
+            let pin = match agent::pin_dir(&args) {
+                Ok(p) => p,
+                Err(e) => {
+                    log::error!("{}", error_chain(&e));
+                    std::process::exit(1);
+                }
+            };
             if let Some(ns) = &args.netns
                 && let Err(e) = agent::enter_netns(ns)
             {
@@ -46,7 +53,7 @@ fn main() {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match rt.block_on(agent::run(*args, names)) {
+            match rt.block_on(agent::run(*args, names, pin)) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{}", error_chain(&e));

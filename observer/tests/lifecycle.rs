@@ -71,7 +71,7 @@ fn sigterm_flushes_open_flows_and_leaves_no_attachment() {
     let mut lab = lab("stop", None);
     let before = settled_links();
     // A long idle timeout: the UDP flow is still open when the agent is told to stop.
-    lab.start_agent("node-a", &["--idle-timeout", "10m"])
+    lab.start_agent("node-a", &["--idle-timeout", "10m", "--no-pin"])
         .unwrap();
     // 2 uplink + 2 per pod veth (2 pods on node-a) + 5 cgroup + the drop tracepoint.
     assert_eq!(
@@ -107,6 +107,137 @@ fn sigterm_flushes_open_flows_and_leaves_no_attachment() {
     );
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(log.contains("SIGTERM: flushing and detaching"), "{log}");
+}
+
+/// Records of one connection (by client port), in the order they were written.
+fn of_port(recs: &[Value], sport: &Value) -> Vec<Value> {
+    recs.iter()
+        .filter(|r| r["pre_dnat"]["sport"] == *sport)
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
+    let bpffs = BpfFs::mount("restart");
+    let pin = bpffs.path.join("node-a");
+    let pin_arg = pin.to_string_lossy().into_owned();
+    let mut lab = lab("rst", None);
+    let before = settled_links();
+    let args = [
+        "--pin-dir",
+        pin_arg.as_str(),
+        "--flush-interval",
+        "1s",
+        "--poll-interval",
+        "200ms",
+    ];
+    let held = |secs: &str| {
+        [
+            "--to",
+            "100.64.0.10:443",
+            "--hold",
+            secs,
+            "--timeout",
+            "20s",
+        ]
+        .map(str::to_owned)
+    };
+    lab.start_agent("node-a", &args).unwrap();
+    let links_running = our_links() - before;
+
+    // Connection 1 is open (handshake done, request not yet sent) when agent 1 gets SIGTERM.
+    let c1 = lab
+        .spawn_client("pod-a", &held("7s").each_ref().map(String::as_str))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, _) = lab.stop_agent("node-a").unwrap();
+    assert_eq!(code, Some(0));
+    let at_stop = lab.records("node-a").unwrap();
+    let checkpoint = at_stop
+        .iter()
+        .rfind(|r| r["pre_dnat"]["dport"] == 443)
+        .cloned()
+        .unwrap_or_else(|| panic!("agent 1 wrote the open connection at SIGTERM: {at_stop:?}"));
+    assert_eq!(checkpoint["final"], false, "{checkpoint}");
+    let sport1 = checkpoint["pre_dnat"]["sport"].clone();
+    assert!(pin.join("FLOWS").exists(), "the flow map stays pinned");
+
+    // Agent 2 adopts it; connection 2 opens under agent 2, which then crashes.
+    lab.start_agent("node-a", &args).unwrap();
+    assert_eq!(
+        settled_links() - before,
+        links_running,
+        "the new agent attaches once; nothing of the old one is left"
+    );
+    let adopted = metric(
+        &lab.metrics("node-a").unwrap(),
+        "observer_flows_adopted_total",
+        &[],
+    );
+    assert!(
+        adopted >= Some(4.0),
+        "4 observations of connection 1: {adopted:?}"
+    );
+    let c2 = lab
+        .spawn_client("pod-a", &held("5s").each_ref().map(String::as_str))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let before_crash = lab.records("node-a").unwrap();
+    lab.kill_agent("node-a").unwrap();
+    let interim2 = before_crash
+        .iter()
+        .rfind(|r| r["pre_dnat"]["dport"] == 443 && r["pre_dnat"]["sport"] != sport1)
+        .cloned()
+        .unwrap_or_else(|| {
+            panic!("agent 2 wrote connection 2 while it was open: {before_crash:?}")
+        });
+    let sport2 = interim2["pre_dnat"]["sport"].clone();
+
+    // Agent 3 adopts both and sees them close.
+    lab.start_agent("node-a", &args).unwrap();
+    for c in [c1, c2] {
+        let out = c.wait_with_output().unwrap();
+        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(s["ok"], 1, "{s}");
+    }
+    let recs = lab
+        .wait_records("node-a", WAIT, |rs| {
+            [&sport1, &sport2].iter().all(|p| {
+                rs.iter()
+                    .any(|r| r["final"] == true && r["pre_dnat"]["sport"] == **p)
+            })
+        })
+        .unwrap();
+    validate_schema(&recs);
+    for (sport, earlier, how) in [
+        (&sport1, &checkpoint, "SIGTERM"),
+        (&sport2, &interim2, "SIGKILL"),
+    ] {
+        let conn = of_port(&recs, sport);
+        let last = conn.last().unwrap();
+        assert_eq!(last["final"], true, "{how}: {conn:?}");
+        assert_eq!(
+            conn.iter().filter(|r| r["final"] == true).count(),
+            1,
+            "one final record across agents ({how}): {conn:?}"
+        );
+        assert_eq!(
+            last["first_seen"], earlier["first_seen"],
+            "the final record starts where the kernel started counting ({how})"
+        );
+        assert_eq!(last["state"], "closed", "SYN seen before the {how}: {last}");
+        let (p_then, p_now) = (
+            earlier["totals"]["packets"].as_u64().unwrap(),
+            last["totals"]["packets"].as_u64().unwrap(),
+        );
+        assert!(
+            p_now > p_then,
+            "packets before the {how} ({p_then}) are in the final count ({p_now})"
+        );
+    }
+    lab.stop_agent("node-a").unwrap();
+    assert_eq!(settled_links(), before, "no link left after the last agent");
 }
 
 fn qdiscs(lab: &LabRun) -> String {
@@ -363,6 +494,8 @@ fn a_full_flow_map_is_counted_not_fatal() {
 #[test]
 fn runs_with_only_bpf_perfmon_and_net_admin() {
     let lab = lab("caps", None);
+    let bpffs = BpfFs::mount("caps");
+    let pin = bpffs.path.join("node-a");
     let flow_log = lab.dir.join("caps.jsonl");
     let caps = "-all,+bpf,+perfmon,+net_admin";
     let mut agent = Command::new("nsenter")
@@ -388,6 +521,8 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
         ])
         .arg("--flow-log")
         .arg(&flow_log)
+        .arg("--pin-dir")
+        .arg(&pin)
         .stderr(std::fs::File::create(lab.dir.join("caps.log")).unwrap())
         .spawn()
         .unwrap();
@@ -411,4 +546,9 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
     unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
     assert_eq!(agent.wait().unwrap().code(), Some(0), "{}", log());
     assert!(found, "no record with the socket and the DNAT: {}", log());
+    assert!(
+        pin.join("FLOWS").exists(),
+        "pinning needs no capability beyond these: {}",
+        log()
+    );
 }

@@ -97,7 +97,13 @@ impl LabRun {
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
+            // Appended: a restarted agent's log follows the previous one's.
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)?,
+            )
             .spawn()
             .context("starting observer agent")?;
         self.agents.push(Agent {
@@ -170,16 +176,45 @@ impl LabRun {
         Ok(summary)
     }
 
+    /// `observer lab client` from a pod, in the background (for connections held open while
+    /// the test does something else); its stdout is the JSON summary.
+    pub fn spawn_client(&self, pod: &str, args: &[&str]) -> anyhow::Result<Child> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(pod)])
+            .arg(&self.bin)
+            .args(["lab", "client"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting observer lab client")
+    }
+
     /// SIGTERM the agent of `node` and wait for it; returns (exit code, time to exit).
     pub fn stop_agent(&mut self, node: &str) -> anyhow::Result<(Option<i32>, Duration)> {
+        self.signal_agent(node, libc::SIGTERM)
+    }
+
+    /// SIGKILL the agent of `node` (a crash) and wait for it.
+    pub fn kill_agent(&mut self, node: &str) -> anyhow::Result<()> {
+        self.signal_agent(node, libc::SIGKILL).map(|_| ())
+    }
+
+    /// Signal the latest agent started for `node` and wait for it to exit.
+    fn signal_agent(&mut self, node: &str, signal: i32) -> anyhow::Result<(Option<i32>, Duration)> {
         let a = self
             .agents
             .iter_mut()
+            .rev()
             .find(|a| a.node == node)
             .with_context(|| format!("no agent for {node}"))?;
         let t0 = Instant::now();
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+        if let Some(s) = a.child.try_wait()? {
+            // Already gone (and reaped): its pid may be someone else's by now.
+            return Ok((s.code(), Duration::ZERO));
+        }
+        // SAFETY: plain kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(a.child.id() as i32, signal) };
         let deadline = t0 + Duration::from_secs(10);
         let status = loop {
             if let Some(s) = a.child.try_wait()? {
@@ -196,7 +231,8 @@ impl LabRun {
 
     /// SIGTERM every agent; returns (node, exit code, time to exit).
     pub fn stop_agents(&mut self) -> anyhow::Result<Vec<(String, Option<i32>, Duration)>> {
-        let nodes: Vec<String> = self.agents.iter().map(|a| a.node.clone()).collect();
+        let mut nodes: Vec<String> = self.agents.iter().map(|a| a.node.clone()).collect();
+        nodes.dedup();
         nodes
             .into_iter()
             .map(|n| self.stop_agent(&n).map(|(c, d)| (n, c, d)))

@@ -67,6 +67,18 @@ struct Emitted {
     packets: u64,
 }
 
+/// Which records [`Correlator::collect`] builds.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Final records for finished connections, interim ones every `flush_ns`.
+    Due,
+    /// As `Due`, plus an interim record for every other connection that changed since its last
+    /// one: the agent stops while the kernel keeps its counters (pinned) for the next agent.
+    Checkpoint,
+    /// Every connection ends now: the agent stops and its counters go with it.
+    All,
+}
+
 /// What one [`Correlator::collect`] produced.
 #[derive(Default, Debug)]
 pub struct Collected {
@@ -228,9 +240,9 @@ impl Correlator {
         })
     }
 
-    /// Build the records due at `now_ns`: final ones for finished connections (all of them when
-    /// `flush_all`, at shutdown), interim ones for long connections.
-    pub fn collect(&mut self, now_ns: u64, flush_all: bool) -> Collected {
+    /// Build the records due at `now_ns`: final ones for finished connections, interim ones for
+    /// long connections; `flush` says what shutdown asks for on top.
+    pub fn collect(&mut self, now_ns: u64, flush: Flush) -> Collected {
         let mut out = Collected::default();
         let observations: Vec<Observation> = self.obs.values().cloned().collect();
         let conns = conn::group(&observations);
@@ -251,14 +263,17 @@ impl Correlator {
             } else {
                 self.cfg.idle_timeout_ns
             };
-            let is_final =
-                flush_all || (tcp_done && idle >= self.cfg.linger_ns) || idle >= idle_limit;
+            let is_final = flush == Flush::All
+                || (tcp_done && idle >= self.cfg.linger_ns)
+                || idle >= idle_limit;
             let packets: u64 = c.legs().flat_map(|l| &l.obs).map(|o| o.c.packets).sum();
+            let checkpoint = flush == Flush::Checkpoint;
             let due = match self.emitted.get(&id) {
                 Some(e) => {
-                    now_ns.saturating_sub(e.at_ns) >= self.cfg.flush_ns && e.packets != packets
+                    (checkpoint || now_ns.saturating_sub(e.at_ns) >= self.cfg.flush_ns)
+                        && e.packets != packets
                 }
-                None => now_ns.saturating_sub(c.first_ns()) >= self.cfg.flush_ns,
+                None => checkpoint || now_ns.saturating_sub(c.first_ns()) >= self.cfg.flush_ns,
             };
             if !is_final && !due {
                 continue;

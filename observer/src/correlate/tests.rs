@@ -131,7 +131,7 @@ fn dnat_legs_pair_on_the_client_endpoint() {
     let mut c = correlator();
     translated_tcp(&mut c, 40000, S);
     translated_tcp(&mut c, 40001, S + 100);
-    let out = c.collect(5 * S, false);
+    let out = c.collect(5 * S, Flush::Due);
     assert_eq!(
         out.records.len(),
         2,
@@ -168,7 +168,7 @@ fn dnat_legs_pair_on_the_client_endpoint() {
     }
     assert_eq!(c.active(), 0);
     assert!(
-        c.collect(6 * S, false).records.is_empty(),
+        c.collect(6 * S, Flush::Due).records.is_empty(),
         "nothing is written twice"
     );
 }
@@ -188,21 +188,61 @@ fn a_connection_still_open_gets_interim_records_then_a_final_one() {
     );
     c.observe(k, counters(S, 2 * S, TCP_SYN | TCP_ACK, MARK_SYN_ONLY));
     assert!(
-        c.collect(5 * S, false).records.is_empty(),
+        c.collect(5 * S, Flush::Due).records.is_empty(),
         "not due before the flush interval"
     );
-    let r = c.collect(11 * S, false).records;
+    let r = c.collect(11 * S, Flush::Due).records;
     assert_eq!(r.len(), 1);
     assert!(!r[0].is_final);
     assert_eq!(r[0].state, "syn_sent", "no reply seen");
     // Same counters: nothing new to say at the next interval.
-    assert!(c.collect(22 * S, false).records.is_empty());
+    assert!(c.collect(22 * S, Flush::Due).records.is_empty());
     // Idle past the timeout: final.
-    let r = c.collect(40 * S, false).records;
+    let r = c.collect(40 * S, Flush::Due).records;
     assert_eq!(r.len(), 1);
     assert!(r[0].is_final);
     assert!(!r[0].translated);
     assert!(r[0].post_dnat.is_none(), "never left the node");
+}
+
+#[test]
+fn a_checkpoint_writes_open_connections_as_interim_and_keeps_their_keys() {
+    let mut c = correlator();
+    let tcp = IPPROTO_TCP;
+    let open = key(
+        tcp,
+        "10.244.1.10",
+        40200,
+        "10.244.2.10",
+        8443,
+        Point::PodIngress,
+        3,
+    );
+    c.observe(open, counters(S, 2 * S, TCP_SYN | TCP_ACK, MARK_SYN_ONLY));
+    translated_tcp(&mut c, 40201, S);
+    let out = c.collect(3 * S, Flush::Checkpoint);
+    let (finals, interims): (Vec<_>, Vec<_>) = out.records.iter().partition(|r| r.is_final);
+    assert_eq!(finals.len(), 1, "the closed connection ends as usual");
+    assert_eq!(
+        interims.len(),
+        1,
+        "the open one is written before its interval"
+    );
+    assert!(
+        !out.finished.contains(&open),
+        "its kernel entry stays for the next agent"
+    );
+    assert_eq!(
+        out.finished.len(),
+        4,
+        "the closed one's four observations go"
+    );
+    // Nothing changed since: a second checkpoint has nothing to say.
+    assert!(c.collect(3 * S, Flush::Checkpoint).records.is_empty());
+    // Without a pin, shutdown ends it.
+    let r = c.collect(3 * S, Flush::All).records;
+    assert_eq!(r.len(), 1);
+    assert!(r[0].is_final);
 }
 
 #[test]
@@ -245,7 +285,7 @@ fn a_flow_that_arrives_translated_says_so() {
         ),
         counters(S + 50, S + 50, 0, 0),
     );
-    let r = c.collect(40 * S, false).records;
+    let r = c.collect(40 * S, Flush::Due).records;
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].observed_as, ObservedAs::Receiver);
     assert!(r[0].pre_dnat.is_none());
@@ -276,7 +316,7 @@ fn one_udp_socket_to_two_services_is_paired_in_time_order_and_flagged() {
         key(udp, src, 6000, "10.244.2.54", 5353, Point::UplinkEgress, 2),
         counters(2 * S + 5, 2 * S + 5, 0, 0),
     );
-    let out = c.collect(40 * S, false);
+    let out = c.collect(40 * S, Flush::Due);
     assert_eq!(out.records.len(), 2);
     assert_eq!(out.ambiguous, 2);
     for r in &out.records {
@@ -318,7 +358,7 @@ fn icmp_is_one_connection_per_peer_and_never_translated() {
         ),
         counters(S, S, 0, 0),
     );
-    let out = c.collect(40 * S, false);
+    let out = c.collect(40 * S, Flush::Due);
     assert_eq!(out.records.len(), 2);
     assert_eq!(out.ambiguous, 0);
     assert!(
@@ -361,19 +401,19 @@ fn socket_events_join_by_the_tuple_the_socket_sent() {
     foreign.src[..4].copy_from_slice(&[10, 244, 2, 10]);
     c.add_socket(&foreign, S);
     translated_tcp(&mut c, 40000, S);
-    let out = c.collect(5 * S, false);
+    let out = c.collect(5 * S, Flush::Due);
     let s = out.records[0].socket.as_ref().expect("joined");
     assert_eq!((s.pid, s.comm.as_str(), s.cgroup_id), (4242, "curl", 99));
     assert_eq!(out.records[0].hops[0].point, "socket");
     assert_eq!(out.sockets_unmatched, 0);
-    assert_eq!(c.collect(200 * S, false).sockets_unmatched, 1);
+    assert_eq!(c.collect(200 * S, Flush::Due).sockets_unmatched, 1);
 }
 
 #[test]
 fn record_serialises_to_the_documented_shape() {
     let mut c = correlator();
     translated_tcp(&mut c, 40000, S);
-    let r = &c.collect(5 * S, false).records[0];
+    let r = &c.collect(5 * S, Flush::Due).records[0];
     let v = serde_json::to_value(r).unwrap();
     for field in [
         "schema",

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub records: IntCounterVec,
     pub record_write_errors: IntCounter,
     pub map_delete_errors: IntCounter,
+    pub flows_adopted: IntCounter,
     pub interfaces_attached: IntGaugeVec,
     pub drops: IntCounterVec,
     pub pending_refused: IntCounterVec,
@@ -151,6 +152,11 @@ impl Metrics {
                 r,
                 "observer_map_delete_errors_total",
                 "Finished flows that could not be removed from the kernel map.",
+            ),
+            flows_adopted: counter(
+                r,
+                "observer_flows_adopted_total",
+                "Flow map entries a previous agent left pinned, adopted at start with their counters.",
             ),
             drops: counter_vec(
                 r,

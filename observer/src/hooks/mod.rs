@@ -2,11 +2,13 @@
 //!
 //! Ownership rule: every attachment is a kernel link (tcx or cgroup `bpf_link`) held by this
 //! process, so the kernel detaches it when the agent exits, even on a crash. In clsact mode the
-//! filters are removed explicitly, and the qdisc too when this agent added it.
+//! filters are removed explicitly, and the qdisc too when this agent added it. Only the flow map
+//! outlives the agent, pinned (see [`pin`]).
 
 mod cgroup;
 pub mod drop;
 pub mod ifaces;
+pub mod pin;
 pub mod preflight;
 mod tc;
 
@@ -105,8 +107,9 @@ impl Hooks {
         max_flows: u32,
         tc_mode: TcMode,
         drops: Option<&drop::DropConfig>,
+        pin: Option<&pin::PinDir>,
     ) -> Result<(Hooks, KernelMaps), HookError> {
-        let mut ebpf = crate::ebpf::load(max_flows, drops)?;
+        let mut ebpf = crate::ebpf::load(max_flows, drops, pin)?;
         tc::load_all(&mut ebpf)?;
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,

@@ -569,6 +569,11 @@ impl Lab {
             netns::run(&["ip", "netns", "del", ns])?;
         }
         let _ = std::fs::remove_dir_all(self.state_dir());
+        // Flow maps its agents pinned under the default root (per node namespace).
+        crate::hooks::pin::remove_dirs(
+            std::path::Path::new(crate::hooks::pin::DEFAULT_ROOT),
+            &format!("{}-", self.name),
+        );
         Ok(spaces.len())
     }
 

@@ -188,3 +188,30 @@ pub fn wait_answered(lab: &LabRun) {
 }
 
 pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A bpf filesystem of the test's own (each mount is a separate instance), unmounted on drop,
+/// also on failure: pins made in it vanish with it.
+pub struct BpfFs {
+    pub path: PathBuf,
+}
+
+impl BpfFs {
+    pub fn mount(prefix: &str) -> BpfFs {
+        let path = std::env::temp_dir().join(format!("observer-bpffs-{}", unique_name(prefix)));
+        std::fs::create_dir_all(&path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mount -t bpf bpf {}", path.display());
+        BpfFs { path }
+    }
+}
+
+impl Drop for BpfFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
