@@ -5,8 +5,9 @@
 pub mod kube;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use crate::{
@@ -35,9 +36,67 @@ pub struct ServicePortName {
     pub target_port: Option<u16>,
 }
 
+type Labels = BTreeMap<String, String>;
+
+/// A pod as stored. What many pods share (namespace, node, a ReplicaSet's label set) is kept
+/// once, so a cluster's worth of pods costs little more than their names.
+#[derive(Clone, Debug)]
+struct PodEntry {
+    name: Box<str>,
+    namespace: Arc<str>,
+    labels: Arc<Labels>,
+    node: Arc<str>,
+}
+
+impl PodEntry {
+    fn to_name(&self) -> PodName {
+        PodName {
+            name: self.name.to_string(),
+            namespace: self.namespace.to_string(),
+            labels: (*self.labels).clone(),
+            node: self.node.to_string(),
+        }
+    }
+}
+
+#[derive(Default, Clone, Debug)]
+struct Interner {
+    strs: HashSet<Arc<str>>,
+    labels: HashSet<Arc<Labels>>,
+}
+
+impl Interner {
+    fn str(&mut self, s: String) -> Arc<str> {
+        if let Some(a) = self.strs.get(s.as_str()) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        self.strs.insert(a.clone());
+        a
+    }
+
+    fn labels(&mut self, l: Labels) -> Arc<Labels> {
+        if let Some(a) = self.labels.get(&l) {
+            return a.clone();
+        }
+        let a = Arc::new(l);
+        self.labels.insert(a.clone());
+        a
+    }
+
+    /// Forget what no pod refers to any more.
+    fn sweep(&mut self) {
+        self.strs.retain(|a| Arc::strong_count(a) > 1);
+        self.labels.retain(|a| Arc::strong_count(a) > 1);
+    }
+}
+
 #[derive(Default, Clone, Debug)]
 pub struct Names {
-    pub pods: HashMap<IpAddr, PodName>,
+    pods: HashMap<IpAddr, PodEntry>,
+    interned: Interner,
+    /// Pod removals since the interner was last swept.
+    removed: usize,
     /// (cluster IP, port, protocol) -> Service port.
     pub services: HashMap<(IpAddr, u16, String), ServicePortName>,
     /// Pod ranges, for firewall fixes.
@@ -62,7 +121,7 @@ impl Names {
                 node: p.node.clone(),
             };
             for ip in std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6)) {
-                n.pods.insert(ip, name.clone());
+                n.insert_pod(ip, name.clone());
             }
         }
         for ns in &cfg.namespaces {
@@ -97,7 +156,7 @@ impl Names {
             let server = r.backend_tuple().map(|t| &t.dst);
             for (ip, pod) in [(client, &r.src_pod), (server, &r.dst_pod)] {
                 if let (Some(ip), Some(p)) = (ip.and_then(|i| i.parse().ok()), pod) {
-                    n.pods.insert(
+                    n.insert_pod(
                         ip,
                         PodName {
                             name: p.name.clone(),
@@ -117,12 +176,52 @@ impl Names {
         Ok(Names::from_lab_config(&Lab::new(name)?.load_config()?))
     }
 
+    pub fn insert_pod(&mut self, ip: IpAddr, p: PodName) {
+        let entry = PodEntry {
+            name: p.name.into_boxed_str(),
+            namespace: self.interned.str(p.namespace),
+            labels: self.interned.labels(p.labels),
+            node: self.interned.str(p.node),
+        };
+        self.pods.insert(ip, entry);
+    }
+
+    /// Forget `ip` if it still belongs to that pod (a new pod may have taken the address).
+    pub fn remove_pod(&mut self, ip: IpAddr, namespace: &str, name: &str) {
+        if self
+            .pods
+            .get(&ip)
+            .is_some_and(|e| &*e.namespace == namespace && &*e.name == name)
+        {
+            self.pods.remove(&ip);
+            self.removed += 1;
+            if self.removed >= 10_000 {
+                self.sweep();
+            }
+        }
+    }
+
+    /// Keep only the pods `keep` says are still there (after a relist).
+    pub fn retain_pods(&mut self, keep: impl Fn(&IpAddr) -> bool) {
+        self.pods.retain(|ip, _| keep(ip));
+        self.sweep();
+    }
+
+    fn sweep(&mut self) {
+        self.interned.sweep();
+        self.removed = 0;
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+
     /// Addresses of the pod called `name`.
     pub fn ips_of(&self, name: &str) -> Vec<String> {
         let mut ips: Vec<String> = self
             .pods
             .iter()
-            .filter(|(_, p)| p.name == name)
+            .filter(|(_, p)| &*p.name == name)
             .map(|(ip, _)| ip.to_string())
             .collect();
         ips.sort();
@@ -130,7 +229,7 @@ impl Names {
     }
 
     pub fn pod(&self, ip: &str) -> Option<PodName> {
-        self.pods.get(&ip.parse().ok()?).cloned()
+        self.pods.get(&ip.parse().ok()?).map(PodEntry::to_name)
     }
 
     /// The pod range a firewall rule should admit: the cluster CIDR, or the client alone.
@@ -197,5 +296,38 @@ impl Names {
         r.service = r.pre_dnat.as_ref().and_then(|t| {
             self.service(&t.dst, t.dport, &r.proto, server.as_ref().map(|(_, p)| *p))
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, app: &str) -> PodName {
+        PodName {
+            name: name.into(),
+            namespace: "shop".into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            node: "node-a".into(),
+        }
+    }
+
+    #[test]
+    fn replicas_share_their_label_set_and_names_go_with_the_last_pod() {
+        let mut n = Names::default();
+        let ip = |i: u8| IpAddr::from([10, 244, 1, i]);
+        n.insert_pod(ip(1), pod("web-1", "web"));
+        n.insert_pod(ip(2), pod("web-2", "web"));
+        n.insert_pod(ip(3), pod("db-1", "db"));
+        assert_eq!(n.interned.labels.len(), 2, "one set per distinct label map");
+        assert_eq!(n.interned.strs.len(), 2, "namespace and node, once each");
+        // The address went to another pod since: a late delete of the old one leaves it.
+        n.insert_pod(ip(1), pod("web-9", "web"));
+        n.remove_pod(ip(1), "shop", "web-1");
+        assert_eq!(n.pod("10.244.1.1").unwrap().name, "web-9");
+        n.retain_pods(|i| *i == ip(1));
+        assert_eq!(n.pod_count(), 1);
+        assert_eq!(n.interned.labels.len(), 1, "db's label set is forgotten");
+        assert_eq!(n.pod("10.244.1.1").unwrap().labels["app"], "web");
     }
 }

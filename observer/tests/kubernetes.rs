@@ -166,6 +166,43 @@ fn records_carry_kubernetes_names_from_the_api() {
         "deleted pod still named: {last}"
     );
     assert_eq!(last["src_pod"]["name"], "frontend-7d9");
+
+    // A pod that ended gives its IP back: the field-selected watch drops it on the phase change.
+    api.kubectl(
+        &[
+            "-n",
+            "shop",
+            "patch",
+            "pod",
+            "frontend-7d9",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"phase":"Failed"}}"#,
+        ],
+        None,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let after = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .filter(|r| r["pre_dnat"]["dport"] == 443 && r["final"] == true)
+                .count()
+                >= 3
+        })
+        .unwrap();
+    let last = find(&after, |r| {
+        r["pre_dnat"]["dport"] == 443 && r["final"] == true
+    })
+    .pop()
+    .unwrap()
+    .clone();
+    assert!(
+        last.get("src_pod").is_none(),
+        "a Failed pod still names its IP: {last}"
+    );
 }
 
 #[test]

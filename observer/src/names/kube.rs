@@ -1,14 +1,16 @@
 //! Names from the Kubernetes API: watch Pods, Services and Namespaces and keep only what a
 //! record needs: pod IP -> namespace, name, labels, node; Service cluster IP and port -> names;
 //! namespace -> labels.
-//! Memory is a few hundred bytes per pod (labels dominate), independent of object size.
+//! Pods are field-selected (live ones), namespaces metadata-only; every object is reduced to
+//! its entries on arrival. Measured: `cargo xtask bench --kube` (docs/benchmarks.md).
 
 use std::{
+    collections::HashSet,
     net::IpAddr,
     sync::{Arc, RwLock},
 };
 
-use futures_util::{StreamExt as _, TryStreamExt as _};
+use futures_util::TryStreamExt as _;
 use k8s_openapi::{
     api::core::v1::{Namespace, Pod, Service},
     apimachinery::pkg::util::intstr::IntOrString,
@@ -16,6 +18,7 @@ use k8s_openapi::{
 use kube::{
     Api, Client,
     config::{KubeConfigOptions, Kubeconfig},
+    core::PartialObjectMeta,
     runtime::watcher::{self, Event},
 };
 use log::{info, warn};
@@ -116,88 +119,151 @@ fn service_entries(s: &Service) -> Vec<(ServiceKey, ServicePortName)> {
     out
 }
 
+/// How one kind of object lands in [`Names`].
+trait Indexed: Sized {
+    type Key: std::hash::Hash + Eq;
+    /// Put the object's entries in; returns their keys.
+    fn upsert(&self, n: &mut Names) -> Vec<Self::Key>;
+    fn remove(&self, n: &mut Names);
+    /// After a relist: drop the entries it did not return.
+    fn retain(n: &mut Names, listed: &HashSet<Self::Key>);
+}
+
+impl Indexed for Pod {
+    type Key = IpAddr;
+
+    fn upsert(&self, n: &mut Names) -> Vec<IpAddr> {
+        pod_entries(self)
+            .into_iter()
+            .map(|(ip, name)| {
+                n.insert_pod(ip, name);
+                ip
+            })
+            .collect()
+    }
+
+    fn remove(&self, n: &mut Names) {
+        for (ip, name) in pod_entries(self) {
+            n.remove_pod(ip, &name.namespace, &name.name);
+        }
+    }
+
+    fn retain(n: &mut Names, listed: &HashSet<IpAddr>) {
+        n.retain_pods(|ip| listed.contains(ip));
+    }
+}
+
+impl Indexed for Service {
+    type Key = ServiceKey;
+
+    fn upsert(&self, n: &mut Names) -> Vec<ServiceKey> {
+        service_entries(self)
+            .into_iter()
+            .map(|(key, name)| {
+                n.services.insert(key.clone(), name);
+                key
+            })
+            .collect()
+    }
+
+    fn remove(&self, n: &mut Names) {
+        for (key, _) in service_entries(self) {
+            n.services.remove(&key);
+        }
+    }
+
+    fn retain(n: &mut Names, listed: &HashSet<ServiceKey>) {
+        n.services.retain(|k, _| listed.contains(k));
+    }
+}
+
+/// Namespaces are watched metadata-only: their labels are all a record needs.
+impl Indexed for PartialObjectMeta<Namespace> {
+    type Key = String;
+
+    fn upsert(&self, n: &mut Names) -> Vec<String> {
+        let name = self.metadata.name.clone().unwrap_or_default();
+        n.namespaces.insert(
+            name.clone(),
+            self.metadata.labels.clone().unwrap_or_default(),
+        );
+        vec![name]
+    }
+
+    fn remove(&self, n: &mut Names) {
+        n.namespaces
+            .remove(self.metadata.name.as_deref().unwrap_or_default());
+    }
+
+    fn retain(n: &mut Names, listed: &HashSet<String>) {
+        n.namespaces.retain(|k, _| listed.contains(k));
+    }
+}
+
+/// Pods that ended gave their IP back: the API server leaves them out.
+const LIVE_PODS: &str = "status.phase!=Succeeded,status.phase!=Failed";
+
 /// Keep `names` in step with the cluster until the process exits; reconnects on errors.
+///
+/// Memory stays bounded: lists are paged (500 objects, kube-rs's default, read from etcd rather
+/// than one unpaged answer from the watch cache) and every object is reduced to its entries as
+/// it arrives, so no full object outlives its event.
 pub async fn watch(client: Client, names: Arc<RwLock<Names>>) {
     let pods = watch_kind(
-        Api::<Pod>::all(client.clone()),
+        watcher::watcher(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(LIVE_PODS),
+        ),
         names.clone(),
-        |n: &mut Names, p: &Pod, add: bool| {
-            for (ip, name) in pod_entries(p) {
-                if add {
-                    n.pods.insert(ip, name);
-                } else {
-                    n.pods.remove(&ip);
-                }
-            }
-        },
-        |n: &mut Names| n.pods.clear(),
         "pods",
     );
     let namespaces = watch_kind(
-        Api::<Namespace>::all(client.clone()),
+        // `Api<PartialObjectMeta<_>>` makes metadata-only requests.
+        watcher::watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            watcher::Config::default(),
+        ),
         names.clone(),
-        |n: &mut Names, ns: &Namespace, add: bool| {
-            let name = ns.metadata.name.clone().unwrap_or_default();
-            if add {
-                n.namespaces
-                    .insert(name, ns.metadata.labels.clone().unwrap_or_default());
-            } else {
-                n.namespaces.remove(&name);
-            }
-        },
-        |n: &mut Names| n.namespaces.clear(),
         "namespaces",
     );
     let services = watch_kind(
-        Api::<Service>::all(client),
+        watcher::watcher(Api::<Service>::all(client), watcher::Config::default()),
         names,
-        |n: &mut Names, s: &Service, add: bool| {
-            for (key, name) in service_entries(s) {
-                if add {
-                    n.services.insert(key, name);
-                } else {
-                    n.services.remove(&key);
-                }
-            }
-        },
-        |n: &mut Names| n.services.clear(),
         "services",
     );
     futures_util::join!(pods, services, namespaces);
 }
 
-async fn watch_kind<K>(
-    api: Api<K>,
+async fn watch_kind<K: Indexed>(
+    stream: impl futures_util::Stream<Item = watcher::Result<Event<K>>> + Send,
     names: Arc<RwLock<Names>>,
-    apply: impl Fn(&mut Names, &K, bool),
-    clear: impl Fn(&mut Names),
     what: &str,
-) where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-{
-    let mut stream = watcher::watcher(api, watcher::Config::default()).boxed();
-    // Objects of a (re)list, applied at once when it is complete.
-    let mut relist: Vec<K> = Vec::new();
+) {
+    let mut stream = std::pin::pin!(stream);
+    // Keys a (re)list returned; entries are updated in place as pages arrive, so names stay
+    // available during a relist, and what it did not return goes at its end.
+    let mut listed: HashSet<K::Key> = HashSet::new();
     loop {
         match stream.try_next().await {
-            Ok(Some(Event::Init)) => relist.clear(),
-            Ok(Some(Event::InitApply(o))) => relist.push(o),
+            Ok(Some(Event::Init)) => listed.clear(),
+            Ok(Some(Event::InitApply(o))) => {
+                listed.extend(o.upsert(&mut names.write().expect("not poisoned")));
+            }
             Ok(Some(Event::InitDone)) => {
                 let mut n = names.write().expect("not poisoned");
-                clear(&mut n);
-                for o in relist.drain(..) {
-                    apply(&mut n, &o, true);
-                }
+                K::retain(&mut n, &listed);
                 info!(
-                    "kubernetes: {what} listed ({} pods, {} service ports known)",
-                    n.pods.len(),
+                    "kubernetes: {what} listed ({} of them; {} pods, {} service ports known)",
+                    listed.len(),
+                    n.pod_count(),
                     n.services.len()
                 );
+                listed = HashSet::new();
             }
-            Ok(Some(Event::Apply(o))) => apply(&mut names.write().expect("not poisoned"), &o, true),
-            Ok(Some(Event::Delete(o))) => {
-                apply(&mut names.write().expect("not poisoned"), &o, false)
+            Ok(Some(Event::Apply(o))) => {
+                o.upsert(&mut names.write().expect("not poisoned"));
             }
+            Ok(Some(Event::Delete(o))) => o.remove(&mut names.write().expect("not poisoned")),
             Ok(None) => return,
             Err(e) => {
                 warn!("kubernetes: watching {what}: {e}; retrying");
