@@ -36,15 +36,17 @@ pub struct ServicePortName {
     pub target_port: Option<u16>,
 }
 
-type Labels = BTreeMap<String, String>;
+/// A label set as stored: sorted pairs of shared strings (keys repeat across the cluster).
+type Labels = Arc<[(Arc<str>, Arc<str>)]>;
 
-/// A pod as stored. What many pods share (namespace, node, a ReplicaSet's label set) is kept
-/// once, so a cluster's worth of pods costs little more than their names.
+/// A pod as stored. What many pods share (namespace, node, a ReplicaSet's label set, label
+/// keys) is kept once, so a cluster's worth of pods costs little more than their names
+/// (measured: `cargo xtask bench --only kube`).
 #[derive(Clone, Debug)]
 struct PodEntry {
     name: Box<str>,
     namespace: Arc<str>,
-    labels: Arc<Labels>,
+    labels: Labels,
     node: Arc<str>,
 }
 
@@ -53,7 +55,11 @@ impl PodEntry {
         PodName {
             name: self.name.to_string(),
             namespace: self.namespace.to_string(),
-            labels: (*self.labels).clone(),
+            labels: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             node: self.node.to_string(),
         }
     }
@@ -62,7 +68,7 @@ impl PodEntry {
 #[derive(Default, Clone, Debug)]
 struct Interner {
     strs: HashSet<Arc<str>>,
-    labels: HashSet<Arc<Labels>>,
+    labels: HashSet<Labels>,
 }
 
 impl Interner {
@@ -75,19 +81,23 @@ impl Interner {
         a
     }
 
-    fn labels(&mut self, l: Labels) -> Arc<Labels> {
-        if let Some(a) = self.labels.get(&l) {
+    fn labels(&mut self, l: BTreeMap<String, String>) -> Labels {
+        let pairs: Vec<(Arc<str>, Arc<str>)> = l
+            .into_iter()
+            .map(|(k, v)| (self.str(k), self.str(v)))
+            .collect();
+        if let Some(a) = self.labels.get(pairs.as_slice()) {
             return a.clone();
         }
-        let a = Arc::new(l);
+        let a: Labels = pairs.into();
         self.labels.insert(a.clone());
         a
     }
 
-    /// Forget what no pod refers to any more.
+    /// Forget what no pod refers to any more: label sets first, then the strings only they held.
     fn sweep(&mut self) {
-        self.strs.retain(|a| Arc::strong_count(a) > 1);
         self.labels.retain(|a| Arc::strong_count(a) > 1);
+        self.strs.retain(|a| Arc::strong_count(a) > 1);
     }
 }
 
@@ -320,7 +330,11 @@ mod tests {
         n.insert_pod(ip(2), pod("web-2", "web"));
         n.insert_pod(ip(3), pod("db-1", "db"));
         assert_eq!(n.interned.labels.len(), 2, "one set per distinct label map");
-        assert_eq!(n.interned.strs.len(), 2, "namespace and node, once each");
+        assert_eq!(
+            n.interned.strs.len(),
+            5,
+            "namespace, node, the key app and its values web and db, once each"
+        );
         // The address went to another pod since: a late delete of the old one leaves it.
         n.insert_pod(ip(1), pod("web-9", "web"));
         n.remove_pod(ip(1), "shop", "web-1");
@@ -328,6 +342,7 @@ mod tests {
         n.retain_pods(|i| *i == ip(1));
         assert_eq!(n.pod_count(), 1);
         assert_eq!(n.interned.labels.len(), 1, "db's label set is forgotten");
+        assert_eq!(n.interned.strs.len(), 4, "and the string db with it");
         assert_eq!(n.pod("10.244.1.1").unwrap().labels["app"], "web");
     }
 }

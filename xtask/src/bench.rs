@@ -6,6 +6,7 @@
 //! - Per-packet cost of each kernel program from the kernel's own accounting
 //!   (`kernel.bpf_stats_enabled`: run time and run count per program).
 //! - Agent resident memory and kernel map memory.
+//! - The agent's memory for a large cluster's names (`kube_scale.rs`).
 //!
 //! Numbers come from a 2-core machine with everything (both nodes, both pods, iperf3) on it:
 //! read them as ratios, not absolutes.
@@ -20,6 +21,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde_json::Value;
 use xtask::harness::LabRun;
+
+use crate::kube_scale::Cluster;
 
 const LAB: &str = "bench";
 const POD_B: &str = "10.244.2.10";
@@ -127,13 +130,28 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-pub fn run(seconds: u32) -> anyhow::Result<()> {
+pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result<()> {
+    let dir = crate::workspace_root().join("target/bench");
+    let mut out = String::new();
+    if only != Some("kube") {
+        out += &datapath(seconds, &dir)?;
+    }
+    if only != Some("datapath") {
+        out += &crate::kube_scale::run(cluster)?;
+    }
+    print!("{out}");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("bench.txt"), &out)?;
+    println!("\n(kept in {})", dir.join("bench.txt").display());
+    Ok(())
+}
+
+fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let bin = crate::observer_bin();
     let _ = Command::new(&bin)
         .args(["lab", "down", "--name", LAB])
         .output();
-    let dir = crate::workspace_root().join("target/bench");
-    let mut lab = LabRun::up(&bin, LAB, None, &dir)?;
+    let mut lab = LabRun::up(&bin, LAB, None, dir)?;
     let reps = 2;
 
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
@@ -227,10 +245,7 @@ pub fn run(seconds: u32) -> anyhow::Result<()> {
     let lost = metric_sum(&metrics, "observer_kernel_events_lost_total");
     let full = metric_sum(&metrics, "observer_map_full_total");
     let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
-    print!("{out}");
-    std::fs::write(dir.join("bench.txt"), &out)?;
-    println!("\n(kept in {})", dir.join("bench.txt").display());
-    Ok(())
+    Ok(out)
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {

@@ -6,6 +6,7 @@
 mod bench;
 mod demo;
 mod kube_apiserver;
+mod kube_scale;
 
 mod setup;
 
@@ -44,6 +45,16 @@ enum Task {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Run one part only: `datapath` (throughput, connection rate, per-program cost) or
+        /// `kube` (the agent's memory for a large cluster's names).
+        #[arg(long, value_parser = ["datapath", "kube"])]
+        only: Option<String>,
+        /// Pods in the replayed cluster of the `kube` part.
+        #[arg(long, default_value_t = 150_000)]
+        pods: usize,
+        /// Nodes they run on.
+        #[arg(long, default_value_t = 5_000)]
+        nodes: usize,
     },
     /// cargo fmt --check and clippy (userspace and kernel crate).
     Lint,
@@ -68,10 +79,21 @@ fn main() -> anyhow::Result<()> {
             build()?;
             demo::run(keep)
         }
-        Task::Bench { seconds } => {
+        Task::Bench {
+            seconds,
+            only,
+            pods,
+            nodes,
+        } => {
             setup::ensure()?;
             build()?;
-            bench::run(seconds)
+            let cluster = kube_scale::Cluster {
+                pods,
+                nodes,
+                services: pods / 15,
+                namespaces: 1_000,
+            };
+            bench::run(seconds, only.as_deref(), cluster)
         }
         Task::Lint => {
             setup::ensure()?;

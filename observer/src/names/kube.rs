@@ -259,6 +259,11 @@ async fn watch_kind<K: Indexed>(
                     n.services.len()
                 );
                 listed = HashSet::new();
+                drop(n);
+                // A list passes hundreds of MiB of JSON through this thread's malloc arena;
+                // give the freed pages back, or they stay in the agent's RSS.
+                // SAFETY: malloc_trim only releases free memory.
+                unsafe { libc::malloc_trim(0) };
             }
             Ok(Some(Event::Apply(o))) => {
                 o.upsert(&mut names.write().expect("not poisoned"));
