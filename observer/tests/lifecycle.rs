@@ -274,6 +274,33 @@ fn clsact_mode_works_and_removes_the_qdisc_it_added() {
         "clsact left behind: {}",
         qdiscs(&lab)
     );
+
+    // clsact filters are not links: a crashed agent's stay, and the next agent removes them.
+    let filters = |lab: &LabRun| {
+        let f = lab
+            .exec("node-a", &["tc", "filter", "show", "dev", "eth0", "egress"])
+            .unwrap();
+        String::from_utf8_lossy(&f.stdout)
+            .matches("tc_uplink_egress")
+            .count()
+    };
+    let clsact = ["--tc-mode", "clsact", "--no-pin"];
+    lab.start_agent("node-a", &clsact).unwrap();
+    lab.kill_agent("node-a").unwrap();
+    assert_eq!(
+        filters(&lab),
+        1,
+        "the crashed agent's filter is still there"
+    );
+    lab.start_agent("node-a", &clsact).unwrap();
+    assert_eq!(filters(&lab), 1, "attached once after the restart");
+    let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
+    assert!(
+        log.contains("removed tc filter tc_uplink_egress on eth0, left by a previous agent"),
+        "{log}"
+    );
+    assert_eq!(lab.stop_agent("node-a").unwrap().0, Some(0));
+    assert_eq!(filters(&lab), 0);
 }
 
 fn agent(args: &[&str]) -> Output {

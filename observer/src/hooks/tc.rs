@@ -96,6 +96,9 @@ pub fn attach(
         (egress, TcAttachType::Egress),
     ] {
         let name = program_name(point);
+        if mode == TcMode::Clsact {
+            remove_leftover(iface, attach_type, name);
+        }
         let options = match mode {
             TcMode::Clsact => TcAttachOptions::Netlink(NlOptions::default()),
             _ => TcAttachOptions::TcxOrder(LinkOrder::default()),
@@ -130,6 +133,17 @@ pub fn detach(ebpf: &mut Ebpf, a: TcAttachment, gone: bool) -> Result<(), HookEr
         remove_clsact(&a.iface);
     }
     Ok(())
+}
+
+/// clsact filters are not links: a crashed agent's stay attached. A filter named after one of
+/// our programs is ours (the ownership rule in clsact mode); remove it before attaching, so a
+/// restart never runs a program twice.
+fn remove_leftover(iface: &str, attach_type: TcAttachType, name: &str) {
+    match tc::qdisc_detach_program(iface, attach_type, name) {
+        Ok(()) => warn!("removed tc filter {name} on {iface}, left by a previous agent"),
+        Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!("looking for a leftover {name} filter on {iface}: {e}"),
+    }
 }
 
 /// aya has no qdisc delete; iproute2's `tc` does it.
