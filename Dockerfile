@@ -2,7 +2,7 @@
 # set up on Debian 12: Debian's Rust 1.96 with rust-src, LLVM 22 and bpf-linker. Without rustup,
 # aya-build builds the kernel programs with that same toolchain. The runtime stage carries the
 # binary and iproute2 (`tc`, for clsact clean-up) only.
-# Not built in CI: the build machines have no container engine.
+# `cargo xtask image` builds it with podman and runs it as the DaemonSet does against the lab.
 FROM debian:bookworm AS build
 # rustc-web 1.96 and llvm-22 come from the image's bookworm-security source.
 RUN apt-get update && apt-get install -y --no-install-recommends \

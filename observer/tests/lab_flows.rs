@@ -172,8 +172,23 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
         .unwrap()
             >= 5.0
     );
+    let web = [
+        ("namespace", "payments"),
+        ("service", "web"),
+        ("port", "443"),
+        ("outcome", "answered"),
+    ];
+    assert!(
+        metric(&ma, "observer_service_connections_total", &web).unwrap() >= 1.0,
+        "the Service by name, on the client's node"
+    );
     let mb = lab.metrics("node-b").unwrap();
     promtool_check(&mb);
+    assert_eq!(
+        metric(&mb, "observer_service_connections_total", &web),
+        None,
+        "counted once: the server's node did not see the Service asked for"
+    );
     assert_eq!(
         metric(
             &mb,
@@ -537,6 +552,15 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
     assert!(d["packets"].as_u64().unwrap() >= 1);
     let m = lab.metrics("node-a").unwrap();
     assert!(metric(&m, "observer_drops_total", &[("reason", "NETFILTER_DROP")]).unwrap() >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "observer_service_connections_total",
+            &[("service", "web"), ("outcome", "dropped")]
+        )
+        .unwrap()
+            >= 1.0
+    );
     // The dropped connection never reached node-b (the first one, on port 443, did).
     let b = lab.records("node-b").unwrap();
     assert_eq!(

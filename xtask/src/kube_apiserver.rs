@@ -8,27 +8,6 @@ use anyhow::{Context as _, bail};
 
 use xtask::kube::{CACHE, VERSION, binary};
 
-/// The Debian archive URI of this machine's apt configuration (not the security archive).
-fn debian_archive() -> anyhow::Result<String> {
-    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
-    for e in std::fs::read_dir("/etc/apt/sources.list.d")?.filter_map(Result::ok) {
-        texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
-    }
-    texts
-        .iter()
-        .flat_map(|t| t.lines())
-        .filter_map(|l| {
-            let l = l.trim();
-            l.strip_prefix("URIs:").map(str::trim).or_else(|| {
-                l.strip_prefix("deb ")
-                    .and_then(|r| r.split_whitespace().find(|w| w.contains("://")))
-            })
-        })
-        .find(|uri| uri.trim_end_matches('/').ends_with("/debian"))
-        .map(str::to_owned)
-        .context("no Debian archive in /etc/apt/sources.list(.d)")
-}
-
 pub fn ensure() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&[
         "golang-1.19-go",
@@ -51,7 +30,7 @@ pub fn ensure() -> anyhow::Result<()> {
     // own list has no deb-src lines).
     std::fs::write(
         &list,
-        format!("deb-src {} bookworm main\n", debian_archive()?),
+        format!("deb-src {} bookworm main\n", crate::setup::debian_archive("/debian")?),
     )?;
     let apt = |args: &[&str]| {
         let mut c = Command::new("apt-get");
@@ -112,7 +91,7 @@ pub fn ensure() -> anyhow::Result<()> {
 mod tests {
     #[test]
     fn finds_this_machines_debian_archive() {
-        let uri = super::debian_archive().expect("a Debian machine has one");
+        let uri = crate::setup::debian_archive("/debian").expect("a Debian machine has one");
         assert!(
             uri.contains("://") && uri.trim_end_matches('/').ends_with("/debian"),
             "{uri}"

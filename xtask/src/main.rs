@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod image;
 mod kube_apiserver;
 mod kube_scale;
 
@@ -58,6 +59,9 @@ enum Task {
     },
     /// cargo fmt --check and clippy (userspace and kernel crate).
     Lint,
+    /// Build the container image from `Dockerfile` (podman) and run it as the DaemonSet does
+    /// against the lab.
+    Image,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -94,6 +98,11 @@ fn main() -> anyhow::Result<()> {
                 namespaces: 1_000,
             };
             bench::run(seconds, only.as_deref(), cluster)
+        }
+        Task::Image => {
+            setup::ensure()?;
+            build()?;
+            image::build()
         }
         Task::Lint => {
             setup::ensure()?;

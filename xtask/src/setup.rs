@@ -156,3 +156,25 @@ pub fn ensure() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The URI of this machine's apt source whose path ends in `suffix` (`/debian`,
+/// `/debian-security`), so nothing here names a mirror.
+pub fn debian_archive(suffix: &str) -> anyhow::Result<String> {
+    let mut texts = vec![std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default()];
+    for e in std::fs::read_dir("/etc/apt/sources.list.d")?.filter_map(Result::ok) {
+        texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| {
+            let l = l.trim();
+            l.strip_prefix("URIs:").map(str::trim).or_else(|| {
+                l.strip_prefix("deb ")
+                    .and_then(|r| r.split_whitespace().find(|w| w.contains("://")))
+            })
+        })
+        .find(|uri| uri.trim_end_matches('/').ends_with(suffix))
+        .map(str::to_owned)
+        .with_context(|| format!("no apt source ending in {suffix} in /etc/apt/sources.list(.d)"))
+}

@@ -9,6 +9,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub flows: IntCounterVec,
     pub translations: IntCounterVec,
+    pub service_connections: IntCounterVec,
     pub packets: IntCounterVec,
     pub bytes: IntCounterVec,
     pub observations_active: IntGauge,
@@ -72,6 +73,12 @@ impl Metrics {
                 "observer_flows_total",
                 "Connections that ended (final records), by protocol, role of this node and whether the destination was translated.",
                 &["proto", "observed_as", "translated"],
+            ),
+            service_connections: counter_vec(
+                r,
+                "observer_service_connections_total",
+                "Connections that asked for a named Service, counted on the client's node when they end, by Service and outcome (answered: a reply came back; dropped: the kernel dropped them on this node; unanswered: neither).",
+                &["proto", "namespace", "service", "port", "outcome"],
             ),
             translations: counter_vec(
                 r,
@@ -194,6 +201,25 @@ impl Metrics {
                 if rec.translated { "true" } else { "false" },
             ])
             .inc();
+        if let Some(svc) = &rec.service {
+            // Named Services only: bounded by the cluster's Services, never by pods.
+            let outcome = if rec.totals.reply_packets > 0 {
+                "answered"
+            } else if rec.drop.is_some() {
+                "dropped"
+            } else {
+                "unanswered"
+            };
+            self.service_connections
+                .with_label_values(&[
+                    rec.proto.as_str(),
+                    svc.namespace.as_str(),
+                    svc.name.as_str(),
+                    svc.port.to_string().as_str(),
+                    outcome,
+                ])
+                .inc();
+        }
         if let (true, Some(pre), Some(post)) = (rec.translated, &rec.pre_dnat, &rec.post_dnat) {
             let service = if pre.dst.contains(':') {
                 format!("[{}]:{}", pre.dst, pre.dport)
