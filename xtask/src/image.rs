@@ -22,6 +22,7 @@ use xtask::harness::{LabRun, unique_name};
 const BASE: &str = "docker.io/library/debian:bookworm";
 const SLIM: &str = "docker.io/library/debian:bookworm-slim";
 pub const IMAGE: &str = "localhost/observer:dev";
+const BUILD_CACHE: &str = "localhost/observer-build:cache";
 
 fn podman() -> Command {
     let mut c = Command::new("podman");
@@ -104,10 +105,7 @@ fn ulimits() -> Vec<String> {
     };
     vec![
         "--ulimit".into(),
-        format!(
-            "nofile={0}:{0}",
-            hard(libc::RLIMIT_NOFILE).min(1 << 20)
-        ),
+        format!("nofile={0}:{0}", hard(libc::RLIMIT_NOFILE).min(1 << 20)),
         "--ulimit".into(),
         format!("nproc={0}:{0}", hard(libc::RLIMIT_NPROC).min(1 << 15)),
     ]
@@ -120,13 +118,28 @@ pub fn build() -> anyhow::Result<()> {
     }
     println!("==> podman build -t {IMAGE} . (the Dockerfile; about 10 min the first time)");
     let t0 = Instant::now();
-    crate::run(
-        podman()
-            .args(["build", "--isolation=chroot", "--network=host", "--pull=never"])
-            .args(["-t", IMAGE, "-f", "Dockerfile", "."])
-            .current_dir(crate::workspace_root()),
-    )?;
+    // The build stage is tagged, so its toolchain layers stay cached when the dangling images
+    // of earlier builds are pruned below.
+    for (target, tag) in [(Some("build"), BUILD_CACHE), (None, IMAGE)] {
+        crate::run(
+            podman()
+                .args([
+                    "build",
+                    "--isolation=chroot",
+                    "--network=host",
+                    "--pull=never",
+                ])
+                .args(target.map(|t| format!("--target={t}")))
+                .args(["-t", tag, "-f", "Dockerfile", "."])
+                .current_dir(crate::workspace_root()),
+        )?;
+    }
     println!("    built in {:.0} s", t0.elapsed().as_secs_f64());
+    // Earlier builds' images, now untagged, would pile up run after run.
+    let _ = podman()
+        .args(["image", "prune", "-f"])
+        .stdout(Stdio::null())
+        .status();
     check()
 }
 
@@ -142,14 +155,20 @@ fn check() -> anyhow::Result<()> {
     let bpffs = dir.join("bpffs");
     std::fs::create_dir_all(&bpffs)?;
     crate::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&bpffs))?;
-    println!("==> running {IMAGE} in {} as the DaemonSet would", lab.ns("node-a"));
+    println!(
+        "==> running {IMAGE} in {} as the DaemonSet would",
+        lab.ns("node-a")
+    );
     let res = (|| {
         crate::run(
             podman()
                 .args(["run", "-d", "--name", &container])
                 .args(ulimits())
                 .arg(format!("--network=ns:/run/netns/{}", lab.ns("node-a")))
-                .args(["--cap-drop=all", "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN"])
+                .args([
+                    "--cap-drop=all",
+                    "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
+                ])
                 .args(["--read-only", "--security-opt", "seccomp=unconfined"])
                 .arg(format!("--volume={cgroup2}:/sys/fs/cgroup:ro"))
                 .args(["--volume=/sys/kernel/btf:/sys/kernel/btf:ro"])
@@ -161,9 +180,15 @@ fn check() -> anyhow::Result<()> {
                 .stdout(Stdio::null()),
         )?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !lab.http("node-a", "/readyz").is_ok_and(|b| b.contains("ready")) {
+        while !lab
+            .http("node-a", "/readyz")
+            .is_ok_and(|b| b.contains("ready"))
+        {
             if Instant::now() > deadline {
-                bail!("the container is not ready after 30 s:\n{}", logs(&container));
+                bail!(
+                    "the container is not ready after 30 s:\n{}",
+                    logs(&container)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -175,9 +200,14 @@ fn check() -> anyhow::Result<()> {
         loop {
             let out = logs(&container);
             if let Some(line) = out.lines().find(|l| {
-                l.contains("\"final\":true") && l.contains("\"dport\":443") && l.contains("\"dport\":8443")
+                l.contains("\"final\":true")
+                    && l.contains("\"dport\":443")
+                    && l.contains("\"dport\":8443")
             }) {
-                println!("    record from the image: {}...", &line[..line.len().min(160)]);
+                println!(
+                    "    record from the image: {}...",
+                    &line[..line.len().min(160)]
+                );
                 break;
             }
             if Instant::now() > deadline {
@@ -185,16 +215,26 @@ fn check() -> anyhow::Result<()> {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        crate::run(podman().args(["stop", "-t", "15", &container]).stdout(Stdio::null()))?;
+        crate::run(
+            podman()
+                .args(["stop", "-t", "15", &container])
+                .stdout(Stdio::null()),
+        )?;
         let code = podman()
             .args(["inspect", "-f", "{{.State.ExitCode}}", &container])
             .output()?;
         let code = String::from_utf8_lossy(&code.stdout).trim().to_owned();
         if code != "0" {
-            bail!("the agent exited with {code} on SIGTERM:\n{}", logs(&container));
+            bail!(
+                "the agent exited with {code} on SIGTERM:\n{}",
+                logs(&container)
+            );
         }
         if !bpffs.join("observer/host/FLOWS").exists() {
-            bail!("no flow map pinned in the mounted bpffs:\n{}", logs(&container));
+            bail!(
+                "no flow map pinned in the mounted bpffs:\n{}",
+                logs(&container)
+            );
         }
         println!(
             "    ready, recorded the connection, pinned its flow map, exited 0 on SIGTERM: the image works"

@@ -30,7 +30,10 @@ pub fn ensure() -> anyhow::Result<()> {
     // own list has no deb-src lines).
     std::fs::write(
         &list,
-        format!("deb-src {} bookworm main\n", crate::setup::debian_archive("/debian")?),
+        format!(
+            "deb-src {} bookworm main\n",
+            crate::setup::debian_archive("/debian")?
+        ),
     )?;
     let apt = |args: &[&str]| {
         let mut c = Command::new("apt-get");
