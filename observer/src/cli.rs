@@ -316,3 +316,40 @@ fn default_node_name() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every agent flag can be set from the environment (a DaemonSet's `env:`), and
+    /// docs/config.md lists it with that variable.
+    #[test]
+    fn every_agent_flag_has_an_env_var_and_a_line_in_config_md() {
+        let doc =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/config.md"))
+                .expect("docs/config.md");
+        let cmd = Cli::command();
+        let agent = cmd.find_subcommand("agent").expect("agent subcommand");
+        let mut checked = 0;
+        for arg in agent.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{long} has no env var"))
+                .to_string_lossy()
+                .into_owned();
+            let line = doc
+                .lines()
+                .find(|l| l.starts_with(&format!("| `--{long}")))
+                .unwrap_or_else(|| panic!("--{long} is not in docs/config.md"));
+            assert!(line.contains(&format!("`{env}`")), "{long}: {line}");
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} flags seen");
+    }
+}

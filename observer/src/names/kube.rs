@@ -277,3 +277,6 @@ async fn watch_kind<K: Indexed>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
