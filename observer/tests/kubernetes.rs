@@ -145,22 +145,7 @@ fn records_carry_kubernetes_names_from_the_api() {
         None,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(curl_web(&lab, "pod-a", 5).status.success());
-    let after = lab
-        .wait_records("node-a", WAIT, |rs| {
-            rs.iter()
-                .filter(|r| r["pre_dnat"]["dport"] == 443 && r["final"] == true)
-                .count()
-                >= 2
-        })
-        .unwrap();
-    let last = find(&after, |r| {
-        r["pre_dnat"]["dport"] == 443 && r["final"] == true
-    })
-    .pop()
-    .unwrap()
-    .clone();
+    let last = next_connection(&lab, 2);
     assert!(
         last.get("dst_pod").is_none(),
         "deleted pod still named: {last}"
@@ -183,26 +168,25 @@ fn records_carry_kubernetes_names_from_the_api() {
         None,
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(curl_web(&lab, "pod-a", 5).status.success());
-    let after = lab
-        .wait_records("node-a", WAIT, |rs| {
-            rs.iter()
-                .filter(|r| r["pre_dnat"]["dport"] == 443 && r["final"] == true)
-                .count()
-                >= 3
-        })
-        .unwrap();
-    let last = find(&after, |r| {
-        r["pre_dnat"]["dport"] == 443 && r["final"] == true
-    })
-    .pop()
-    .unwrap()
-    .clone();
+    let last = next_connection(&lab, 3);
     assert!(
         last.get("src_pod").is_none(),
         "a Failed pod still names its IP: {last}"
     );
+}
+
+/// After the watch had time to see a change: the `n`-th connection to the Service, as node-a
+/// recorded it.
+fn next_connection(lab: &LabRun, n: usize) -> serde_json::Value {
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(curl_web(lab, "pod-a", 5).status.success());
+    let is_conn = |r: &serde_json::Value| r["pre_dnat"]["dport"] == 443 && r["final"] == true;
+    let after = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter().filter(|r| is_conn(r)).count() >= n
+        })
+        .unwrap();
+    find(&after, is_conn).pop().unwrap().clone()
 }
 
 #[test]
