@@ -357,12 +357,31 @@ fn errors_a_user_can_act_on() {
         ]),
         "entering network namespace /run/netns/no-such-netns-here",
     );
-    // The port is taken by a running agent in the same namespace.
-    lab.start_agent("node-a", &[]).unwrap();
     one_error_line(
-        &agent(&["--netns", &ns, "--metrics-addr", "127.0.0.1:9464"]),
+        &agent(&["--netns", &ns, "--pin-dir", "/tmp/observer-not-bpffs"]),
+        "/tmp/observer-not-bpffs is not on a bpf filesystem",
+    );
+    // The port is taken by a running agent in the same namespace.
+    let bpffs = BpfFs::mount("err");
+    let pin = bpffs.path.join("node-a").to_string_lossy().into_owned();
+    lab.start_agent("node-a", &["--pin-dir", &pin]).unwrap();
+    one_error_line(
+        &agent(&[
+            "--netns",
+            &ns,
+            "--metrics-addr",
+            "127.0.0.1:9464",
+            "--no-pin",
+        ]),
         "cannot listen on 127.0.0.1:9464",
     );
+    // Its pin directory too: a second agent waits for it, then says whose it is.
+    let t0 = std::time::Instant::now();
+    one_error_line(
+        &agent(&["--netns", &ns, "--pin-dir", &pin, "--pin-wait", "1s"]),
+        &format!("another agent still owns {pin} after 1s"),
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(1), "it waited first");
     // Missing capabilities: root without CAP_BPF/CAP_PERFMON/CAP_SYS_ADMIN in its bounding set
     // (`ip netns exec` enters the namespace first, since setns itself needs CAP_SYS_ADMIN).
     let out = Command::new("ip")
