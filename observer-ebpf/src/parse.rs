@@ -29,10 +29,12 @@ impl Packet for SkBuffContext {
     }
 }
 
-/// The L3/L4 identity of one packet.
+/// The L3/L4 identity of one packet. Addresses are kept as words in network byte order, so
+/// they move as 4-byte loads and stores: as byte arrays (alignment 1) the compiler copied them a
+/// byte at a time, most of a tc program's run time (docs/benchmarks.md).
 pub struct Tuple {
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    pub src: [u32; 4],
+    pub dst: [u32; 4],
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
@@ -47,6 +49,42 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
 const IPV6_HDR_LEN: usize = 40;
+
+/// The fixed IPv4 header, word-aligned.
+#[repr(C)]
+struct Ipv4Hdr {
+    version_ihl: u8,
+    _tos: u8,
+    _tot_len: u16,
+    _id: u16,
+    frag_off: u16,
+    _ttl: u8,
+    proto: u8,
+    _check: u16,
+    saddr: u32,
+    daddr: u32,
+}
+
+#[repr(C)]
+struct Ipv6Hdr {
+    _vtc_flow: u32,
+    _payload_len: u16,
+    next: u8,
+    _hop_limit: u8,
+    saddr: [u32; 4],
+    daddr: [u32; 4],
+}
+
+/// TCP up to the flags byte (16 bytes read; every TCP header has at least 20).
+#[repr(C)]
+struct TcpHead {
+    sport: u16,
+    dport: u16,
+    _seq: u32,
+    _ack: u32,
+    _doff: u8,
+    flags: u8,
+}
 const NEXTHDR_HOP: u8 = 0;
 const NEXTHDR_ROUTING: u8 = 43;
 const NEXTHDR_FRAGMENT: u8 = 44;
@@ -84,28 +122,25 @@ pub fn parse_ip<P: Packet>(p: &P) -> Result<Tuple, Stat> {
     }
 }
 
-// One `bpf_skb_load_bytes` per header: helper calls dominate the per-packet cost.
+// One `bpf_skb_load_bytes` per header: each helper call costs more than the few loads it saves.
 
 #[inline(always)]
 fn parse_ipv4<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
-    let h: [u8; 20] = ld(p, l3)?;
-    let ihl = ((h[0] & 0x0f) as usize) * 4;
-    if h[0] >> 4 != 4 || ihl < 20 {
+    let h: Ipv4Hdr = ld(p, l3)?;
+    let ihl = ((h.version_ihl & 0x0f) as usize) * 4;
+    if h.version_ihl >> 4 != 4 || ihl < 20 {
         return Err(Stat::Malformed);
     }
-    let frag = u16::from_be_bytes([h[6], h[7]]);
     let mut t = Tuple {
-        src: [0; 16],
-        dst: [0; 16],
+        src: [h.saddr, 0, 0, 0],
+        dst: [h.daddr, 0, 0, 0],
         sport: 0,
         dport: 0,
-        proto: h[9],
+        proto: h.proto,
         family: AF_INET,
         tcp_flags: 0,
     };
-    t.src[..4].copy_from_slice(&h[12..16]);
-    t.dst[..4].copy_from_slice(&h[16..20]);
-    if frag & 0x1fff != 0 {
+    if u16::from_be(h.frag_off) & 0x1fff != 0 {
         // Non-first fragment: no L4 header to read.
         return Ok(t);
     }
@@ -115,19 +150,17 @@ fn parse_ipv4<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
 
 #[inline(always)]
 fn parse_ipv6<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
-    let h: [u8; IPV6_HDR_LEN] = ld(p, l3)?;
-    let mut next = h[6];
+    let h: Ipv6Hdr = ld(p, l3)?;
+    let mut next = h.next;
     let mut t = Tuple {
-        src: [0; 16],
-        dst: [0; 16],
+        src: h.saddr,
+        dst: h.daddr,
         sport: 0,
         dport: 0,
         proto: next,
         family: AF_INET6,
         tcp_flags: 0,
     };
-    t.src.copy_from_slice(&h[8..24]);
-    t.dst.copy_from_slice(&h[24..40]);
     let mut off = l3 + IPV6_HDR_LEN;
     for _ in 0..MAX_EXT_HEADERS {
         match next {
@@ -158,20 +191,26 @@ fn parse_ipv6<P: Packet>(p: &P, l3: usize) -> Result<Tuple, Stat> {
 fn parse_l4<P: Packet>(p: &P, l4: usize, t: &mut Tuple) -> Result<(), Stat> {
     match t.proto {
         IPPROTO_TCP => {
-            // Ports, then the flags byte at offset 13.
-            let h: [u8; 14] = ld(p, l4)?;
-            t.sport = u16::from_be_bytes([h[0], h[1]]);
-            t.dport = u16::from_be_bytes([h[2], h[3]]);
-            t.tcp_flags = h[13];
+            let h: TcpHead = ld(p, l4)?;
+            t.sport = u16::from_be(h.sport);
+            t.dport = u16::from_be(h.dport);
+            t.tcp_flags = h.flags;
         }
         IPPROTO_UDP => {
-            let h: [u8; 4] = ld(p, l4)?;
-            t.sport = u16::from_be_bytes([h[0], h[1]]);
-            t.dport = u16::from_be_bytes([h[2], h[3]]);
+            let h: [u16; 2] = ld(p, l4)?;
+            t.sport = u16::from_be(h[0]);
+            t.dport = u16::from_be(h[1]);
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Addresses as the byte arrays of the shared types; a plain 16-byte move.
+#[inline(always)]
+pub fn addr_bytes(w: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, both plain data; the words hold the address bytes in wire order.
+    unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(w) }
 }
 
 /// Count what a parsed packet is, beyond TCP/UDP.

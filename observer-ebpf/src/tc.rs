@@ -47,8 +47,8 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = FlowKey {
-        src: t.src,
-        dst: t.dst,
+        src: parse::addr_bytes(t.src),
+        dst: parse::addr_bytes(t.dst),
         sport: t.sport,
         dport: t.dport,
         ifindex,

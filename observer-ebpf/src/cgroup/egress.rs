@@ -49,8 +49,8 @@ fn report_first_packet(ctx: &SkBuffContext) {
         family: t.family,
         _pad: [0; 4],
         comm: info.comm,
-        src: t.src,
-        dst: t.dst,
+        src: parse::addr_bytes(t.src),
+        dst: parse::addr_bytes(t.dst),
         asked_dst: info.asked_dst,
     };
     if SOCKET_EVENTS.output::<SocketEvent>(&ev, 0).is_err() {
