@@ -115,15 +115,17 @@ fn map_memory() -> anyhow::Result<u64> {
         .sum())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
+/// (VmRSS, VmHWM) of a process, in KiB.
+pub fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
 }
 
 fn mean(v: &[f64]) -> f64 {
@@ -184,7 +186,7 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let rss: Vec<(String, u64)> = lab
         .agents
         .iter()
-        .map(|a| (a.node.clone(), rss_kib(a.child.id())))
+        .map(|a| (a.node.clone(), memory_kib(a.child.id()).0))
         .collect();
     let maps = map_memory()?;
     let metrics = lab.metrics("node-a")?;

@@ -305,19 +305,6 @@ fn serve(conn: TcpStream, c: Cluster, served: &Served, stop: &AtomicBool) -> any
     }
 }
 
-/// (VmRSS, VmHWM) in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 struct Run {
     rss_kib: u64,
     peak_kib: u64,
@@ -360,7 +347,7 @@ fn measure(lab: &mut LabRun, api: Option<&ReplayApi>, pods: usize) -> anyhow::Re
         }
     }
     std::thread::sleep(Duration::from_secs(2));
-    let (rss_kib, peak_kib) = memory_kib(pid);
+    let (rss_kib, peak_kib) = crate::bench::memory_kib(pid);
     Ok(Run {
         rss_kib,
         peak_kib,
