@@ -197,8 +197,7 @@ fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
     // Agent 3 adopts both and sees them close.
     lab.start_agent("node-a", &args).unwrap();
     for c in [c1, c2] {
-        let out = c.wait_with_output().unwrap();
-        let s: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let s = client_summary(c).unwrap();
         assert_eq!(s["ok"], 1, "{s}");
     }
     let recs = lab

@@ -167,17 +167,11 @@ impl LabRun {
 
     /// `observer lab client` from a pod; returns its JSON summary.
     pub fn client(&self, pod: &str, args: &[&str]) -> anyhow::Result<Value> {
-        let bin = self.bin.to_string_lossy().into_owned();
-        let mut v = vec![bin.as_str(), "lab", "client"];
-        v.extend_from_slice(args);
-        let out = self.exec(pod, &v)?;
-        let summary: Value = serde_json::from_slice(&out.stdout)
-            .with_context(|| format!("client output: {}", String::from_utf8_lossy(&out.stderr)))?;
-        Ok(summary)
+        client_summary(self.spawn_client(pod, args)?)
     }
 
     /// `observer lab client` from a pod, in the background (for connections held open while
-    /// the test does something else); its stdout is the JSON summary.
+    /// the test does something else); [`client_summary`] waits for its JSON summary.
     pub fn spawn_client(&self, pod: &str, args: &[&str]) -> anyhow::Result<Child> {
         Command::new("ip")
             .args(["netns", "exec", &self.ns(pod)])
@@ -185,7 +179,7 @@ impl LabRun {
             .args(["lab", "client"])
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .context("starting observer lab client")
     }
@@ -301,6 +295,15 @@ impl Drop for LabRun {
             .stdout(Stdio::null())
             .status();
     }
+}
+
+/// Wait for a client started by [`LabRun::spawn_client`]; its JSON summary.
+pub fn client_summary(child: Child) -> anyhow::Result<Value> {
+    let out = child
+        .wait_with_output()
+        .context("waiting for the lab client")?;
+    serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("client output: {}", String::from_utf8_lossy(&out.stderr)))
 }
 
 /// Parse `conntrack -L` lines: `tcp 6 118 TIME_WAIT src=.. dst=.. sport=.. dport=.. src=.. ...`.

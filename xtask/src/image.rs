@@ -94,7 +94,7 @@ fn base_images() -> anyhow::Result<()> {
 /// Resource limits the runtime may set: podman's defaults are above what root may raise to here
 /// (no CAP_SYS_RESOURCE), and runc refused nproc 65536 (32768 passes; one agent needs few).
 fn ulimits() -> Vec<String> {
-    let hard = |r| {
+    let current = |r| {
         let mut l = libc::rlimit {
             rlim_cur: 0,
             rlim_max: 0,
@@ -105,9 +105,9 @@ fn ulimits() -> Vec<String> {
     };
     vec![
         "--ulimit".into(),
-        format!("nofile={0}:{0}", hard(libc::RLIMIT_NOFILE).min(1 << 20)),
+        format!("nofile={0}:{0}", current(libc::RLIMIT_NOFILE).min(1 << 20)),
         "--ulimit".into(),
-        format!("nproc={0}:{0}", hard(libc::RLIMIT_NPROC).min(1 << 15)),
+        format!("nproc={0}:{0}", current(libc::RLIMIT_NPROC).min(1 << 15)),
     ]
 }
 

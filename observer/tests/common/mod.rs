@@ -10,7 +10,7 @@ use std::{
 
 use serde_json::Value;
 #[allow(unused_imports, reason = "each test binary uses a different subset")]
-pub use xtask::harness::{LabRun, tuple_of, unique_name};
+pub use xtask::harness::{LabRun, client_summary, tuple_of, unique_name};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_observer"))
