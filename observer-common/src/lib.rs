@@ -2,8 +2,22 @@
 //!
 //! Everything here is `#[repr(C)]`, `Copy`, built from integers only and padded explicitly, so the
 //! byte layout is the same on both sides of the map and ring-buffer boundary. The `user` feature
-//! adds `aya::Pod` so userspace can read these straight out of maps.
+//! adds `aya::Pod` so userspace can read these straight out of maps; the `names` feature adds the
+//! static names file's format (std, serde).
 #![no_std]
+
+#[cfg(feature = "names")]
+extern crate std;
+
+/// The static names file (`--names`), shared by the agent that reads it and the lab that writes it.
+#[cfg(feature = "names")]
+pub mod names;
+
+/// Where agents pin their flow map by default: `<PIN_ROOT>/<netns name, or host>/<FLOWS_PIN>`.
+/// The lab removes what its nodes' agents left there when it goes down.
+pub const PIN_ROOT: &str = "/sys/fs/bpf/observer";
+/// The pinned flow map's file name in a pin directory (the map's name in the object).
+pub const FLOWS_PIN: &str = "FLOWS";
 
 /// Where in the node a packet was seen.
 ///

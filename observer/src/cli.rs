@@ -1,8 +1,10 @@
-//! Command line: `observer agent`, `observer lab ...`.
+//! Command line: `observer agent`, `observer explain`, `observer suggest`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{explain::Endpoint, hooks::TcMode};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -12,8 +14,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "observer records every connection twice in the kernel: as the pod sent it \
 (before kube-proxy's DNAT) and as it left the node (after DNAT), and says which tuple each layer \
 saw: socket, pod veth, node uplink (the node-to-node wire a firewall sees), remote node.\n\n\
-Run `observer agent` on a node (or in a lab node), or `observer lab up` to build a two-node lab \
-on this machine."
+Run `observer agent` on a node (or in a node of the lab that `observer-lab up` builds), and \
+`observer explain` on the records."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -24,9 +26,6 @@ pub struct Cli {
 pub enum Command {
     /// Attach the kernel programs in this network namespace and write flow records and metrics.
     Agent(Box<AgentArgs>),
-    /// Build, inspect and remove the two-node lab (network namespaces on this machine).
-    #[command(subcommand)]
-    Lab(LabCommand),
     /// Explain a connection from the agents' flow records: which tuple each layer saw, where it
     /// stopped, why, and the fix in that layer's terms.
     Explain(ExplainArgs),
@@ -48,19 +47,19 @@ pub struct ExplainArgs {
     /// endpoints, e.g. http://10.0.0.5:9464/flows (the last 1000 final records).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// Select by the Service the client asked for: VIP:PORT (or VIP).
-    #[arg(long)]
-    pub service: Option<String>,
-    /// Select by client: IP or IP:PORT.
-    #[arg(long)]
-    pub client: Option<String>,
-    /// Select connections from or to this pod (named by --lab, or by the records' own names).
+    /// Select by the Service the client asked for: VIP:PORT or VIP (IPv6: [VIP]:PORT).
+    #[arg(long, value_parser = Endpoint::parse)]
+    pub service: Option<Endpoint>,
+    /// Select by client: IP or IP:PORT (IPv6: [IP]:PORT).
+    #[arg(long, value_parser = Endpoint::parse)]
+    pub client: Option<Endpoint>,
+    /// Select connections from or to this pod (named by --names, or by the records' own names).
     #[arg(long)]
     pub pod: Option<String>,
-    /// Name pods and ranges from this running lab (default: the names agents wrote into the
-    /// records, when they watch the Kubernetes API).
+    /// Name pods, Services and ranges from this names file (docs/names-file.md; the lab writes
+    /// one: `observer-lab names`). Default: the names agents wrote into the records.
     #[arg(long)]
-    pub lab: Option<String>,
+    pub names: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
     /// Every matching connection, not only the latest.
@@ -73,19 +72,10 @@ pub struct SuggestArgs {
     /// Flow logs (JSON lines) of one or more agents.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    /// The running lab whose pods the flows are between.
+    /// Names file of the pods the flows are between (docs/names-file.md; the lab's:
+    /// `observer-lab names`).
     #[arg(long)]
-    pub lab: String,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum TcMode {
-    /// tcx links where the kernel has them (6.6+), clsact otherwise.
-    Auto,
-    /// tcx links only.
-    Tcx,
-    /// clsact qdisc + direct-action filters (netlink); the qdisc is removed on exit if we added it.
-    Clsact,
+    pub names: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -146,9 +136,10 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_MAX_FLOWS", default_value_t = observer_common::FLOWS_MAX_ENTRIES)]
     pub max_flows: u32,
 
-    /// Name pods and Services in records from this running lab.
-    #[arg(long, env = "OBSERVER_LAB_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]
-    pub lab: Option<String>,
+    /// Name pods and Services in records from this names file (docs/names-file.md), where
+    /// there is no Kubernetes API: bare metal, VMs, the lab (`observer-lab names`).
+    #[arg(long, env = "OBSERVER_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]
+    pub names: Option<PathBuf>,
 
     /// Name pods and Services from the Kubernetes API, with this kubeconfig.
     #[arg(long, env = "OBSERVER_KUBECONFIG", conflicts_with = "kubernetes")]
@@ -176,135 +167,6 @@ pub struct AgentArgs {
     /// directory.
     #[arg(long, env = "OBSERVER_PIN_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub pin_wait: Duration,
-}
-
-#[derive(Subcommand, Debug)]
-pub enum LabCommand {
-    /// Build the lab: nodes, pods, routes and kube-proxy rules, and start the pods' servers.
-    Up(LabUpArgs),
-    /// Remove everything the lab created (also after a crash).
-    Down(LabNameArgs),
-    /// Print the lab's description and whether its namespaces exist.
-    Status(LabNameArgs),
-    /// Run a command inside a lab pod or node, e.g. `observer lab exec pod-a -- curl ...`.
-    Exec(LabExecArgs),
-    /// Replace the lab's NetworkPolicies (networking.k8s.io/v1 YAML) while it runs.
-    Apply(LabApplyArgs),
-    /// Add a pod (namespace, veth, routes) to a running lab, e.g. to watch an agent pick it up.
-    AddPod(LabAddPodArgs),
-    /// Delete a pod from a running lab.
-    DelPod(LabDelPodArgs),
-    /// Print the default lab description (the story), to copy and edit.
-    Example,
-    /// Traffic generator used inside pods: connect to ADDR:PORT and exchange a request.
-    Client(ClientArgs),
-    /// Server run inside each pod by `lab up` (TCP answers like HTTP, UDP echoes).
-    #[command(hide = true)]
-    Serve(ServeArgs),
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabNameArgs {
-    /// Lab name: prefix of every namespace it creates (`NAME-node-a`, `NAME-pod-a`, ...).
-    #[arg(long, env = "OBSERVER_LAB", default_value = "obs")]
-    pub name: String,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabUpArgs {
-    #[command(flatten)]
-    pub lab: LabNameArgs,
-    /// Lab description (TOML); default: the built-in story (`observer lab example`).
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabApplyArgs {
-    #[command(flatten)]
-    pub lab: LabNameArgs,
-    /// YAML with NetworkPolicy documents (`---`-separated); an empty file removes them all.
-    pub file: PathBuf,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabAddPodArgs {
-    #[command(flatten)]
-    pub lab: LabNameArgs,
-    /// Pod name.
-    pub pod: String,
-    /// Node to put it on.
-    #[arg(long)]
-    pub node: String,
-    /// IPv4 address inside the node's pod_cidr.
-    #[arg(long)]
-    pub ip: std::net::Ipv4Addr,
-    /// IPv6 address inside the node's pod_cidr6.
-    #[arg(long)]
-    pub ip6: Option<std::net::Ipv6Addr>,
-    /// Kubernetes namespace (declared in the lab description if it is new).
-    #[arg(long, default_value = "default")]
-    pub namespace: String,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabDelPodArgs {
-    #[command(flatten)]
-    pub lab: LabNameArgs,
-    /// Pod name.
-    pub pod: String,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct LabExecArgs {
-    #[command(flatten)]
-    pub lab: LabNameArgs,
-    /// Pod or node name from the lab description.
-    pub target: String,
-    /// Command and arguments.
-    #[arg(trailing_var_arg = true, required = true)]
-    pub cmd: Vec<String>,
-}
-
-#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
-pub enum L4 {
-    Tcp,
-    Udp,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ClientArgs {
-    /// Destination, e.g. 100.64.0.10:443 or [fd00:100:64::10]:443.
-    #[arg(long)]
-    pub to: SocketAddr,
-    #[arg(long, value_enum, default_value_t = L4::Tcp)]
-    pub proto: L4,
-    /// Number of connections (UDP: sockets, one datagram exchange each).
-    #[arg(long, default_value_t = 1)]
-    pub count: usize,
-    /// Connections in flight at once.
-    #[arg(long, default_value_t = 1)]
-    pub concurrency: usize,
-    /// Per-exchange timeout.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
-    pub timeout: Duration,
-    /// Keep each connection open this long before closing (for "in flight" tests).
-    #[arg(long, default_value = "0s", value_parser = parse_duration)]
-    pub hold: Duration,
-}
-
-#[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Name put in every answer (the pod name).
-    #[arg(long)]
-    pub name: String,
-    #[arg(long = "tcp")]
-    pub tcp_ports: Vec<u16>,
-    #[arg(long = "udp")]
-    pub udp_ports: Vec<u16>,
-    /// File written once every socket is bound.
-    #[arg(long)]
-    pub ready_file: Option<PathBuf>,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -1,22 +1,18 @@
 //! observer: eBPF live flow observer for Kubernetes nodes.
 //!
 //! Pipeline: `hooks` (attach kernel programs) -> `events` (ring buffers) -> `correlate`
-//! (pre-DNAT <-> post-DNAT <-> hops) -> `export` (JSON flow log, Prometheus). `lab` builds the
-//! two-node lab this all can be watched in.
+//! (pre-DNAT <-> post-DNAT <-> hops) -> `export` (JSON flow log, Prometheus); `explain` reads
+//! the records afterwards. The lab to watch it in is a program of its own (`observer-lab`).
 
 mod agent;
-mod btf;
 mod cli;
 mod clock;
 mod correlate;
-mod ebpf;
-mod events;
 mod explain;
 mod export;
 mod hooks;
-mod kallsyms;
-mod lab;
 mod names;
+mod readers;
 mod record;
 
 use clap::Parser as _;
@@ -63,13 +59,6 @@ fn main() {
         }
         Command::Explain(args) => report(explain::explain(args)),
         Command::Suggest(args) => report(explain::suggest(args)),
-        Command::Lab(cmd) => match lab::command::run(cmd) {
-            Ok(code) => code,
-            Err(e) => {
-                log::error!("{e:#}");
-                1
-            }
-        },
     };
     std::process::exit(code);
 }

@@ -1,6 +1,7 @@
-//! Enrichment: who an address is. Pods and Services by address, from the lab description or
-//! from the Kubernetes API (`names/kube.rs`), behind one interface. Used by the agent to name
-//! both ends of a record, and by `explain` to write fixes in Kubernetes terms.
+//! Enrichment: who an address is. Pods and Services by address, from a static names file
+//! (`--names`, format in `observer_common::names`) or from the Kubernetes API (`names/kube.rs`),
+//! behind one interface. Used by the agent to name both ends of a record, and by `explain` to
+//! write fixes in Kubernetes terms.
 
 pub mod kube;
 
@@ -10,13 +11,29 @@ use std::{
     sync::Arc,
 };
 
-use crate::{
-    lab::{
-        Lab, LabError,
-        config::{Cidr, LabConfig, Protocol},
+use std::path::{Path, PathBuf};
+
+use observer_common::names::NamesFile;
+
+use crate::record::{FlowRecord, PodRef, ServiceRef};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NamesError {
+    #[error("names file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
-    record::{FlowRecord, PodRef, ServiceRef},
-};
+    #[error("names file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_norway::Error,
+    },
+    #[error("names file {path}: {what}")]
+    Invalid { path: PathBuf, what: String },
+}
 
 #[derive(Clone, Debug)]
 pub struct PodName {
@@ -109,49 +126,67 @@ pub struct Names {
     removed: usize,
     /// (cluster IP, port, protocol) -> Service port.
     pub services: HashMap<(IpAddr, u16, String), ServicePortName>,
-    /// Pod ranges, for firewall fixes.
-    pub pod_ranges: Vec<Cidr>,
+    /// Pod ranges (`ADDR/LEN`), for firewall fixes.
+    pub pod_ranges: Vec<String>,
     /// Namespace -> its labels.
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
 }
 
 impl Names {
-    pub fn from_lab_config(cfg: &LabConfig) -> Names {
+    /// Names from a static names file (YAML or JSON).
+    pub fn from_file(path: &Path) -> Result<Names, NamesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NamesError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let file: NamesFile =
+            serde_norway::from_str(&text).map_err(|source| NamesError::Parse {
+                path: path.to_owned(),
+                source,
+            })?;
+        let invalid = |what: String| NamesError::Invalid {
+            path: path.to_owned(),
+            what,
+        };
+        file.check().map_err(invalid)?;
+        for c in &file.pod_cidrs {
+            parse_cidr(c).ok_or_else(|| invalid(format!("podCIDRs: {c:?} is not ADDR/LEN")))?;
+        }
+        Ok(Names::from_names_file(file))
+    }
+
+    pub fn from_names_file(f: NamesFile) -> Names {
         let mut n = Names {
-            pod_ranges: std::iter::once(cfg.cluster_cidr)
-                .chain(cfg.cluster_cidr6)
-                .collect(),
+            pod_ranges: f.pod_cidrs,
             ..Default::default()
         };
-        for p in &cfg.pods {
+        for p in f.pods {
             let name = PodName {
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                labels: p.labels.clone(),
-                node: p.node.clone(),
+                name: p.name,
+                namespace: p.namespace,
+                labels: p.labels,
+                node: p.node,
             };
-            for ip in std::iter::once(IpAddr::V4(p.ip)).chain(p.ip6.map(IpAddr::V6)) {
+            for ip in p.ips {
                 n.insert_pod(ip, name.clone());
             }
         }
-        for ns in &cfg.namespaces {
-            n.namespaces.insert(ns.name.clone(), ns.labels.clone());
+        for ns in f.namespaces {
+            n.namespaces.insert(ns.name, ns.labels);
         }
-        for s in &cfg.services {
-            for p in &s.ports {
-                let proto = match p.protocol {
-                    Protocol::Tcp => "TCP",
-                    Protocol::Udp => "UDP",
-                };
-                n.services.insert(
-                    (s.cluster_ip, p.port, proto.to_owned()),
-                    ServicePortName {
-                        namespace: s.namespace.clone(),
-                        name: s.name.clone(),
-                        port_name: p.name.clone(),
-                        target_port: Some(p.target_port),
-                    },
-                );
+        for s in f.services {
+            for ip in &s.cluster_ips {
+                for p in &s.ports {
+                    n.services.insert(
+                        (*ip, p.port, p.protocol.clone()),
+                        ServicePortName {
+                            namespace: s.namespace.clone(),
+                            name: s.name.clone(),
+                            port_name: p.name.clone(),
+                            target_port: p.target_port,
+                        },
+                    );
+                }
             }
         }
         n
@@ -179,11 +214,6 @@ impl Names {
             }
         }
         n
-    }
-
-    /// Names from a running lab's description.
-    pub fn from_lab(name: &str) -> Result<Names, LabError> {
-        Ok(Names::from_lab_config(&Lab::new(name)?.load_config()?))
     }
 
     pub fn insert_pod(&mut self, ip: IpAddr, p: PodName) {
@@ -247,8 +277,8 @@ impl Names {
         let v6 = client_ip.contains(':');
         self.pod_ranges
             .iter()
-            .find(|c| c.addr.is_ipv6() == v6)
-            .map(|c| c.to_string())
+            .find(|c| parse_cidr(c).is_some_and(|(a, _)| a.is_ipv6() == v6))
+            .cloned()
             .unwrap_or_else(|| format!("{client_ip}/{}", if v6 { 128 } else { 32 }))
     }
 
@@ -309,6 +339,14 @@ impl Names {
     }
 }
 
+/// `ADDR/LEN` with a prefix length that fits the address.
+fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    let len: u8 = l.parse().ok()?;
+    (len <= if addr.is_ipv4() { 32 } else { 128 }).then_some((addr, len))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -344,5 +382,46 @@ mod tests {
         assert_eq!(n.interned.labels.len(), 1, "db's label set is forgotten");
         assert_eq!(n.interned.strs.len(), 4, "and the string db with it");
         assert_eq!(n.pod("10.244.1.1").unwrap().labels["app"], "web");
+    }
+
+    #[test]
+    fn a_names_file_names_pods_services_and_ranges() {
+        let dir = std::env::temp_dir().join(format!("observer-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("names.yaml");
+        std::fs::write(
+            &path,
+            "apiVersion: observer/v1\nkind: Names\npodCIDRs: [10.244.0.0/16, fd00:10:244::/48]\n\
+             namespaces: [{name: shop, labels: {team: a}}]\n\
+             pods: [{name: web-1, namespace: shop, node: n1, ips: [10.244.1.5, 'fd00:10:244::5'], labels: {app: web}}]\n\
+             services: [{name: web, namespace: shop, clusterIPs: [100.64.0.10], ports: [{port: 443, targetPort: 8443}]}]\n",
+        )
+        .unwrap();
+        let n = Names::from_file(&path).expect("valid file");
+        assert_eq!(n.pod("fd00:10:244::5").unwrap().name, "web-1");
+        assert_eq!(n.pod_range("10.244.9.9"), "10.244.0.0/16");
+        assert_eq!(n.pod_range("fd00::1"), "fd00:10:244::/48");
+        let s = n.service("100.64.0.10", 443, "TCP", None).expect("service");
+        assert_eq!((s.name.as_str(), s.target_port), ("web", 8443));
+        assert_eq!(n.namespaces["shop"]["team"], "a");
+
+        std::fs::write(&path, "apiVersion: observer/v2\nkind: Names\n").unwrap();
+        let e = Names::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("expected apiVersion observer/v1"), "{e}");
+        std::fs::write(
+            &path,
+            "apiVersion: observer/v1\nkind: Names\npodCIDRs: [banana]\n",
+        )
+        .unwrap();
+        let e = Names::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("\"banana\" is not ADDR/LEN"), "{e}");
+        std::fs::write(
+            &path,
+            "apiVersion: observer/v1\nkind: Names\npods: [{name: x}]\n",
+        )
+        .unwrap();
+        let e = Names::from_file(&path).unwrap_err().to_string();
+        assert!(e.contains("missing field `ips`"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -175,7 +175,7 @@ pub struct FlowRecord {
     /// False for interim records of a connection still in progress.
     #[serde(rename = "final")]
     pub is_final: bool,
-    /// The client pod (when the agent knows names: `--lab`, later Kubernetes).
+    /// The client pod (when the agent knows names: `--names`, or Kubernetes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub src_pod: Option<PodRef>,
     /// The server pod (after DNAT).

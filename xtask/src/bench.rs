@@ -19,8 +19,8 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use observer_lab::drive::LabRun;
 use serde_json::Value;
-use xtask::harness::LabRun;
 
 use crate::kube_scale::Cluster;
 
@@ -115,19 +115,6 @@ fn map_memory() -> anyhow::Result<u64> {
         .sum())
 }
 
-/// (VmRSS, VmHWM) of a process, in KiB.
-pub fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
-
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
@@ -149,11 +136,11 @@ pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result
 }
 
 fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
-    let bin = crate::observer_bin();
-    let _ = Command::new(&bin)
-        .args(["lab", "down", "--name", LAB])
+    let bins = crate::bins();
+    let _ = Command::new(&bins.lab)
+        .args(["down", "--name", LAB])
         .output();
-    let mut lab = LabRun::up(&bin, LAB, None, dir)?;
+    let mut lab = LabRun::up(&bins, LAB, None, dir)?;
     let reps = 2;
 
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
@@ -186,12 +173,47 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let rss: Vec<(String, u64)> = lab
         .agents
         .iter()
-        .map(|a| (a.node.clone(), memory_kib(a.child.id()).0))
+        .map(|a| (a.node.clone(), crate::proc::memory_kib(a.child.id()).0))
         .collect();
     let maps = map_memory()?;
     let metrics = lab.metrics("node-a")?;
     lab.stop_agents()?;
     drop(lab);
+    Ok(report(&Datapath {
+        base_tput,
+        base_rate,
+        obs_tput,
+        obs_rate,
+        progs,
+        rss,
+        maps,
+        metrics,
+    }))
+}
+
+/// What one datapath run measured.
+struct Datapath {
+    base_tput: Vec<f64>,
+    base_rate: Vec<f64>,
+    obs_tput: Vec<f64>,
+    obs_rate: Vec<f64>,
+    progs: BTreeMap<String, (u64, u64)>,
+    rss: Vec<(String, u64)>,
+    maps: u64,
+    metrics: String,
+}
+
+fn report(d: &Datapath) -> String {
+    let Datapath {
+        base_tput,
+        base_rate,
+        obs_tput,
+        obs_rate,
+        progs,
+        rss,
+        maps,
+        metrics,
+    } = d;
 
     let mut out = String::new();
     let _ = writeln!(
@@ -205,8 +227,8 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         out,
         "\n  workload                         no agent      with agents   ratio"
     );
-    let (bt, ot) = (mean(&base_tput), mean(&obs_tput));
-    let (br, or) = (mean(&base_rate), mean(&obs_rate));
+    let (bt, ot) = (mean(base_tput), mean(obs_tput));
+    let (br, or) = (mean(base_rate), mean(obs_rate));
     let _ = writeln!(
         out,
         "  iperf3 TCP pod-a -> pod-b        {bt:>7.2} Gb/s  {ot:>7.2} Gb/s  {:>5.3}",
@@ -222,7 +244,7 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         "\n  kernel program cost (kernel.bpf_stats_enabled, one run of each workload, both agents' copies)"
     );
     let _ = writeln!(out, "  program              runs          ns/run");
-    for (name, (runs, ns)) in &progs {
+    for (name, (runs, ns)) in progs {
         let per = if *runs > 0 {
             *ns as f64 / *runs as f64
         } else {
@@ -231,7 +253,7 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         let _ = writeln!(out, "  {name:<20} {runs:>12}  {per:>8.1}");
     }
     let _ = writeln!(out, "\n  memory");
-    for (node, kib) in &rss {
+    for (node, kib) in rss {
         let _ = writeln!(
             out,
             "  agent {node} RSS      {:>8.1} MiB",
@@ -241,13 +263,13 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let _ = writeln!(
         out,
         "  kernel maps (both agents) {:>6.1} MiB (bytes_memlock; flow map preallocated for {} entries per agent)",
-        maps as f64 / 1048576.0,
+        *maps as f64 / 1048576.0,
         observer_common::FLOWS_MAX_ENTRIES
     );
-    let lost = metric_sum(&metrics, "observer_kernel_events_lost_total");
-    let full = metric_sum(&metrics, "observer_map_full_total");
+    let lost = metric_sum(metrics, "observer_kernel_events_lost_total");
+    let full = metric_sum(metrics, "observer_map_full_total");
     let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
-    Ok(out)
+    out
 }
 
 fn metric_sum(text: &str, name: &str) -> f64 {

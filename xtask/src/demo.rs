@@ -4,8 +4,8 @@
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
+use observer_lab::drive::{CtEntry, LabRun, tuple_of};
 use serde_json::Value;
-use xtask::harness::{CtEntry, LabRun, tuple_of};
 
 const LAB: &str = "demo";
 const VIP: &str = "100.64.0.10";
@@ -15,7 +15,7 @@ fn step(n: u32, text: &str) {
 }
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
-    let bin = crate::observer_bin();
+    let bins = crate::bins();
     let stamp = Command::new("date")
         .arg("-u")
         .arg("+%Y%m%dT%H%M%SZ")
@@ -25,17 +25,17 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         .join(String::from_utf8_lossy(&stamp.stdout).trim());
 
     // A demo lab left over from an interrupted run would make `up` refuse.
-    let _ = Command::new(&bin)
-        .args(["lab", "down", "--name", LAB])
+    let _ = Command::new(&bins.lab)
+        .args(["down", "--name", LAB])
         .output();
 
     step(
         1,
         "bringing up the lab: two nodes, five pods, kube-proxy iptables rules on both nodes",
     );
-    let mut lab = LabRun::up(&bin, LAB, None, &dir)?;
-    let status = Command::new(&bin)
-        .args(["lab", "status", "--name", LAB])
+    let mut lab = LabRun::up(&bins, LAB, None, &dir)?;
+    let status = Command::new(&bins.lab)
+        .args(["status", "--name", LAB])
         .output()?;
     print!("{}", indent(&String::from_utf8_lossy(&status.stdout)));
 
@@ -52,6 +52,58 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
 
     step(3, "driving real traffic from pod-a");
+    traffic(&lab)?;
+
+    step(4, "waiting for the agents' final records");
+    let (story, arrived, post) = story_records(&lab)?;
+
+    let (ct, evidence) = evidence(&lab, &dir, &post)?;
+
+    step(5, "the story of one connection");
+    let text = tell(&story, &arrived, &ct, &evidence);
+    print!("{text}");
+    std::fs::write(dir.join("story.txt"), &text)?;
+
+    step(
+        6,
+        "the two failures users meet, explained by `observer explain`, then fixed",
+    );
+    let mut explained = String::new();
+    for (scenario, title) in [
+        (
+            "firewall-without-8443",
+            "a firewall between the nodes that opens 443 instead of 8443",
+        ),
+        (
+            "egress-service-port",
+            "an egress NetworkPolicy that allows the Service port 443",
+        ),
+    ] {
+        explained.push_str(&failure(&lab, &dir, scenario, title)?);
+    }
+    std::fs::write(dir.join("explain.txt"), &explained)?;
+
+    step(7, "stopping the agents (SIGTERM: flush, detach, exit)");
+    for (node, code, took) in lab.stop_agents()? {
+        println!("      {node}: exit code {code:?} after {took:.2?}");
+    }
+    println!(
+        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt, explain.txt",
+        dir.display()
+    );
+    if keep {
+        println!("The lab stays up (--keep): `observer-lab down --name {LAB}` removes it.");
+        lab.agents.clear();
+        std::mem::forget(lab);
+    } else {
+        drop(lab);
+        println!("The lab is down again.");
+    }
+    Ok(())
+}
+
+/// Step 3: the story's curl, and UDP, two-endpoint and IPv6 exchanges beside it.
+fn traffic(lab: &LabRun) -> anyhow::Result<()> {
     let curl = lab.exec(
         "pod-a",
         &["curl", "-sS", "-m", "5", &format!("http://{VIP}:443/")],
@@ -87,8 +139,13 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         let s = lab.client("pod-a", &args)?;
         println!("      {label:<38} -> {}", s["answers"]);
     }
+    Ok(())
+}
 
-    step(4, "waiting for the agents' final records");
+type Tuple4 = (String, u16, String, u16);
+
+/// Step 4: the curl's final record on node-a, and the same connection's record on node-b.
+fn story_records(lab: &LabRun) -> anyhow::Result<(Value, Value, Tuple4)> {
     let is_story = |r: &Value| {
         r["final"] == true && r["socket"]["comm"] == "curl" && r["pre_dnat"]["dst"] == VIP
     };
@@ -110,8 +167,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         .find(|r| tuple_of(&r["post_dnat"]).as_ref() == Some(&post))
         .expect("waited for it")
         .clone();
+    Ok((story, arrived, post))
+}
 
-    // Independent evidence: conntrack's NAT mapping, and kube-proxy's DNAT rule counters.
+/// Independent evidence: conntrack's NAT mapping, and kube-proxy's DNAT rule counters (kept
+/// in the demo's folder with the metrics).
+fn evidence(lab: &LabRun, dir: &Path, post: &Tuple4) -> anyhow::Result<(Vec<CtEntry>, String)> {
     let ct = lab.conntrack("node-a")?;
     let mut evidence = String::new();
     for node in ["node-a", "node-b"] {
@@ -129,55 +190,97 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
     let ct_text = lab.exec("node-a", &["conntrack", "-L"])?;
     std::fs::write(dir.join("conntrack-node-a.txt"), &ct_text.stdout)?;
+    Ok((ct, evidence))
+}
 
-    step(5, "the story of one connection");
-    let text = tell(&story, &arrived, &ct, &evidence);
-    print!("{text}");
-    std::fs::write(dir.join("story.txt"), &text)?;
+/// The record against conntrack's NAT mapping on node-a, then the rule counters.
+fn checked_against(ct: &[CtEntry], pre: &Value, post: &Value, evidence: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "\n  Independent evidence:");
+    let want = tuple_of(pre);
+    match ct.iter().find(|e| Some(&e.orig) == want.as_ref()) {
+        Some(e) => {
+            let reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
+            let ok = tuple_of(post) == Some(reversed);
+            let _ = writeln!(
+                s,
+                "      conntrack on node-a: original {}:{} -> {}:{}, reply {}:{} -> {}:{}  ({})",
+                e.orig.0,
+                e.orig.1,
+                e.orig.2,
+                e.orig.3,
+                e.reply.0,
+                e.reply.1,
+                e.reply.2,
+                e.reply.3,
+                if ok {
+                    "matches the record's pre_dnat/post_dnat"
+                } else {
+                    "DOES NOT match the record"
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(s, "      conntrack on node-a: entry not found (expired?)");
+        }
+    }
+    s.push_str(evidence);
 
-    step(
-        6,
-        "the two failures users meet, explained by `observer explain`, then fixed",
+    s
+}
+
+/// What the story means for policy and firewalls, from its own tuples.
+fn meaning(pre: &Value, post: &Value) -> String {
+    let mut s = String::new();
+    let port = post["dport"].clone();
+    let pod_ip = post["dst"].as_str().unwrap_or("?");
+    let _ = writeln!(s, "\n  What this means:");
+    let _ = writeln!(
+        s,
+        "  - The rewrite {} -> {pod_ip}:{port} happened on node-a, the SENDING node. node-b did no DNAT.",
+        ep(pre)
     );
-    let mut explained = String::new();
-    for (scenario, title) in [
-        (
-            "firewall-without-8443",
-            "a firewall between the nodes that opens 443 instead of 8443",
-        ),
-        (
-            "egress-service-port",
-            "an egress NetworkPolicy that allows the Service port 443",
-        ),
-    ] {
-        explained.push_str(&failure(&lab, &dir, scenario, title)?);
-    }
-    std::fs::write(dir.join("explain.txt"), &explained)?;
-
-    step(7, "stopping the agents (SIGTERM: flush, detach, exit)");
-    for (node, code, took) in lab.stop_agents()? {
-        println!("      {node}: exit code {code:?} after {took:.2?}");
-    }
-    println!(
-        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt, explain.txt",
-        dir.display()
+    let _ = writeln!(
+        s,
+        "  - NetworkPolicy is enforced after that rewrite (egress of pod-a on node-a, ingress of pod-b on node-b),"
     );
-    if keep {
-        println!("The lab stays up (--keep): `observer lab down --name {LAB}` removes it.");
-        lab.agents.clear();
-        std::mem::forget(lab);
-    } else {
-        drop(lab);
-        println!("The lab is down again.");
-    }
-    Ok(())
+    let _ = writeln!(
+        s,
+        "    so it matches pod-b's IP and the targetPort {port}: a rule for the Service IP range or for port {} is",
+        pre["dport"]
+    );
+    let _ = writeln!(
+        s,
+        "    neither needed nor effective (an egress rule limited to port {} would block this flow).",
+        pre["dport"]
+    );
+    let _ = writeln!(
+        s,
+        "  - The wire between the nodes carried {}: a firewall between nodes must allow the pod range to",
+        flow(post)
+    );
+    let _ = writeln!(
+        s,
+        "    port {port}, not {} and not the Service IP.",
+        pre["dport"]
+    );
+    s
 }
 
 fn observer(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(crate::observer_bin()).args(args).output()?;
+    run_ok(&crate::bins().agent, args)
+}
+
+fn lab_cmd(args: &[&str]) -> anyhow::Result<String> {
+    run_ok(&crate::bins().lab, args)
+}
+
+fn run_ok(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin).args(args).output()?;
     if !out.status.success() {
         bail!(
-            "observer {args:?}: {}",
+            "{} {args:?}: {}",
+            bin.display(),
             String::from_utf8_lossy(&out.stderr)
         );
     }
@@ -201,7 +304,7 @@ fn failure(lab: &LabRun, dir: &Path, scenario: &str, title: &str) -> anyhow::Res
     let file = root.join("lab/scenarios").join(format!("{scenario}.yaml"));
     let file = file.to_string_lossy().into_owned();
     let mut out = format!("\n  --- {title} ({scenario}.yaml) ---\n");
-    observer(&["lab", "apply", "--name", LAB, &file])?;
+    lab_cmd(&["apply", "--name", LAB, &file])?;
     let before = lab.records("node-a")?.len();
     let failed = !curl_ok(lab, "2")?;
     let _ = writeln!(
@@ -220,19 +323,20 @@ fn failure(lab: &LabRun, dir: &Path, scenario: &str, title: &str) -> anyhow::Res
         .iter()
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
+    let names = lab.names_file().to_string_lossy().into_owned();
     let mut args = vec![
         "explain",
         &logs[0],
         &logs[1],
         "--service",
         "100.64.0.10:443",
-        "--lab",
-        LAB,
+        "--names",
+        &names,
     ];
     let text = observer(&args)?;
     let _ = writeln!(
         out,
-        "  $ observer explain node-a.jsonl node-b.jsonl --service 100.64.0.10:443 --lab {LAB}"
+        "  $ observer explain node-a.jsonl node-b.jsonl --service 100.64.0.10:443 --names {names}"
     );
     out.push_str(&indent(&text));
     args.extend(["--format", "json"]);
@@ -247,7 +351,7 @@ fn failure(lab: &LabRun, dir: &Path, scenario: &str, title: &str) -> anyhow::Res
     } else if let Some(np) = fix["network_policy"].as_str() {
         let fixed = dir.join(format!("{scenario}-fixed.yaml"));
         std::fs::write(&fixed, std::fs::read_to_string(&file)? + np)?;
-        observer(&["lab", "apply", "--name", LAB, &fixed.to_string_lossy()])?;
+        lab_cmd(&["apply", "--name", LAB, &fixed.to_string_lossy()])?;
         let _ = writeln!(
             out,
             "  applied the scenario plus the suggested NetworkPolicy ({})",
@@ -261,7 +365,7 @@ fn failure(lab: &LabRun, dir: &Path, scenario: &str, title: &str) -> anyhow::Res
         if works { "works" } else { "STILL FAILS" }
     );
     let none = root.join("lab/scenarios/none.yaml");
-    observer(&["lab", "apply", "--name", LAB, &none.to_string_lossy()])?;
+    lab_cmd(&["apply", "--name", LAB, &none.to_string_lossy()])?;
     print!("{out}");
     if !works || !failed {
         bail!("scenario {scenario} did not behave as documented");
@@ -376,67 +480,8 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         story["state"].as_str().unwrap_or("?")
     );
 
-    let _ = writeln!(s, "\n  Independent evidence:");
-    let want = tuple_of(pre);
-    match ct.iter().find(|e| Some(&e.orig) == want.as_ref()) {
-        Some(e) => {
-            let reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
-            let ok = tuple_of(post) == Some(reversed);
-            let _ = writeln!(
-                s,
-                "      conntrack on node-a: original {}:{} -> {}:{}, reply {}:{} -> {}:{}  ({})",
-                e.orig.0,
-                e.orig.1,
-                e.orig.2,
-                e.orig.3,
-                e.reply.0,
-                e.reply.1,
-                e.reply.2,
-                e.reply.3,
-                if ok {
-                    "matches the record's pre_dnat/post_dnat"
-                } else {
-                    "DOES NOT match the record"
-                }
-            );
-        }
-        None => {
-            let _ = writeln!(s, "      conntrack on node-a: entry not found (expired?)");
-        }
-    }
-    s.push_str(evidence);
+    s.push_str(&checked_against(ct, pre, post, evidence));
 
-    let port = post["dport"].clone();
-    let pod_ip = post["dst"].as_str().unwrap_or("?");
-    let _ = writeln!(s, "\n  What this means:");
-    let _ = writeln!(
-        s,
-        "  - The rewrite {} -> {pod_ip}:{port} happened on node-a, the SENDING node. node-b did no DNAT.",
-        ep(pre)
-    );
-    let _ = writeln!(
-        s,
-        "  - NetworkPolicy is enforced after that rewrite (egress of pod-a on node-a, ingress of pod-b on node-b),"
-    );
-    let _ = writeln!(
-        s,
-        "    so it matches pod-b's IP and the targetPort {port}: a rule for the Service IP range or for port {} is",
-        pre["dport"]
-    );
-    let _ = writeln!(
-        s,
-        "    neither needed nor effective (an egress rule limited to port {} would block this flow).",
-        pre["dport"]
-    );
-    let _ = writeln!(
-        s,
-        "  - The wire between the nodes carried {}: a firewall between nodes must allow the pod range to",
-        flow(post)
-    );
-    let _ = writeln!(
-        s,
-        "    port {port}, not {} and not the Service IP.",
-        pre["dport"]
-    );
+    s.push_str(&meaning(pre, post));
     s
 }

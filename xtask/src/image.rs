@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xtask::harness::{LabRun, unique_name};
+use observer_lab::drive::{LabRun, unique_name};
 
 const BASE: &str = "docker.io/library/debian:bookworm";
 const SLIM: &str = "docker.io/library/debian:bookworm-slim";
@@ -145,10 +145,10 @@ pub fn build() -> anyhow::Result<()> {
 
 /// Run the image as the DaemonSet does, in a lab node's network namespace.
 fn check() -> anyhow::Result<()> {
-    let bin = crate::observer_bin();
+    let bins = crate::bins();
     let name = unique_name("img");
     let dir = std::env::temp_dir().join(format!("observer-{name}"));
-    let lab = LabRun::up(&bin, &name, None, &dir)?;
+    let lab = LabRun::up(&bins, &name, None, &dir)?;
     let container = format!("observer-{name}");
     let cgroup2 = cgroup2_mount()?;
     // A bpf filesystem of its own, as the node's /sys/fs/bpf: the agent pins its flow map there.
@@ -159,88 +159,7 @@ fn check() -> anyhow::Result<()> {
         "==> running {IMAGE} in {} as the DaemonSet would",
         lab.ns("node-a")
     );
-    let res = (|| {
-        crate::run(
-            podman()
-                .args(["run", "-d", "--name", &container])
-                .args(ulimits())
-                .arg(format!("--network=ns:/run/netns/{}", lab.ns("node-a")))
-                .args([
-                    "--cap-drop=all",
-                    "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
-                ])
-                .args(["--read-only", "--security-opt", "seccomp=unconfined"])
-                .arg(format!("--volume={cgroup2}:/sys/fs/cgroup:ro"))
-                .args(["--volume=/sys/kernel/btf:/sys/kernel/btf:ro"])
-                .arg(format!("--volume={}:/sys/fs/bpf", bpffs.display()))
-                .args(["--env=KUBE_NODE_NAME=node-a"])
-                .args(["--env=OBSERVER_METRICS_ADDR=127.0.0.1:9464"])
-                .args(["--env=OBSERVER_IDLE_TIMEOUT=2s"])
-                .arg(IMAGE)
-                .stdout(Stdio::null()),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !lab
-            .http("node-a", "/readyz")
-            .is_ok_and(|b| b.contains("ready"))
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "the container is not ready after 30 s:\n{}",
-                    logs(&container)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        let s = lab.client("pod-a", &["--to", "100.64.0.10:443"])?;
-        if s["ok"] != 1 {
-            bail!("lab connection failed: {s}");
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let out = logs(&container);
-            if let Some(line) = out.lines().find(|l| {
-                l.contains("\"final\":true")
-                    && l.contains("\"dport\":443")
-                    && l.contains("\"dport\":8443")
-            }) {
-                println!(
-                    "    record from the image: {}...",
-                    &line[..line.len().min(160)]
-                );
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("no record of the connection from the container:\n{out}");
-            }
-            std::thread::sleep(Duration::from_millis(300));
-        }
-        crate::run(
-            podman()
-                .args(["stop", "-t", "15", &container])
-                .stdout(Stdio::null()),
-        )?;
-        let code = podman()
-            .args(["inspect", "-f", "{{.State.ExitCode}}", &container])
-            .output()?;
-        let code = String::from_utf8_lossy(&code.stdout).trim().to_owned();
-        if code != "0" {
-            bail!(
-                "the agent exited with {code} on SIGTERM:\n{}",
-                logs(&container)
-            );
-        }
-        if !bpffs.join("observer/host/FLOWS").exists() {
-            bail!(
-                "no flow map pinned in the mounted bpffs:\n{}",
-                logs(&container)
-            );
-        }
-        println!(
-            "    ready, recorded the connection, pinned its flow map, exited 0 on SIGTERM: the image works"
-        );
-        Ok(())
-    })();
+    let res = run_as_daemonset(&lab, &container, &cgroup2, &bpffs);
     let _ = podman()
         .args(["rm", "-f", &container])
         .stdout(Stdio::null())
@@ -249,6 +168,96 @@ fn check() -> anyhow::Result<()> {
     let _ = Command::new("umount").arg("-l").arg(&bpffs).status();
     drop(lab);
     res
+}
+
+/// Start the image in node-a's network with the DaemonSet's capabilities and mounts; it must get
+/// ready, record a lab connection, pin its flow map and exit 0 on SIGTERM.
+fn run_as_daemonset(
+    lab: &LabRun,
+    container: &str,
+    cgroup2: &str,
+    bpffs: &std::path::Path,
+) -> anyhow::Result<()> {
+    crate::run(
+        podman()
+            .args(["run", "-d", "--name", container])
+            .args(ulimits())
+            .arg(format!("--network=ns:/run/netns/{}", lab.ns("node-a")))
+            .args([
+                "--cap-drop=all",
+                "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
+            ])
+            .args(["--read-only", "--security-opt", "seccomp=unconfined"])
+            .arg(format!("--volume={cgroup2}:/sys/fs/cgroup:ro"))
+            .args(["--volume=/sys/kernel/btf:/sys/kernel/btf:ro"])
+            .arg(format!("--volume={}:/sys/fs/bpf", bpffs.display()))
+            .args(["--env=KUBE_NODE_NAME=node-a"])
+            .args(["--env=OBSERVER_METRICS_ADDR=127.0.0.1:9464"])
+            .args(["--env=OBSERVER_IDLE_TIMEOUT=2s"])
+            .arg(IMAGE)
+            .stdout(Stdio::null()),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lab
+        .http("node-a", "/readyz")
+        .is_ok_and(|b| b.contains("ready"))
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the container is not ready after 30 s:\n{}",
+                logs(container)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let s = lab.client("pod-a", &["--to", "100.64.0.10:443"])?;
+    if s["ok"] != 1 {
+        bail!("lab connection failed: {s}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = logs(container);
+        if let Some(line) = out.lines().find(|l| {
+            l.contains("\"final\":true")
+                && l.contains("\"dport\":443")
+                && l.contains("\"dport\":8443")
+        }) {
+            println!(
+                "    record from the image: {}...",
+                &line[..line.len().min(160)]
+            );
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("no record of the connection from the container:\n{out}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    crate::run(
+        podman()
+            .args(["stop", "-t", "15", container])
+            .stdout(Stdio::null()),
+    )?;
+    let code = podman()
+        .args(["inspect", "-f", "{{.State.ExitCode}}", container])
+        .output()?;
+    let code = String::from_utf8_lossy(&code.stdout).trim().to_owned();
+    if code != "0" {
+        bail!(
+            "the agent exited with {code} on SIGTERM:\n{}",
+            logs(container)
+        );
+    }
+    if !bpffs.join("observer/host/FLOWS").exists() {
+        bail!(
+            "no flow map pinned in the mounted bpffs:\n{}",
+            logs(container)
+        );
+    }
+    println!(
+        "    ready, recorded the connection, pinned its flow map, exited 0 on SIGTERM: the image works"
+    );
+    Ok(())
 }
 
 fn logs(container: &str) -> String {

@@ -6,7 +6,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use xtask::kube::{CACHE, VERSION, binary};
+use integration_test::kube::{CACHE, VERSION, binary};
 
 pub fn ensure() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&[

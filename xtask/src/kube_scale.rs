@@ -21,7 +21,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use xtask::harness::{LabRun, unique_name};
+use observer_lab::drive::{LabRun, unique_name};
 
 /// What the replayed cluster holds.
 #[derive(Clone, Copy, Debug)]
@@ -347,7 +347,7 @@ fn measure(lab: &mut LabRun, api: Option<&ReplayApi>, pods: usize) -> anyhow::Re
         }
     }
     std::thread::sleep(Duration::from_secs(2));
-    let (rss_kib, peak_kib) = crate::bench::memory_kib(pid);
+    let (rss_kib, peak_kib) = crate::proc::memory_kib(pid);
     Ok(Run {
         rss_kib,
         peak_kib,
@@ -379,10 +379,10 @@ fn check_names(lab: &LabRun) -> anyhow::Result<()> {
 }
 
 pub fn run(c: Cluster) -> anyhow::Result<String> {
-    let bin = crate::observer_bin();
+    let bins = crate::bins();
     let name = unique_name("kscale");
     let dir = crate::workspace_root().join("target/bench").join(&name);
-    let mut lab = LabRun::up(&bin, &name, None, &dir)?;
+    let mut lab = LabRun::up(&bins, &name, None, &dir)?;
     println!(
         "==> Kubernetes names: agent without Kubernetes, with an empty API, with {} pods",
         c.pods

@@ -8,7 +8,7 @@ mod demo;
 mod image;
 mod kube_apiserver;
 mod kube_scale;
-
+mod proc;
 mod setup;
 
 use std::process::Command;
@@ -37,7 +37,7 @@ enum Task {
     },
     /// The main job: build, bring up the lab, watch a Service connection become PodB:8443.
     Demo {
-        /// Keep the lab running afterwards (take it down with `observer lab down --name demo`).
+        /// Keep the lab running afterwards (take it down with `observer-lab down --name demo`).
         #[arg(long)]
         keep: bool,
     },
@@ -136,8 +136,9 @@ pub fn workspace_root() -> std::path::PathBuf {
         .to_owned()
 }
 
-pub fn observer_bin() -> std::path::PathBuf {
-    workspace_root().join("target/release/observer")
+/// The release builds of `observer` (agent, explain) and `observer-lab`.
+pub fn bins() -> observer_lab::drive::Bins {
+    observer_lab::drive::Bins::in_dir(&workspace_root().join("target/release"))
 }
 
 /// `cargo` with ~/.cargo/bin (bpf-linker) on PATH.
@@ -157,8 +158,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn build() -> anyhow::Result<()> {
-    println!("==> building observer (release, kernel programs embedded)");
-    run(cargo().args(["build", "--release", "-p", "observer"]))
+    println!("==> building observer (release, kernel programs embedded) and observer-lab");
+    run(cargo().args(["build", "--release", "-p", "observer", "-p", "observer-lab"]))
 }
 
 /// cargo test over the workspace; (passed, failed) summed over every test binary.

@@ -5,6 +5,7 @@
 //! builds its [`FlowRecord`].
 
 pub mod conn;
+pub mod stage;
 pub mod tuple;
 
 use std::collections::HashMap;
@@ -361,7 +362,50 @@ impl Correlator {
         let post = post_leg.map(|l| l.orig);
         let translated = matches!((pre, post), (Some(a), Some(b)) if a != b);
 
-        let from_pod = pre.is_some();
+        let (mut hops, totals) = self.hops_and_totals(c);
+        let socket = sock.map(|s| {
+            let (hop, info) = self.socket_hop(s, pre, proto);
+            hops.push((false, 0, hop));
+            info
+        });
+        hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
+        let hops: Vec<Hop> = hops.into_iter().map(|(_, _, h)| h).collect();
+        let drop = self.record_drop(c);
+        let views = Views::of(&self.cfg.node, &hops, &drop);
+        FlowRecord {
+            schema: SCHEMA.to_owned(),
+            time: self.clock.rfc3339(now_ns),
+            node: self.cfg.node.clone(),
+            proto: proto_name(proto),
+            family: any.orig.family_name().to_owned(),
+            observed_as: self.observed_as(c, pre.is_some(), post_leg),
+            pre_dnat: pre.map(|t| t.view()),
+            post_dnat: post.map(|t| t.view()),
+            translated,
+            translation: translated.then(|| self.translation(post_leg)),
+            socket,
+            last_seen: crate::record::LastSeen {
+                node: self.cfg.node.clone(),
+                point: views.last_point.to_owned(),
+            },
+            wire_view: views.wire,
+            policy_view: views.policy,
+            hops,
+            drop,
+            state: state(proto, conn_flags(c), &totals, is_final).to_owned(),
+            totals,
+            is_final,
+            src_pod: None,
+            dst_pod: None,
+            service: None,
+            start: self.clock.rfc3339(c.first_ns()),
+            end: self.clock.rfc3339(c.last_ns()),
+        }
+    }
+
+    /// Sender, receiver, both (a same-node connection) or neither (transit), from where the
+    /// client's packets entered and where they went.
+    fn observed_as(&self, c: &Conn<'_>, from_pod: bool, post_leg: Option<&Leg<'_>>) -> ObservedAs {
         // Delivered to a local pod, or addressed to one (a drop may have stopped it first).
         let to_pod = post_leg.is_some_and(|l| {
             l.obs
@@ -370,33 +414,36 @@ impl Correlator {
         }) || c
             .legs()
             .any(|l| !l.sent_by_local_pod() && self.local_pods.contains(&l.orig.dst.ip));
-        let observed_as = match (from_pod, to_pod) {
+        match (from_pod, to_pod) {
             (true, true) => ObservedAs::Local,
             (true, false) => ObservedAs::Sender,
             (false, true) => ObservedAs::Receiver,
             (false, false) => ObservedAs::Transit,
-        };
+        }
+    }
 
-        let translation = if translated {
-            let before = post_leg
-                .and_then(|l| {
-                    l.obs
-                        .iter()
-                        .filter(|o| l.is_orig(o) && o.point.is_egress())
-                        .min_by_key(|o| o.c.first_ns)
-                })
-                .map(|o| o.point.as_str())
-                .unwrap_or("unknown");
-            Some(Translation {
-                node: self.cfg.node.clone(),
-                after: Point::PodIngress.as_str().to_owned(),
-                before: before.to_owned(),
+    /// Where the rewrite happened: between the pod's veth ingress and the first egress point of
+    /// the translated tuple, i.e. inside this node's IP stack.
+    fn translation(&self, post_leg: Option<&Leg<'_>>) -> Translation {
+        let before = post_leg
+            .and_then(|l| {
+                l.obs
+                    .iter()
+                    .filter(|o| l.is_orig(o) && o.point.is_egress())
+                    .min_by_key(|o| o.c.first_ns)
             })
-        } else {
-            None
-        };
+            .map(|o| o.point.as_str())
+            .unwrap_or("unknown");
+        Translation {
+            node: self.cfg.node.clone(),
+            after: Point::PodIngress.as_str().to_owned(),
+            before: before.to_owned(),
+        }
+    }
 
-        let mut hops: Vec<(bool, u64, Hop)> = Vec::new();
+    /// Every observation as a hop (reply?, first seen, hop), and the totals of both directions.
+    fn hops_and_totals(&self, c: &Conn<'_>) -> (Vec<(bool, u64, Hop)>, Totals) {
+        let mut hops = Vec::new();
         let mut totals = Totals::default();
         for leg in c.legs() {
             for o in &leg.obs {
@@ -411,38 +458,39 @@ impl Correlator {
                 hops.push((!orig, o.c.first_ns, self.hop(leg, o)));
             }
         }
-        let socket = sock.map(|s| {
-            let asked = Tuple {
-                proto,
-                src: pre.map(|t| t.src).unwrap_or(s.asked),
-                dst: s.asked,
-            };
-            hops.push((
-                false,
-                0,
-                Hop {
-                    point: "socket".into(),
-                    iface: None,
-                    node: self.cfg.node.clone(),
-                    dir: Direction::Orig,
-                    tuple: pre.unwrap_or(asked).view(),
-                    packets: None,
-                    bytes: None,
-                    first_seen: self.clock.rfc3339(s.ts_ns),
-                    last_seen: self.clock.rfc3339(s.ts_ns),
-                    tcp_flags: None,
-                },
-            ));
-            SocketInfo {
-                pid: s.pid,
-                comm: s.comm.clone(),
-                cgroup_id: s.cgroup_id,
-                asked: asked.view(),
-            }
-        });
-        hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
-        let hops: Vec<Hop> = hops.into_iter().map(|(_, _, h)| h).collect();
-        let drop = self.drop_of(c).map(|(t, d)| crate::record::Drop {
+        (hops, totals)
+    }
+
+    /// The socket as a hop (what the application asked for) and the process behind it.
+    fn socket_hop(&self, s: &SockMeta, pre: Option<Tuple>, proto: u8) -> (Hop, SocketInfo) {
+        let asked = Tuple {
+            proto,
+            src: pre.map(|t| t.src).unwrap_or(s.asked),
+            dst: s.asked,
+        };
+        let hop = Hop {
+            point: "socket".into(),
+            iface: None,
+            node: self.cfg.node.clone(),
+            dir: Direction::Orig,
+            tuple: pre.unwrap_or(asked).view(),
+            packets: None,
+            bytes: None,
+            first_seen: self.clock.rfc3339(s.ts_ns),
+            last_seen: self.clock.rfc3339(s.ts_ns),
+            tcp_flags: None,
+        };
+        let info = SocketInfo {
+            pid: s.pid,
+            comm: s.comm.clone(),
+            cgroup_id: s.cgroup_id,
+            asked: asked.view(),
+        };
+        (hop, info)
+    }
+
+    fn record_drop(&self, c: &Conn<'_>) -> Option<crate::record::Drop> {
+        self.drop_of(c).map(|(t, d)| crate::record::Drop {
             node: self.cfg.node.clone(),
             reason: d.reason.clone(),
             point: drop_point(&d.location),
@@ -451,68 +499,52 @@ impl Correlator {
             tuple: t.view(),
             packets: d.packets,
             last_seen: self.clock.rfc3339(d.last_ns),
-        });
+        })
+    }
+}
 
-        let (fo, fr) = conn_flags(c);
-        let state = if proto == IPPROTO_TCP {
-            if (fo | fr) & TCP_RST != 0 {
-                "reset"
-            } else if fo & TCP_FIN != 0 && fr & TCP_FIN != 0 {
-                "closed"
-            } else if totals.reply_packets == 0 && fo & TCP_SYN != 0 {
-                "syn_sent"
-            } else {
-                "established"
-            }
-        } else if is_final {
-            "ended"
-        } else {
-            "active"
-        };
+/// TCP: reset, closed, syn_sent or established from the flags both ways; others active or ended.
+fn state(proto: u8, (fo, fr): (u8, u8), totals: &Totals, is_final: bool) -> &'static str {
+    if proto != IPPROTO_TCP {
+        return if is_final { "ended" } else { "active" };
+    }
+    if (fo | fr) & TCP_RST != 0 {
+        "reset"
+    } else if fo & TCP_FIN != 0 && fr & TCP_FIN != 0 {
+        "closed"
+    } else if totals.reply_packets == 0 && fo & TCP_SYN != 0 {
+        "syn_sent"
+    } else {
+        "established"
+    }
+}
 
+/// What the client's direction looked like along this node: the last point it reached, the
+/// wire tuple, and the filter's view.
+struct Views<'a> {
+    last_point: &'a str,
+    wire: Option<TupleView>,
+    policy: Option<crate::record::PolicyView>,
+}
+
+impl<'a> Views<'a> {
+    fn of(node: &str, hops: &'a [Hop], drop: &Option<crate::record::Drop>) -> Views<'a> {
         let orig_points: Vec<(&str, &TupleView)> = hops
             .iter()
             .filter(|h| h.dir == Direction::Orig)
             .map(|h| (h.point.as_str(), &h.tuple))
             .collect();
-        let last_point = orig_points
-            .iter()
-            .map(|(p, _)| *p)
-            .max_by_key(|p| path_order(p))
-            .unwrap_or("socket");
-        let wire_view = orig_points
-            .iter()
-            .find(|(p, _)| *p == "uplink_egress" || *p == "uplink_ingress")
-            .map(|(_, t)| (*t).clone());
-        let policy_view = policy_view(&self.cfg.node, &drop, &orig_points);
-        FlowRecord {
-            schema: SCHEMA.to_owned(),
-            time: self.clock.rfc3339(now_ns),
-            node: self.cfg.node.clone(),
-            proto: proto_name(proto),
-            family: any.orig.family_name().to_owned(),
-            observed_as,
-            pre_dnat: pre.map(|t| t.view()),
-            post_dnat: post.map(|t| t.view()),
-            translated,
-            translation,
-            socket,
-            last_seen: crate::record::LastSeen {
-                node: self.cfg.node.clone(),
-                point: last_point.to_owned(),
-            },
-            wire_view,
-            policy_view,
-            hops,
-            drop,
-            totals,
-            state: state.to_owned(),
-            is_final,
-            src_pod: None,
-            dst_pod: None,
-            service: None,
-            start: self.clock.rfc3339(c.first_ns()),
-            end: self.clock.rfc3339(c.last_ns()),
+        Views {
+            last_point: orig_points
+                .iter()
+                .map(|(p, _)| *p)
+                .max_by_key(|p| path_order(p))
+                .unwrap_or("socket"),
+            wire: orig_points
+                .iter()
+                .find(|(p, _)| *p == "uplink_egress" || *p == "uplink_ingress")
+                .map(|(_, t)| (*t).clone()),
+            policy: policy_view(node, drop, &orig_points),
         }
     }
 }

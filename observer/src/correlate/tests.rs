@@ -10,10 +10,10 @@ use observer_common::{
 use super::*;
 use crate::record::ObservedAs;
 
-const MS: u64 = 1_000_000;
+pub(super) const MS: u64 = 1_000_000;
 const S: u64 = 1_000 * MS;
 
-fn key(
+pub(super) fn key(
     proto: u8,
     src: &str,
     sport: u16,
@@ -41,7 +41,7 @@ fn key(
     k
 }
 
-fn counters(first: u64, last: u64, flags: u8, marks: u8) -> Counters {
+pub(super) fn counters(first: u64, last: u64, flags: u8, marks: u8) -> Counters {
     Counters {
         packets: 5,
         bytes: 400,
@@ -53,7 +53,7 @@ fn counters(first: u64, last: u64, flags: u8, marks: u8) -> Counters {
     }
 }
 
-fn correlator() -> Correlator {
+pub(super) fn correlator() -> Correlator {
     let mut c = Correlator::new(
         Config {
             node: "node-a".into(),

@@ -8,11 +8,11 @@ use serde_json::json;
 
 use super::{Names, Story};
 use crate::names::PodName;
-use crate::record::TupleView;
+use crate::record::{ServiceRef, TupleView};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Fix {
-    /// `network_policy` or `firewall`.
+    /// `network_policy`, `firewall` or `service`.
     pub kind: String,
     pub summary: String,
     /// NetworkPolicy YAML to add.
@@ -24,9 +24,43 @@ pub struct Fix {
     /// The same rule for the lab's VPC (`nft`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nft: Option<String>,
-    /// The same rule as a lab Firewall rule (for `observer lab apply`).
+    /// The same rule as a lab Firewall rule (for `observer-lab apply`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lab_firewall_rule: Option<serde_json::Value>,
+    /// What to look at with kubectl.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubectl: Option<String>,
+}
+
+impl Fix {
+    fn new(kind: &str, summary: String) -> Fix {
+        Fix {
+            kind: kind.into(),
+            summary,
+            network_policy: None,
+            gcloud: None,
+            nft: None,
+            lab_firewall_rule: None,
+            kubectl: None,
+        }
+    }
+}
+
+/// kube-proxy rejects a Service port without ready endpoints before any translation: the fix is
+/// endpoints, not a policy or a firewall rule.
+pub fn service_fix(svc: &ServiceRef) -> Fix {
+    let mut f = Fix::new(
+        "service",
+        format!(
+            "give Service {}/{} ready endpoints: no ready pod backs port {}, so kube-proxy rejects every connection to it (no NetworkPolicy or firewall rule can help)",
+            svc.namespace, svc.name, svc.port
+        ),
+    );
+    f.kubectl = Some(format!(
+        "kubectl get endpointslices -n {} -l kubernetes.io/service-name={}\nkubectl get service -n {} {} -o jsonpath='{{.spec.selector}}'",
+        svc.namespace, svc.name, svc.namespace, svc.name
+    ));
+    f
 }
 
 fn peer(p: &Option<PodName>, ip: &str) -> serde_json::Value {
@@ -107,9 +141,9 @@ pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -
         vec![peer(other, other_ip)],
         vec![(proto.clone(), saw.dport)],
     );
-    Some(Fix {
-        kind: "network_policy".into(),
-        summary: format!(
+    let mut f = Fix::new(
+        "network_policy",
+        format!(
             "allow {} of {}/{} {} {} on {}/{} (the targetPort; not the Service IP or port)",
             if egress { "egress" } else { "ingress" },
             me.namespace,
@@ -119,11 +153,9 @@ pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -
             proto,
             saw.dport
         ),
-        network_policy: Some(yaml),
-        gcloud: None,
-        nft: None,
-        lab_firewall_rule: None,
-    })
+    );
+    f.network_policy = Some(yaml);
+    Some(f)
 }
 
 /// Admit the wire tuple's port from the pod range.
@@ -132,25 +164,25 @@ pub fn firewall_fix(wire: &TupleView, proto: &str, names: &Names) -> Fix {
     let range = names.pod_range(&wire.src);
     let fam = if wire.src.contains(':') { "ip6" } else { "ip" };
     let name = format!("allow-pods-to-{p}-{}", wire.dport);
-    Fix {
-        kind: "firewall".into(),
-        summary: format!(
+    let mut f = Fix::new(
+        "firewall",
+        format!(
             "allow {p}:{} from the pod range {range} between the nodes (the wire carries the targetPort)",
             wire.dport
         ),
-        network_policy: None,
-        gcloud: Some(format!(
-            "gcloud compute firewall-rules create {name} --network=NETWORK --direction=INGRESS --action=ALLOW --rules={p}:{} --source-ranges={range} --target-tags=NODE_TAG",
-            wire.dport
-        )),
-        nft: Some(format!(
-            "nft insert rule inet vpc forward {fam} saddr {range} {p} dport {} accept",
-            wire.dport
-        )),
-        lab_firewall_rule: Some(
-            json!({"name": name, "sourceRanges": [range], "rules": [format!("{p}:{}", wire.dport)]}),
-        ),
-    }
+    );
+    f.gcloud = Some(format!(
+        "gcloud compute firewall-rules create {name} --network=NETWORK --direction=INGRESS --action=ALLOW --rules={p}:{} --source-ranges={range} --target-tags=NODE_TAG",
+        wire.dport
+    ));
+    f.nft = Some(format!(
+        "nft insert rule inet vpc forward {fam} saddr {range} {p} dport {} accept",
+        wire.dport
+    ));
+    f.lab_firewall_rule = Some(
+        json!({"name": name, "sourceRanges": [range], "rules": [format!("{p}:{}", wire.dport)]}),
+    );
+    f
 }
 
 /// NetworkPolicies that allow exactly the observed connections between known pods: egress for

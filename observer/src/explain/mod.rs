@@ -5,8 +5,10 @@
 mod fix;
 mod render;
 mod story;
+#[cfg(test)]
+mod tests;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 
@@ -15,7 +17,7 @@ use crate::{
     cli::{ExplainArgs, Format, SuggestArgs},
     record::FlowRecord,
 };
-pub use story::{Story, stitch};
+pub use story::{Endpoint, Story, stitch};
 
 /// GET an agent's /flows (plain HTTP; the agent serves nothing else).
 fn fetch(url: &str) -> anyhow::Result<String> {
@@ -61,28 +63,57 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
     Ok(out)
 }
 
-/// Names from the lab if given, else the ones the agents put in the records (Kubernetes).
-fn names(lab: &Option<String>, records: &[FlowRecord]) -> anyhow::Result<Names> {
-    match lab {
-        Some(name) => Names::from_lab(name)
-            .with_context(|| format!("lab {name} is not up (its description names the pods)")),
+/// Names from a names file if given, else the ones the agents put in the records (Kubernetes).
+fn names(file: Option<&Path>, records: &[FlowRecord]) -> anyhow::Result<Names> {
+    match file {
+        Some(f) => Ok(Names::from_file(f)?),
         None => Ok(Names::from_records(records)),
     }
 }
 
 pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
+    print!("{}", answer(&args)?);
+    Ok(0)
+}
+
+/// What `explain` prints for `args`.
+pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
     let records = load(&args.files)?;
-    let names = names(&args.lab, &records)?;
+    let names = names(args.names.as_deref(), &records)?;
+    let stories = select(&records, args, &names)?;
+    let nodes = nodes(&records, &args.files);
+    let verdicts: Vec<_> = stories
+        .iter()
+        .map(|s| (s, s.verdict(&nodes, &names)))
+        .collect();
+    Ok(match args.format {
+        Format::Text => verdicts
+            .iter()
+            .map(|(s, v)| render::text(s, v, &names))
+            .collect(),
+        Format::Json => {
+            let all: Vec<_> = verdicts.iter().map(|(s, v)| render::json(s, v)).collect();
+            serde_json::to_string_pretty(&all)? + "\n"
+        }
+        Format::Mermaid => verdicts
+            .iter()
+            .map(|(s, v)| render::mermaid(s, v, &names))
+            .collect(),
+    })
+}
+
+/// The connections the selection names, oldest first; only the latest unless `--all`.
+fn select(records: &[FlowRecord], args: &ExplainArgs, names: &Names) -> anyhow::Result<Vec<Story>> {
     let pod_ips = args.pod.as_deref().map(|p| names.ips_of(p));
     if pod_ips.as_ref().is_some_and(Vec::is_empty) {
         bail!(
-            "no pod {:?} is named in the lab or the records",
-            args.pod.unwrap_or_default()
+            "no pod {:?} is named in the names file or the records",
+            args.pod.clone().unwrap_or_default()
         );
     }
-    let mut stories: Vec<Story> = stitch(&records)
+    let mut stories: Vec<Story> = stitch(records)
         .into_iter()
-        .filter(|s| s.matches(args.service.as_deref(), args.client.as_deref()))
+        .filter(|s| s.matches(args.service.as_ref(), args.client.as_ref()))
         .filter(|s| pod_ips.as_ref().is_none_or(|ips| s.involves(ips)))
         .collect();
     if stories.is_empty() {
@@ -95,58 +126,34 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     if !args.all {
         stories.drain(..stories.len() - 1);
     }
-    // Nodes whose agents' logs were given: named by their records, or by the file when an agent
-    // wrote none (its silence is evidence too).
-    let nodes: Vec<String> = {
-        let mut n: Vec<String> = records.iter().map(|r| r.node.clone()).collect();
-        for f in &args.files {
-            if std::fs::metadata(f).is_ok_and(|m| m.len() == 0) {
-                n.push(
-                    f.file_stem()
-                        .map(|s| s.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                );
-            }
-        }
-        n.sort();
-        n.dedup();
-        n
-    };
-    let verdicts: Vec<_> = stories
-        .iter()
-        .map(|s| (s, s.verdict(&nodes, &names)))
-        .collect();
-    match args.format {
-        Format::Text => {
-            for (s, v) in &verdicts {
-                print!("{}", render::text(s, v, &names));
-            }
-        }
-        Format::Json => {
-            let all: Vec<_> = verdicts.iter().map(|(s, v)| render::json(s, v)).collect();
-            println!("{}", serde_json::to_string_pretty(&all)?);
-        }
-        Format::Mermaid => {
-            for (s, v) in &verdicts {
-                print!("{}", render::mermaid(s, v, &names));
-            }
+    Ok(stories)
+}
+
+/// Nodes whose agents' logs were given: named by their records, or by the file when an agent
+/// wrote none (its silence is evidence too).
+fn nodes(records: &[FlowRecord], files: &[PathBuf]) -> Vec<String> {
+    let mut n: Vec<String> = records.iter().map(|r| r.node.clone()).collect();
+    for f in files {
+        if std::fs::metadata(f).is_ok_and(|m| m.len() == 0) {
+            n.push(
+                f.file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
         }
     }
-    Ok(0)
+    n.sort();
+    n.dedup();
+    n
 }
 
 pub fn suggest(args: SuggestArgs) -> anyhow::Result<i32> {
     let records = load(&args.files)?;
-    let names = Names::from_lab(&args.lab).with_context(|| {
-        format!(
-            "lab {} is not up (its description names the pods)",
-            args.lab
-        )
-    })?;
+    let names = Names::from_file(&args.names)?;
     let stories = stitch(&records);
     let yaml = fix::suggest_policies(&stories, &names);
     if yaml.is_empty() {
-        bail!("no connection between known lab pods in these records");
+        bail!("no connection between pods the names file knows in these records");
     }
     print!("{yaml}");
     Ok(0)

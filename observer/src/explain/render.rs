@@ -120,6 +120,12 @@ pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
         r.proto, r.state, r.end
     );
     for (step, what, where_) in steps(s) {
+        // What filter evaluated before kube-proxy rejected it was no policy's view.
+        let step = if v.layer.as_deref() == Some("service") && step.starts_with("policy") {
+            "kube-proxy saw".to_owned()
+        } else {
+            step
+        };
         let _ = writeln!(out, "  {step:<20} {what:<46} {where_}");
     }
     if let Some(d) = s
@@ -159,6 +165,7 @@ pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
             ("NetworkPolicy", &f.network_policy),
             ("gcloud", &f.gcloud),
             ("lab (nft)", &f.nft),
+            ("kubectl", &f.kubectl),
         ] {
             if let Some(b) = body {
                 let _ = writeln!(out, "  {label}:");

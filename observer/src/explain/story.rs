@@ -1,11 +1,14 @@
 //! One connection across nodes: the client node's record and the server node's record.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+};
 
 use serde::Serialize;
 
 use super::{Names, fix};
-use crate::record::{FlowRecord, ObservedAs, TupleView};
+use crate::record::{FlowRecord, ObservedAs, ServiceRef, TupleView};
 
 #[derive(Debug, Clone)]
 pub struct Story {
@@ -20,11 +23,87 @@ pub struct Story {
 pub struct Verdict {
     pub outcome: String,
     pub last_seen: crate::record::LastSeen,
-    /// The layer that stopped it: `network_policy_egress`, `network_policy_ingress`,
-    /// `firewall_between_nodes`, `kernel` (another drop reason), `application`.
+    /// The layer that stopped it: `service` (kube-proxy: no endpoints), `network_policy_egress`,
+    /// `network_policy_ingress`, `firewall_between_nodes`, `kernel` (another drop reason),
+    /// `application`.
     pub layer: Option<String>,
     pub explanation: String,
     pub fix: Option<fix::Fix>,
+}
+
+/// What a selector names: `IP`, `IP:PORT`, `[IPv6]` or `[IPv6]:PORT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl Endpoint {
+    /// For clap: a one-line error that shows the accepted forms.
+    pub fn parse(s: &str) -> Result<Endpoint, String> {
+        s.parse()
+    }
+
+    fn matches(&self, (ip, port): (&str, u16)) -> bool {
+        ip.parse::<IpAddr>().is_ok_and(|ip| ip == self.ip) && self.port.is_none_or(|p| p == port)
+    }
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Endpoint, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(Endpoint {
+                ip: sa.ip(),
+                port: Some(sa.port()),
+            });
+        }
+        let bare = s
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(s);
+        bare.parse::<IpAddr>()
+            .map(|ip| Endpoint { ip, port: None })
+            .map_err(|_| {
+                format!("{s:?}: expected IP, IP:PORT, [IPv6] or [IPv6]:PORT (e.g. 100.64.0.10:443, [fd00::10]:443)")
+            })
+    }
+}
+
+/// Writes verdicts that share where the connection was last seen.
+struct Judge {
+    last: crate::record::LastSeen,
+}
+
+impl Judge {
+    fn say(
+        &self,
+        outcome: &str,
+        layer: Option<&str>,
+        explanation: String,
+        fix: Option<fix::Fix>,
+    ) -> Verdict {
+        Verdict {
+            outcome: outcome.into(),
+            last_seen: self.last.clone(),
+            layer: layer.map(str::to_owned),
+            explanation,
+            fix,
+        }
+    }
+}
+
+/// The Service a dropped packet was still addressed to: NetworkPolicy only ever sees translated
+/// tuples, so a netfilter drop of a Service address is kube-proxy's own (no endpoints).
+fn untranslated_service(r: &FlowRecord, dropped: &TupleView, names: &Names) -> Option<ServiceRef> {
+    names
+        .service(&dropped.dst, dropped.dport, &r.proto, None)
+        .or_else(|| {
+            r.service
+                .clone()
+                .filter(|_| !r.translated && r.pre_dnat.as_ref() == Some(dropped))
+        })
 }
 
 fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
@@ -80,25 +159,12 @@ impl Story {
             .cloned()
     }
 
-    pub fn matches(&self, service: Option<&str>, client: Option<&str>) -> bool {
+    pub fn matches(&self, service: Option<&Endpoint>, client: Option<&Endpoint>) -> bool {
         let asked = self.asked();
-        let svc_ok = service.is_none_or(|s| {
-            asked.is_some_and(|t| {
-                let (ip, port) = s.rsplit_once(':').unwrap_or((s, ""));
-                let ip = ip.trim_start_matches('[').trim_end_matches(']');
-                t.dst == ip && (port.is_empty() || t.dport.to_string() == port)
-            })
-        });
-        let client_ok = client.is_none_or(|c| {
-            asked.is_some_and(|t| {
-                let (ip, port) = c
-                    .rsplit_once(':')
-                    .filter(|_| !c.contains("::"))
-                    .unwrap_or((c, ""));
-                t.src == ip && (port.is_empty() || t.sport.to_string() == port)
-            })
-        });
-        svc_ok && client_ok
+        let hit = |e: Option<&Endpoint>, side: fn(&TupleView) -> (&str, u16)| {
+            e.is_none_or(|e| asked.is_some_and(|t| e.matches(side(t))))
+        };
+        hit(service, |t| (&t.dst, t.dport)) && hit(client, |t| (&t.src, t.sport))
     }
 
     /// The client or the backend is one of `ips`.
@@ -108,7 +174,6 @@ impl Story {
     }
 
     pub fn verdict(&self, nodes: &[String], names: &Names) -> Verdict {
-        let backend = self.backend();
         let answered = self
             .sender
             .as_ref()
@@ -122,17 +187,9 @@ impl Story {
             .expect("non-empty")
             .last_seen
             .clone();
-        let v = |outcome: &str, layer: Option<&str>, explanation: String, fix: Option<fix::Fix>| {
-            Verdict {
-                outcome: outcome.into(),
-                last_seen: last.clone(),
-                layer: layer.map(str::to_owned),
-                explanation,
-                fix,
-            }
-        };
+        let v = Judge { last };
         if answered {
-            return v(
+            return v.say(
                 "answered",
                 None,
                 "the server answered; every layer let it through".into(),
@@ -140,49 +197,78 @@ impl Story {
             );
         }
         for (rec, egress) in [(&self.sender, true), (&self.receiver, false)] {
-            let Some(r) = rec else { continue };
-            if let Some(d) = &r.drop {
-                let seen = format!(
-                    "{}:{} -> {}:{}",
-                    d.tuple.src, d.tuple.sport, d.tuple.dst, d.tuple.dport
-                );
-                if d.reason.starts_with("NETFILTER") {
-                    let (layer, dir) = if egress {
-                        ("network_policy_egress", "egress of the client pod")
-                    } else {
-                        ("network_policy_ingress", "ingress of the server pod")
-                    };
-                    return v(
-                        "dropped",
-                        Some(layer),
-                        format!(
-                            "dropped on {} by netfilter ({} at {}), the filter table's NetworkPolicy {dir}; it evaluated {seen}: the backend pod and targetPort {}, not the Service",
-                            d.node, d.reason, d.location, d.tuple.dport
-                        ),
-                        fix::policy_fix(self, egress, &d.tuple, names),
-                    );
-                }
-                return v(
-                    "dropped",
-                    Some("kernel"),
-                    format!(
-                        "dropped on {} by the kernel: {} at {} ({seen})",
-                        d.node, d.reason, d.location
-                    ),
-                    None,
-                );
+            if let Some((r, d)) = rec.as_ref().and_then(|r| Some((r, r.drop.as_ref()?))) {
+                return self.dropped(&v, r, d, egress, names);
             }
         }
-        let sender_node = self.sender.as_ref().map(|s| s.node.clone());
+        self.undropped(&v, nodes, names)
+    }
+
+    /// The kernel dropped it: whose drop it was, from the dropped tuple and the drop reason.
+    fn dropped(
+        &self,
+        v: &Judge,
+        r: &FlowRecord,
+        d: &crate::record::Drop,
+        egress: bool,
+        names: &Names,
+    ) -> Verdict {
+        let seen = format!(
+            "{}:{} -> {}:{}",
+            d.tuple.src, d.tuple.sport, d.tuple.dst, d.tuple.dport
+        );
+        if !d.reason.starts_with("NETFILTER") {
+            return v.say(
+                "dropped",
+                Some("kernel"),
+                format!(
+                    "dropped on {} by the kernel: {} at {} ({seen})",
+                    d.node, d.reason, d.location
+                ),
+                None,
+            );
+        }
+        if let Some(svc) = untranslated_service(r, &d.tuple, names) {
+            return v.say(
+                "dropped",
+                Some("service"),
+                format!(
+                    "rejected on {} by kube-proxy in the filter table ({} at {}): Service {}/{} port {} has no ready endpoints, so {seen} was never translated and no NetworkPolicy saw it",
+                    d.node, d.reason, d.location, svc.namespace, svc.name, svc.port
+                ),
+                Some(fix::service_fix(&svc)),
+            );
+        }
+        let (layer, dir) = if egress {
+            ("network_policy_egress", "egress of the client pod")
+        } else {
+            ("network_policy_ingress", "ingress of the server pod")
+        };
+        v.say(
+            "dropped",
+            Some(layer),
+            format!(
+                "dropped on {} by netfilter ({} at {}), the filter table's NetworkPolicy {dir}; it evaluated {seen}: the backend pod and targetPort {}, not the Service",
+                d.node, d.reason, d.location, d.tuple.dport
+            ),
+            fix::policy_fix(self, egress, &d.tuple, names),
+        )
+    }
+
+    /// Not answered and no drop recorded: lost between the nodes, not answered by the server,
+    /// or not enough records to tell.
+    fn undropped(&self, v: &Judge, nodes: &[String], names: &Names) -> Verdict {
+        let backend = self.backend();
         match (&self.sender, &self.receiver) {
             (Some(s), None) if s.wire_view.is_some() => {
-                let others: Vec<&String> = nodes
-                    .iter()
-                    .filter(|n| Some(*n) != sender_node.as_ref())
-                    .collect();
                 let w = s.wire_view.as_ref().expect("checked");
+                let others: Vec<&str> = nodes
+                    .iter()
+                    .filter(|n| **n != s.node)
+                    .map(String::as_str)
+                    .collect();
                 if others.is_empty() {
-                    return v(
+                    return v.say(
                         "unknown",
                         None,
                         format!(
@@ -192,7 +278,7 @@ impl Story {
                         None,
                     );
                 }
-                v(
+                v.say(
                     "lost_between_nodes",
                     Some("firewall_between_nodes"),
                     format!(
@@ -202,17 +288,13 @@ impl Story {
                         w.sport,
                         w.dst,
                         w.dport,
-                        others
-                            .iter()
-                            .map(|s| s.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", "),
+                        others.join(", "),
                         w.dport
                     ),
                     Some(fix::firewall_fix(w, &s.proto, names)),
                 )
             }
-            (_, Some(r)) if r.last_seen.point == "pod_egress" => v(
+            (_, Some(r)) if r.last_seen.point == "pod_egress" => v.say(
                 "not_answered",
                 Some("application"),
                 format!(
@@ -225,12 +307,12 @@ impl Story {
                 ),
                 None,
             ),
-            _ => v(
+            _ => v.say(
                 "unknown",
                 None,
                 format!(
                     "last seen at {} on {}; no drop was recorded",
-                    last.point, last.node
+                    v.last.point, v.last.node
                 ),
                 None,
             ),

@@ -54,7 +54,7 @@ impl RecentFlows {
         l.push_back(json_line);
     }
 
-    fn body(&self) -> String {
+    pub fn body(&self) -> String {
         let l = self.lines.lock().expect("not poisoned");
         l.iter().flat_map(|s| [s.as_str(), "\n"]).collect()
     }

@@ -3,6 +3,8 @@
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use observer_common::{Point, Stat};
+
 use crate::record::{FlowRecord, ObservedAs};
 
 pub struct Metrics {
@@ -23,6 +25,7 @@ pub struct Metrics {
     pub correlation_ambiguous: IntCounter,
     pub records: IntCounterVec,
     pub record_write_errors: IntCounter,
+    pub records_lost: IntCounterVec,
     pub map_delete_errors: IntCounter,
     pub flows_adopted: IntCounter,
     pub interfaces_attached: IntGaugeVec,
@@ -30,155 +33,215 @@ pub struct Metrics {
     pub pending_refused: IntCounterVec,
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
-}
+/// One metric: name, help text, label names (none for a plain counter or gauge).
+struct Def(&'static str, &'static str, &'static [&'static str]);
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+// The table: every metric the agent exports.
+const FLOWS: Def = Def(
+    "observer_flows_total",
+    "Connections that ended (final records), by protocol, role of this node and whether the destination was translated.",
+    &["proto", "observed_as", "translated"],
+);
+const SERVICE_CONNECTIONS: Def = Def(
+    "observer_service_connections_total",
+    "Connections that asked for a named Service, counted on the client's node when they end, by Service and outcome (answered: a reply came back; dropped: the kernel dropped them on this node; unanswered: neither).",
+    &["proto", "namespace", "service", "port", "outcome"],
+);
+const TRANSLATIONS: Def = Def(
+    "observer_translations_total",
+    "Connections translated on this node, by Service VIP:port and the backend (target) port they were sent to.",
+    &["proto", "service", "target_port"],
+);
+const PACKETS: Def = Def(
+    "observer_packets_total",
+    "Packets seen by the kernel programs, by observation point and protocol.",
+    &["point", "proto"],
+);
+const BYTES: Def = Def(
+    "observer_bytes_total",
+    "Bytes (L2 frame length) seen by the kernel programs, by observation point and protocol.",
+    &["point", "proto"],
+);
+const OBSERVATIONS_ACTIVE: Def = Def(
+    "observer_flow_observations_active",
+    "Flow directions per observation point currently tracked in the kernel map.",
+    &[],
+);
+const KERNEL_EVENTS_LOST: Def = Def(
+    "observer_kernel_events_lost_total",
+    "Ring-buffer events the kernel could not deliver (buffer full), by ring.",
+    &["ring"],
+);
+const MAP_FULL: Def = Def(
+    "observer_map_full_total",
+    "Kernel map inserts that failed because the map was full, by map.",
+    &["map"],
+);
+const PARSE_ERRORS: Def = Def(
+    "observer_parse_errors_total",
+    "Packets the kernel programs could not parse, by kind (truncated, malformed).",
+    &["kind"],
+);
+const PACKETS_UNTRACKED: Def = Def(
+    "observer_packets_untracked_total",
+    "Packets not tracked as flows, by reason.",
+    &["reason"],
+);
+const PACKETS_PORTLESS: Def = Def(
+    "observer_packets_portless_total",
+    "Packets tracked without ports (ICMP, IP fragments, other L4 protocols), by kind.",
+    &["kind"],
+);
+const SOCKET_EVENTS: Def = Def(
+    "observer_socket_events_total",
+    "First-packet events from the cgroup socket hooks (all namespaces on the machine).",
+    &[],
+);
+const SOCKET_EVENTS_UNMATCHED: Def = Def(
+    "observer_socket_events_unmatched_total",
+    "Socket events that matched no flow of this node before expiring (other nodes' pods, host sockets).",
+    &[],
+);
+const CORRELATION_AMBIGUOUS: Def = Def(
+    "observer_correlation_ambiguous_total",
+    "Connections whose pre-DNAT/post-DNAT pairing had more than one candidate.",
+    &[],
+);
+const RECORDS: Def = Def(
+    "observer_records_total",
+    "Flow records written, by kind (final, interim).",
+    &["kind"],
+);
+const RECORD_WRITE_ERRORS: Def = Def(
+    "observer_record_write_errors_total",
+    "Batches of flow records that could not be written to the flow log.",
+    &[],
+);
+const RECORDS_LOST: Def = Def(
+    "observer_records_lost_total",
+    "Flow records built but not exported, by reason (exporter_gone: the exporter stage had stopped).",
+    &["reason"],
+);
+const MAP_DELETE_ERRORS: Def = Def(
+    "observer_map_delete_errors_total",
+    "Finished flows that could not be removed from the kernel map.",
+    &[],
+);
+const FLOWS_ADOPTED: Def = Def(
+    "observer_flows_adopted_total",
+    "Flow map entries a previous agent left pinned, adopted at start with their counters.",
+    &[],
+);
+const INTERFACES_ATTACHED: Def = Def(
+    "observer_interfaces_attached",
+    "Interfaces with observer tc programs attached, by role.",
+    &["role"],
+);
+const DROPS: Def = Def(
+    "observer_drops_total",
+    "Packets the kernel dropped in this node's network namespace, by drop reason (tp_btf/kfree_skb).",
+    &["reason"],
+);
+const PENDING_REFUSED: Def = Def(
+    "observer_pending_events_refused_total",
+    "Socket or drop events not kept because the agent already held its maximum of unmatched ones, by kind.",
+    &["kind"],
+);
+
+/// Registers metrics of the table in one registry.
+struct Reg<'a>(&'a Registry);
+
+impl Reg<'_> {
+    fn add<M: prometheus::core::Collector + Clone + 'static>(&self, m: M) -> M {
+        self.0.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }
+    fn counter_vec(&self, d: Def) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(d.0, d.1), d.2).expect("valid metric"))
+    }
+    fn counter(&self, d: Def) -> IntCounter {
+        self.add(IntCounter::new(d.0, d.1).expect("valid metric"))
+    }
+    fn gauge(&self, d: Def) -> IntGauge {
+        self.add(IntGauge::new(d.0, d.1).expect("valid metric"))
+    }
+    fn gauge_vec(&self, d: Def) -> IntGaugeVec {
+        self.add(IntGaugeVec::new(Opts::new(d.0, d.1), d.2).expect("valid metric"))
+    }
 }
 
 impl Metrics {
+    /// Every metric of the table, with a constant `node` label, at zero where the label set is
+    /// bounded and known, so dashboards and alerts on "events lost" have a series from the start.
     pub fn new(node: &str) -> Metrics {
         let registry = Registry::new_custom(
             None,
             Some([("node".to_owned(), node.to_owned())].into_iter().collect()),
         )
         .expect("valid registry");
-        let r = &registry;
-        let observations_active = IntGauge::new(
-            "observer_flow_observations_active",
-            "Flow directions per observation point currently tracked in the kernel map.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(observations_active.clone()))
-            .expect("unique metric");
-        let interfaces_attached = IntGaugeVec::new(
-            Opts::new(
-                "observer_interfaces_attached",
-                "Interfaces with observer tc programs attached, by role.",
-            ),
-            &["role"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(interfaces_attached.clone()))
-            .expect("unique metric");
-        Metrics {
-            flows: counter_vec(
-                r,
-                "observer_flows_total",
-                "Connections that ended (final records), by protocol, role of this node and whether the destination was translated.",
-                &["proto", "observed_as", "translated"],
-            ),
-            service_connections: counter_vec(
-                r,
-                "observer_service_connections_total",
-                "Connections that asked for a named Service, counted on the client's node when they end, by Service and outcome (answered: a reply came back; dropped: the kernel dropped them on this node; unanswered: neither).",
-                &["proto", "namespace", "service", "port", "outcome"],
-            ),
-            translations: counter_vec(
-                r,
-                "observer_translations_total",
-                "Connections translated on this node, by Service VIP:port and the backend (target) port they were sent to.",
-                &["proto", "service", "target_port"],
-            ),
-            packets: counter_vec(
-                r,
-                "observer_packets_total",
-                "Packets seen by the kernel programs, by observation point and protocol.",
-                &["point", "proto"],
-            ),
-            bytes: counter_vec(
-                r,
-                "observer_bytes_total",
-                "Bytes (L2 frame length) seen by the kernel programs, by observation point and protocol.",
-                &["point", "proto"],
-            ),
-            observations_active,
-            kernel_events_lost: counter_vec(
-                r,
-                "observer_kernel_events_lost_total",
-                "Ring-buffer events the kernel could not deliver (buffer full), by ring.",
-                &["ring"],
-            ),
-            map_full: counter_vec(
-                r,
-                "observer_map_full_total",
-                "Kernel map inserts that failed because the map was full, by map.",
-                &["map"],
-            ),
-            parse_errors: counter_vec(
-                r,
-                "observer_parse_errors_total",
-                "Packets the kernel programs could not parse, by kind (truncated, malformed).",
-                &["kind"],
-            ),
-            packets_untracked: counter_vec(
-                r,
-                "observer_packets_untracked_total",
-                "Packets not tracked as flows, by reason.",
-                &["reason"],
-            ),
-            packets_portless: counter_vec(
-                r,
-                "observer_packets_portless_total",
-                "Packets tracked without ports (ICMP, IP fragments, other L4 protocols), by kind.",
-                &["kind"],
-            ),
-            socket_events: counter(
-                r,
-                "observer_socket_events_total",
-                "First-packet events from the cgroup socket hooks (all namespaces on the machine).",
-            ),
-            socket_events_unmatched: counter(
-                r,
-                "observer_socket_events_unmatched_total",
-                "Socket events that matched no flow of this node before expiring (other nodes' pods, host sockets).",
-            ),
-            correlation_ambiguous: counter(
-                r,
-                "observer_correlation_ambiguous_total",
-                "Connections whose pre-DNAT/post-DNAT pairing had more than one candidate.",
-            ),
-            records: counter_vec(
-                r,
-                "observer_records_total",
-                "Flow records written, by kind (final, interim).",
-                &["kind"],
-            ),
-            record_write_errors: counter(
-                r,
-                "observer_record_write_errors_total",
-                "Batches of flow records that could not be written to the flow log.",
-            ),
-            map_delete_errors: counter(
-                r,
-                "observer_map_delete_errors_total",
-                "Finished flows that could not be removed from the kernel map.",
-            ),
-            flows_adopted: counter(
-                r,
-                "observer_flows_adopted_total",
-                "Flow map entries a previous agent left pinned, adopted at start with their counters.",
-            ),
-            drops: counter_vec(
-                r,
-                "observer_drops_total",
-                "Packets the kernel dropped in this node's network namespace, by drop reason (tp_btf/kfree_skb).",
-                &["reason"],
-            ),
-            pending_refused: counter_vec(
-                r,
-                "observer_pending_events_refused_total",
-                "Socket or drop events not kept because the agent already held its maximum of unmatched ones, by kind.",
-                &["kind"],
-            ),
-            interfaces_attached,
+        let r = Reg(&registry);
+        let m = Metrics {
+            flows: r.counter_vec(FLOWS),
+            service_connections: r.counter_vec(SERVICE_CONNECTIONS),
+            translations: r.counter_vec(TRANSLATIONS),
+            packets: r.counter_vec(PACKETS),
+            bytes: r.counter_vec(BYTES),
+            observations_active: r.gauge(OBSERVATIONS_ACTIVE),
+            kernel_events_lost: r.counter_vec(KERNEL_EVENTS_LOST),
+            map_full: r.counter_vec(MAP_FULL),
+            parse_errors: r.counter_vec(PARSE_ERRORS),
+            packets_untracked: r.counter_vec(PACKETS_UNTRACKED),
+            packets_portless: r.counter_vec(PACKETS_PORTLESS),
+            socket_events: r.counter(SOCKET_EVENTS),
+            socket_events_unmatched: r.counter(SOCKET_EVENTS_UNMATCHED),
+            correlation_ambiguous: r.counter(CORRELATION_AMBIGUOUS),
+            records: r.counter_vec(RECORDS),
+            record_write_errors: r.counter(RECORD_WRITE_ERRORS),
+            records_lost: r.counter_vec(RECORDS_LOST),
+            map_delete_errors: r.counter(MAP_DELETE_ERRORS),
+            flows_adopted: r.counter(FLOWS_ADOPTED),
+            interfaces_attached: r.gauge_vec(INTERFACES_ATTACHED),
+            drops: r.counter_vec(DROPS),
+            pending_refused: r.counter_vec(PENDING_REFUSED),
             registry,
+        };
+        m.prime();
+        m
+    }
+
+    fn prime(&self) {
+        for s in Stat::ALL {
+            self.kernel_stat(s);
+        }
+        for p in Point::ALL {
+            for proto in ["TCP", "UDP"] {
+                self.packets.with_label_values(&[p.as_str(), proto]);
+                self.bytes.with_label_values(&[p.as_str(), proto]);
+            }
+        }
+        for kind in ["final", "interim"] {
+            self.records.with_label_values(&[kind]);
+        }
+        for kind in ["socket", "drop"] {
+            self.pending_refused.with_label_values(&[kind]);
+        }
+        self.records_lost.with_label_values(&["exporter_gone"]);
+    }
+
+    /// The counter a kernel STATS slot adds to.
+    pub fn kernel_stat(&self, s: Stat) -> IntCounter {
+        match s {
+            Stat::FlowEventsLost => self.kernel_events_lost.with_label_values(&["flow"]),
+            Stat::SocketEventsLost => self.kernel_events_lost.with_label_values(&["socket"]),
+            Stat::DropEventsLost => self.kernel_events_lost.with_label_values(&["drop"]),
+            Stat::FlowMapFull => self.map_full.with_label_values(&["flows"]),
+            Stat::SockMapFull => self.map_full.with_label_values(&["socks"]),
+            Stat::Truncated => self.parse_errors.with_label_values(&["truncated"]),
+            Stat::Malformed => self.parse_errors.with_label_values(&["malformed"]),
+            Stat::NonIp => self.packets_untracked.with_label_values(&["non_ip"]),
+            Stat::Fragment => self.packets_portless.with_label_values(&["fragment"]),
+            Stat::Icmp => self.packets_portless.with_label_values(&["icmp"]),
+            Stat::OtherL4 => self.packets_portless.with_label_values(&["other_l4"]),
         }
     }
 

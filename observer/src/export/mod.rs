@@ -1,5 +1,7 @@
-//! Exporters: JSON flow log and Prometheus metrics (served over HTTP with health probes).
+//! Exporters, the pipeline's last stage (`stage`): JSON flow log, Prometheus metrics, and the
+//! HTTP endpoints (/metrics, /healthz, /readyz, /flows).
 
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod stage;

@@ -7,7 +7,9 @@
 
 mod cgroup;
 pub mod drop;
+pub mod follow;
 pub mod ifaces;
+mod object;
 pub mod pin;
 pub mod preflight;
 mod tc;
@@ -24,7 +26,6 @@ use aya::{
 use log::{info, warn};
 use observer_common::{FlowCounters, FlowKey, Point};
 
-use crate::cli::TcMode;
 pub use tc::TcAttachment;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,17 @@ pub enum HookError {
         #[source]
         source: aya::maps::MapError,
     },
+}
+
+/// How tc programs are attached (`--tc-mode`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcMode {
+    /// tcx links where the kernel has them (6.6+), clsact otherwise.
+    Auto,
+    /// tcx links only.
+    Tcx,
+    /// clsact qdisc + direct-action filters (netlink); the qdisc is removed on exit if we added it.
+    Clsact,
 }
 
 /// Maps the agent reads; taken out of the [`Ebpf`] so they can live in other tasks.
@@ -109,7 +121,7 @@ impl Hooks {
         drops: Option<&drop::DropConfig>,
         pin: Option<&pin::PinDir>,
     ) -> Result<(Hooks, KernelMaps), HookError> {
-        let mut ebpf = crate::ebpf::load(max_flows, drops, pin)?;
+        let mut ebpf = object::load(max_flows, drops, pin)?;
         tc::load_all(&mut ebpf)?;
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,
@@ -173,14 +185,16 @@ impl Hooks {
     pub fn attached(&self) -> &BTreeMap<String, TcAttachment> {
         &self.attached
     }
+}
 
-    /// Detach everything; the cgroup links go when the object is dropped.
-    pub fn shutdown(mut self) {
+/// Every way a [`Hooks`] goes (an orderly stop, an error, a panic in the task that holds it)
+/// detaches: clsact filters explicitly, links and the cgroup programs with the object.
+impl Drop for Hooks {
+    fn drop(&mut self) {
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for name in names {
             self.detach_iface(&name, false);
         }
-        drop(self.ebpf);
     }
 }
 

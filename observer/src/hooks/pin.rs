@@ -23,10 +23,10 @@ use aya::maps::{MapInfo, MapType};
 use log::{info, warn};
 use observer_common::{FlowCounters, FlowKey};
 
-/// Where agents pin by default; one subdirectory per agent.
-pub const DEFAULT_ROOT: &str = "/sys/fs/bpf/observer";
 /// The pinned map's file name (the map's own name, as libbpf pins by name).
-pub const FLOWS: &str = "FLOWS";
+use observer_common::FLOWS_PIN as FLOWS;
+/// Where agents pin by default; one subdirectory per agent.
+pub use observer_common::PIN_ROOT as DEFAULT_ROOT;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -162,24 +162,6 @@ fn lock_name(dir: &Path) -> Vec<u8> {
         name.extend_from_slice(format!("{h:016x}").as_bytes());
     }
     name
-}
-
-/// Unpin every agent directory under `root` whose name starts with `prefix` (the lab's cleanup).
-pub fn remove_dirs(root: &Path, prefix: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return 0;
-    };
-    let mut n = 0;
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().starts_with(prefix) {
-            // Unlinking a pin drops the kernel's reference; the map goes with its last user.
-            if std::fs::remove_file(e.path().join(FLOWS)).is_ok() {
-                n += 1;
-            }
-            let _ = std::fs::remove_dir(e.path());
-        }
-    }
-    n
 }
 
 #[cfg(test)]

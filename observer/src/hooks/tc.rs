@@ -11,8 +11,8 @@ use aya::{
 use log::warn;
 use observer_common::Point;
 
+use super::TcMode;
 use super::{HookError, Role};
-use crate::cli::TcMode;
 
 /// One attached interface: its links, and whether we added its clsact qdisc.
 #[derive(Debug)]

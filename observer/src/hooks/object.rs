@@ -2,7 +2,7 @@
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-use crate::hooks::{drop::DropConfig, pin::PinDir};
+use super::{drop::DropConfig, pin::PinDir};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
 

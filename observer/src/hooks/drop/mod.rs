@@ -5,7 +5,11 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 use aya::{EbpfLoader, programs::BtfTracePoint};
 
 use super::HookError;
-use crate::btf::{Btf, BtfError};
+mod btf;
+mod kallsyms;
+
+use btf::{Btf, BtfError};
+pub use kallsyms::Kallsyms;
 
 /// What the kernel program needs to know, read once at start.
 pub struct DropConfig {

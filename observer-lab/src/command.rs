@@ -1,11 +1,16 @@
-//! `observer lab ...` subcommands.
+//! `observer-lab ...` subcommands.
 
 use std::process::Command;
 
 use anyhow::Context as _;
 
-use super::{Lab, config::LabConfig, traffic};
-use crate::cli::LabCommand;
+use crate::{
+    Lab,
+    cli::{LabAddPodArgs, LabApplyArgs, LabCommand},
+    config::{self, LabConfig},
+    model::host_veth,
+    traffic,
+};
 
 /// Returns the process exit code.
 pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
@@ -15,7 +20,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             let text = match &a.config {
                 Some(p) => std::fs::read_to_string(p)
                     .with_context(|| format!("reading lab description {}", p.display()))?,
-                None => super::config::STORY.to_owned(),
+                None => config::STORY.to_owned(),
             };
             let cfg = LabConfig::parse(&text)?;
             lab.up(&cfg, &text)?;
@@ -44,55 +49,22 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 .context("running ip netns exec")?;
             Ok(status.code().unwrap_or(1))
         }
-        LabCommand::Apply(a) => {
-            let lab = Lab::new(&a.lab.name)?;
-            let yaml = std::fs::read_to_string(&a.file)
-                .with_context(|| format!("reading {}", a.file.display()))?;
-            let p = lab.apply_policies(&yaml)?;
-            let fw = p.firewall.map_or_else(
-                || "GKE default (pod ranges -> all)".to_owned(),
-                |f| {
-                    f.rules
-                        .iter()
-                        .map(|r| format!("{} {} {}", r.name, r.action, r.rules.join(",")))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                },
-            );
-            println!(
-                "lab {}: {} NetworkPolicies in force; VPC firewall: {fw}",
-                lab.name,
-                p.network_policies.len()
-            );
-            Ok(0)
-        }
-        LabCommand::AddPod(a) => {
-            let lab = Lab::new(&a.lab.name)?;
-            lab.add_pod_live(super::config::Pod {
-                name: a.pod.clone(),
-                namespace: a.namespace,
-                node: a.node,
-                ip: a.ip,
-                ip6: a.ip6,
-                labels: Default::default(),
-                ports: Vec::new(),
-            })?;
-            println!(
-                "lab {}: pod {} added (node iface {})",
-                lab.name,
-                a.pod,
-                super::host_veth(&a.pod)
-            );
-            Ok(0)
-        }
+        LabCommand::Apply(a) => apply(a),
+        LabCommand::AddPod(a) => add_pod(a),
         LabCommand::DelPod(a) => {
             let lab = Lab::new(&a.lab.name)?;
             lab.del_pod_live(&a.pod)?;
             println!("lab {}: pod {} deleted", lab.name, a.pod);
             Ok(0)
         }
+        LabCommand::Names(a) => {
+            let lab = Lab::new(&a.name)?;
+            lab.load_config()?;
+            println!("{}", lab.names_path().display());
+            Ok(0)
+        }
         LabCommand::Example => {
-            print!("{}", super::config::STORY);
+            print!("{}", config::STORY);
             Ok(0)
         }
         LabCommand::Client(a) => {
@@ -113,4 +85,47 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             Ok(0)
         }
     }
+}
+
+fn apply(a: LabApplyArgs) -> anyhow::Result<i32> {
+    let lab = Lab::new(&a.lab.name)?;
+    let yaml = std::fs::read_to_string(&a.file)
+        .with_context(|| format!("reading {}", a.file.display()))?;
+    let p = lab.apply_policies(&yaml)?;
+    let fw = p.firewall.map_or_else(
+        || "GKE default (pod ranges -> all)".to_owned(),
+        |f| {
+            f.rules
+                .iter()
+                .map(|r| format!("{} {} {}", r.name, r.action, r.rules.join(",")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        },
+    );
+    println!(
+        "lab {}: {} NetworkPolicies in force; VPC firewall: {fw}",
+        lab.name,
+        p.network_policies.len()
+    );
+    Ok(0)
+}
+
+fn add_pod(a: LabAddPodArgs) -> anyhow::Result<i32> {
+    let lab = Lab::new(&a.lab.name)?;
+    lab.add_pod_live(config::Pod {
+        name: a.pod.clone(),
+        namespace: a.namespace,
+        node: a.node,
+        ip: a.ip,
+        ip6: a.ip6,
+        labels: Default::default(),
+        ports: Vec::new(),
+    })?;
+    println!(
+        "lab {}: pod {} added (node iface {})",
+        lab.name,
+        a.pod,
+        host_veth(&a.pod)
+    );
+    Ok(0)
 }

@@ -1,14 +1,12 @@
 //! Real kernel, real traffic: flows through the lab's kube-proxy DNAT, checked against the
 //! records, conntrack and tcpdump.
 
-mod common;
-
 use std::{
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::*;
+use integration_test::*;
 
 #[test]
 fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
@@ -392,7 +390,7 @@ fn ipv6_service() {
     let ct = lab
         .exec("node-a", &["conntrack", "-L", "-f", "ipv6"])
         .unwrap();
-    let ct = xtask::harness::parse_conntrack(&String::from_utf8_lossy(&ct.stdout));
+    let ct = parse_conntrack(&String::from_utf8_lossy(&ct.stdout));
     for r in find(&a, is_v6) {
         let e = ct
             .iter()
@@ -408,8 +406,7 @@ fn ipv6_service() {
 #[test]
 fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     let lab = lab_with_agents("late", "2s");
-    let added = observer(&[
-        "lab",
+    let added = lab_cmd(&[
         "add-pod",
         "late",
         "--name",
@@ -456,7 +453,7 @@ fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     assert_eq!(hop(r, "pod_ingress", "orig").unwrap()["iface"], veth);
     assert_eq!(r["post_dnat"]["dport"], 8443);
 
-    observer(&["lab", "del-pod", "late", "--name", &lab.name]);
+    lab_cmd(&["del-pod", "late", "--name", &lab.name]);
     assert!(attached(2.0), "the agent forgot the deleted veth");
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(log.contains(&format!("{veth} went away")), "{log}");

@@ -1,15 +1,13 @@
 //! Agent lifecycle against the real kernel: flush and detach on SIGTERM, clsact mode cleanup,
 //! and the errors a user can act on.
 
-mod common;
-
 use std::{
     collections::HashSet,
     process::{Command, Output},
     time::Duration,
 };
 
-use common::*;
+use integration_test::*;
 use serde_json::Value;
 
 const OUR_PROGRAMS: [&str; 10] = [
@@ -410,14 +408,14 @@ fn errors_a_user_can_act_on() {
 #[test]
 fn lab_up_refuses_a_second_time_and_down_is_idempotent() {
     let lab = lab("idem", None);
-    let out = Command::new(bin())
-        .args(["lab", "up", "--name", &lab.name])
+    let out = Command::new(bins().lab)
+        .args(["up", "--name", &lab.name])
         .output()
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already up"));
-    let out = Command::new(bin())
-        .args(["lab", "status", "--name", &lab.name])
+    let out = Command::new(bins().lab)
+        .args(["status", "--name", &lab.name])
         .output()
         .unwrap();
     let status = String::from_utf8_lossy(&out.stdout);
@@ -425,15 +423,15 @@ fn lab_up_refuses_a_second_time_and_down_is_idempotent() {
         status.contains("payments/web") && status.contains("100.64.0.10:443"),
         "{status}"
     );
-    let bad = Command::new(bin())
-        .args(["lab", "up", "--name", "Bad-Name"])
+    let bad = Command::new(bins().lab)
+        .args(["up", "--name", "Bad-Name"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&bad.stderr).contains("use 1-12 of [a-z0-9]"));
     let name = lab.name.clone();
     drop(lab);
-    let out = Command::new(bin())
-        .args(["lab", "down", "--name", &name])
+    let out = Command::new(bins().lab)
+        .args(["down", "--name", &name])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -7,7 +7,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-pub const STORY: &str = include_str!("../../../lab/story.toml");
+use crate::model::VPC;
+pub use crate::model::{Cidr, Protocol};
+
+pub const STORY: &str = include_str!("../../lab/story.toml");
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -15,8 +18,6 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("lab description: {0}")]
     Invalid(String),
-    #[error(transparent)]
-    Policy(#[from] super::policy::PolicyError),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -33,7 +34,7 @@ pub struct LabConfig {
     pub services: Vec<Service>,
     /// YAML, `---`-separated: networking.k8s.io/v1 NetworkPolicies (enforced in the nodes the
     /// way Calico's iptables dataplane does) and at most one lab.observer/v1 Firewall (the VPC
-    /// between the nodes; GKE's default when absent). `observer lab apply FILE` replaces them.
+    /// between the nodes; GKE's default when absent). `observer-lab apply FILE` replaces them.
     #[serde(default)]
     pub policies: String,
 }
@@ -79,23 +80,6 @@ pub struct ContainerPort {
     pub protocol: Protocol,
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-}
-
-impl Protocol {
-    pub fn lower(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        }
-    }
-}
-
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct ServicePort {
@@ -113,68 +97,6 @@ pub struct Service {
     pub cluster_ip: IpAddr,
     pub selector: BTreeMap<String, String>,
     pub ports: Vec<ServicePort>,
-}
-
-/// An address prefix, written `10.244.1.0/24`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (a, l) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected ADDR/LEN"))?;
-        let addr: IpAddr = a.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let len: u8 = l.parse().map_err(|e| format!("{s:?}: {e}"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        if len > max {
-            return Err(format!("{s:?}: prefix longer than {max}"));
-        }
-        Ok(Cidr { addr, len })
-    }
-}
-
-impl Serialize for Cidr {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Cidr {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-impl Cidr {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        fn bits(ip: IpAddr) -> u128 {
-            match ip {
-                IpAddr::V4(v) => u32::from(v) as u128,
-                IpAddr::V6(v) => u128::from(v),
-            }
-        }
-        if ip.is_ipv4() != self.addr.is_ipv4() {
-            return false;
-        }
-        let width = if ip.is_ipv4() { 32 } else { 128 };
-        if self.len == 0 {
-            return true;
-        }
-        let shift = width - self.len as u32;
-        bits(ip) >> shift == bits(self.addr) >> shift
-    }
 }
 
 impl LabConfig {
@@ -204,7 +126,7 @@ impl LabConfig {
             .map(|n| &n.name)
             .chain(self.pods.iter().map(|p| &p.name))
         {
-            if n == super::VPC {
+            if n == VPC {
                 return bad(format!("{n:?} is the VPC namespace's name; pick another"));
             }
             if !valid_name(n) {
@@ -244,7 +166,6 @@ impl LabConfig {
                 ));
             }
         }
-        super::policy::parse(&self.policies)?;
         for s in &self.services {
             if s.cluster_ip.is_ipv4() && !self.service_cidr.contains(s.cluster_ip) {
                 return bad(format!(

@@ -6,13 +6,11 @@
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use super::config::{LabConfig, Protocol, Service, ServicePort};
-
-#[derive(Copy, Clone, PartialEq, Eq, Debug)]
-pub enum Family {
-    V4,
-    V6,
-}
+pub use crate::model::Family;
+use crate::{
+    config::{LabConfig, Service, ServicePort},
+    model::Protocol,
+};
 
 fn chain_hash(s: &str) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
@@ -114,8 +112,7 @@ pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
                 })
                 .collect();
             if eps.is_empty() {
-                // kube-proxy rejects traffic to a Service without endpoints (filter table);
-                // the lab just leaves it unrouted.
+                // Rejected in the filter table instead (`filter_table`).
                 continue;
             }
             chains.push(svc.clone());
@@ -169,6 +166,48 @@ pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
     out.push_str(&rules);
     out.push_str("COMMIT\n");
     out
+}
+
+/// The filter table's part of kube-proxy: a Service port without endpoints is rejected
+/// (`KUBE-SERVICES` in filter, jumped to from INPUT, FORWARD and OUTPUT for new connections,
+/// commented `ns/svc:port has no endpoints`), as kube-proxy's iptables proxier writes it. Such a
+/// packet is never translated: it is dropped still addressed to the Service.
+pub fn filter_table(cfg: &LabConfig, family: Family) -> String {
+    let v6 = family == Family::V6;
+    let mut out = String::from("*filter\n:KUBE-SERVICES - [0:0]\n");
+    for hook in ["INPUT", "FORWARD", "OUTPUT"] {
+        let _ = writeln!(
+            out,
+            "-A {hook} -m conntrack --ctstate NEW -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        );
+    }
+    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6) {
+        if cfg.endpoints(s).next().is_some() {
+            continue;
+        }
+        for p in &s.ports {
+            let proto = p.protocol.lower();
+            let reject = if v6 {
+                "icmp6-port-unreachable"
+            } else {
+                "icmp-port-unreachable"
+            };
+            let _ = writeln!(
+                out,
+                "-A KUBE-SERVICES -d {} -p {proto} -m comment --comment \"{} has no endpoints\" -m {proto} --dport {} -j REJECT --reject-with {reject}",
+                host(s.cluster_ip),
+                port_name(s, p),
+                p.port
+            );
+        }
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// Everything kube-proxy programs for one address family, as `iptables-restore --noflush` input.
+pub fn tables(cfg: &LabConfig, family: Family) -> String {
+    nat_table(cfg, family) + &filter_table(cfg, family)
 }
 
 /// Protocol of a service port, for display.

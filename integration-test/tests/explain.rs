@@ -1,11 +1,9 @@
 //! `observer explain` and `observer suggest` on records from the real lab: for each shipped
 //! scenario the right layer and fix, and the fix applied to the lab makes the same request work.
 
-mod common;
-
 use std::{path::Path, process::Command, time::Duration};
 
-use common::*;
+use integration_test::*;
 use serde_json::Value;
 
 fn explain(lab: &LabRun, format: &str) -> String {
@@ -17,8 +15,8 @@ fn explain(lab: &LabRun, format: &str) -> String {
         b.to_str().unwrap(),
         "--service",
         "100.64.0.10:443",
-        "--lab",
-        &lab.name,
+        "--names",
+        &lab.names_file().to_string_lossy(),
         "--format",
         format,
     ])
@@ -67,8 +65,8 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
                 "http://127.0.0.1:9464/flows",
                 "--pod",
                 "pod-a",
-                "--lab",
-                &lab.name,
+                "--names",
+                &lab.names_file().to_string_lossy(),
                 "--format",
                 "json",
             ],
@@ -228,8 +226,8 @@ fn suggested_policies_allow_exactly_the_observed_flows() {
         "suggest",
         a.to_str().unwrap(),
         b.to_str().unwrap(),
-        "--lab",
-        &lab.name,
+        "--names",
+        &lab.names_file().to_string_lossy(),
     ]);
     assert!(
         yaml.contains("name: observed-pod-a-to-pod-b")

@@ -2,12 +2,10 @@
 //! `cargo xtask test`): records carry the pods' and the Service's names, the watch follows
 //! changes, and the deploy manifests pass a server-side dry run.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use xtask::kube::KubeApi;
+use integration_test::kube::KubeApi;
+use integration_test::*;
 
 const OBJECTS: &str = r#"
 apiVersion: v1

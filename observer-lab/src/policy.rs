@@ -12,11 +12,12 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{
-    config::{Cidr, LabConfig, Pod, Protocol},
+pub use crate::model::Metadata;
+use crate::{
+    config::LabConfig,
+    config::Pod,
     firewall::Firewall,
-    host_veth,
-    kubeproxy::Family,
+    model::{Cidr, Family, Protocol, host_veth},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,36 +35,6 @@ pub struct NetworkPolicy {
     pub kind: String,
     pub metadata: Metadata,
     pub spec: Spec,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-#[serde(deny_unknown_fields)]
-pub struct Metadata {
-    pub name: String,
-    #[serde(default = "default_namespace")]
-    pub namespace: String,
-    /// Accepted so that real manifests parse; they do not change enforcement.
-    #[serde(default)]
-    #[allow(dead_code, reason = "accepted, not used")]
-    pub labels: BTreeMap<String, String>,
-    #[serde(default)]
-    #[allow(dead_code, reason = "accepted, not used")]
-    pub annotations: BTreeMap<String, String>,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
-
-impl Metadata {
-    pub fn named(name: &str) -> Metadata {
-        Metadata {
-            name: name.into(),
-            namespace: default_namespace(),
-            labels: BTreeMap::new(),
-            annotations: BTreeMap::new(),
-        }
-    }
 }
 
 #[derive(Deserialize, Debug, Clone)]

@@ -22,9 +22,26 @@ pub struct Agent {
     pub flow_log: PathBuf,
 }
 
+/// Where the two programs are: `observer` (the agent) and `observer-lab`.
+#[derive(Clone, Debug)]
+pub struct Bins {
+    pub agent: PathBuf,
+    pub lab: PathBuf,
+}
+
+impl Bins {
+    /// Both programs in one build directory (`target/release`).
+    pub fn in_dir(dir: &Path) -> Bins {
+        Bins {
+            agent: dir.join("observer"),
+            lab: dir.join("observer-lab"),
+        }
+    }
+}
+
 pub struct LabRun {
     pub name: String,
-    pub bin: PathBuf,
+    pub bins: Bins,
     pub dir: PathBuf,
     pub agents: Vec<Agent>,
 }
@@ -59,24 +76,24 @@ pub struct CtEntry {
 }
 
 impl LabRun {
-    /// `observer lab up --name NAME [--config FILE]`; `dir` receives logs and records.
-    pub fn up(bin: &Path, name: &str, config: Option<&str>, dir: &Path) -> anyhow::Result<LabRun> {
+    /// `observer-lab up --name NAME [--config FILE]`; `dir` receives logs and records.
+    pub fn up(bins: &Bins, name: &str, config: Option<&str>, dir: &Path) -> anyhow::Result<LabRun> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let run = LabRun {
             name: name.to_owned(),
-            bin: bin.to_owned(),
+            bins: bins.clone(),
             dir: dir.to_owned(),
             agents: Vec::new(),
         };
-        let mut cmd = Command::new(bin);
-        cmd.args(["lab", "up", "--name", name]);
+        let mut cmd = Command::new(&bins.lab);
+        cmd.args(["up", "--name", name]);
         if let Some(text) = config {
             let path = dir.join("lab.toml");
             std::fs::write(&path, text)?;
             cmd.arg("--config").arg(path);
         }
         // From here on, Drop takes the lab down even if `up` failed half way.
-        check(cmd.output()?, "observer lab up")?;
+        check(cmd.output()?, "observer-lab up")?;
         Ok(run)
     }
 
@@ -84,11 +101,27 @@ impl LabRun {
         format!("{}-{member}", self.name)
     }
 
+    /// The lab's names file, for `observer agent --names` and `observer explain --names`.
+    pub fn names_file(&self) -> PathBuf {
+        crate::Lab {
+            name: self.name.clone(),
+        }
+        .names_path()
+    }
+
+    /// `observer-lab ARGS...`, checked.
+    pub fn lab(&self, args: &[&str]) -> anyhow::Result<Output> {
+        check(
+            Command::new(&self.bins.lab).args(args).output()?,
+            &format!("observer-lab {args:?}"),
+        )
+    }
+
     /// Start `observer agent` for `node` and wait until it reports ready.
     pub fn start_agent(&mut self, node: &str, extra: &[&str]) -> anyhow::Result<()> {
         let log = self.dir.join(format!("agent-{node}.log"));
         let flow_log = self.dir.join(format!("{node}.jsonl"));
-        let child = Command::new(&self.bin)
+        let child = Command::new(&self.bins.agent)
             .args(["agent", "--netns", &self.ns(node), "--node", node])
             .arg("--flow-log")
             .arg(&flow_log)
@@ -165,23 +198,23 @@ impl LabRun {
             .with_context(|| format!("ip netns exec {} {args:?}", self.ns(member)))
     }
 
-    /// `observer lab client` from a pod; returns its JSON summary.
+    /// `observer-lab client` from a pod; returns its JSON summary.
     pub fn client(&self, pod: &str, args: &[&str]) -> anyhow::Result<Value> {
         client_summary(self.spawn_client(pod, args)?)
     }
 
-    /// `observer lab client` from a pod, in the background (for connections held open while
+    /// `observer-lab client` from a pod, in the background (for connections held open while
     /// the test does something else); [`client_summary`] waits for its JSON summary.
     pub fn spawn_client(&self, pod: &str, args: &[&str]) -> anyhow::Result<Child> {
         Command::new("ip")
             .args(["netns", "exec", &self.ns(pod)])
-            .arg(&self.bin)
-            .args(["lab", "client"])
+            .arg(&self.bins.lab)
+            .arg("client")
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .context("starting observer lab client")
+            .context("starting observer-lab client")
     }
 
     /// SIGTERM the agent of `node` and wait for it; returns (exit code, time to exit).
@@ -290,8 +323,8 @@ impl Drop for LabRun {
                 let _ = a.child.wait();
             }
         }
-        let _ = Command::new(&self.bin)
-            .args(["lab", "down", "--name", &self.name])
+        let _ = Command::new(&self.bins.lab)
+            .args(["down", "--name", &self.name])
             .stdout(Stdio::null())
             .status();
     }

@@ -6,29 +6,29 @@
 //! pod as Calico and GKE do (pod default route via 169.254.1.1 / fe80::1 on the node side). No
 //! address or route is added outside these namespaces.
 
-pub mod command;
-pub mod config;
-pub mod firewall;
-pub mod kubeproxy;
-pub mod netns;
-pub mod policy;
-pub mod traffic;
-
 use std::{
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use config::{LabConfig, Node, Pod};
-use kubeproxy::Family;
 use log::info;
-use netns::{CmdError, ip};
+
+use crate::{
+    config::{self, LabConfig, Node, Pod},
+    firewall, kubeproxy,
+    model::{Family, VPC, host_veth},
+    names,
+    netns::{self, CmdError, ip},
+    policy,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Policy(#[from] policy::PolicyError),
     #[error(transparent)]
     Cmd(#[from] CmdError),
     #[error("{path}: {source}")]
@@ -39,7 +39,7 @@ pub enum LabError {
     },
     #[error("lab name {0:?}: use 1-12 of [a-z0-9] (it prefixes every namespace)")]
     BadName(String),
-    #[error("lab {0:?} is already up; run `observer lab down --name {0}` first")]
+    #[error("lab {0:?} is already up; run `observer-lab down --name {0}` first")]
     AlreadyUp(String),
     #[error("lab {lab:?} has no pod or node named {target:?}")]
     UnknownTarget { lab: String, target: String },
@@ -49,8 +49,6 @@ pub enum LabError {
 
 pub const STATE_ROOT: &str = "/run/observer-lab";
 
-/// The VPC router namespace between the nodes (`<lab>-vpc`).
-pub const VPC: &str = "vpc";
 /// The VPC's own address on its ports, the source of its ARP requests.
 const VPC_IP: &str = "10.200.255.254/32";
 
@@ -93,6 +91,22 @@ impl Lab {
         self.state_dir().join("lab.toml")
     }
 
+    /// The lab's names file (pods, Services, namespaces; `observer agent --names`), kept in
+    /// step with its description.
+    pub fn names_path(&self) -> PathBuf {
+        self.state_dir().join("names.yaml")
+    }
+
+    fn write_config(&self, cfg: &LabConfig, text: &str) -> Result<(), LabError> {
+        for (path, body) in [
+            (self.config_path(), text.to_owned()),
+            (self.names_path(), names::yaml(cfg)),
+        ] {
+            std::fs::write(&path, body).map_err(|source| LabError::Io { path, source })?;
+        }
+        Ok(())
+    }
+
     /// The description the lab was brought up with.
     pub fn load_config(&self) -> Result<LabConfig, LabError> {
         let path = self.config_path();
@@ -116,15 +130,14 @@ impl Lab {
         if !self.namespaces().is_empty() {
             return Err(LabError::AlreadyUp(self.name.clone()));
         }
+        // The description's policies are checked here: config knows nothing of policies.
+        policy::parse(&cfg.policies)?;
         let dir = self.state_dir();
         std::fs::create_dir_all(&dir).map_err(|source| LabError::Io {
             path: dir.clone(),
             source,
         })?;
-        std::fs::write(self.config_path(), config_text).map_err(|source| LabError::Io {
-            path: self.config_path(),
-            source,
-        })?;
+        self.write_config(cfg, config_text)?;
         let res = self.build(cfg);
         if res.is_err() {
             // Leave nothing half-built behind.
@@ -144,14 +157,21 @@ impl Lab {
         }
         for n in &cfg.nodes {
             let ns = self.ns(&n.name);
+            // As on a real node, a Service address is routed (there, by the default route), so a
+            // packet that kube-proxy does not translate reaches filter FORWARD, where it rejects
+            // Services without endpoints. Inside the lab: the VPC answers nothing for it.
+            ip(
+                &ns,
+                &["route", "add", &cfg.service_cidr.to_string(), "dev", "eth0"],
+            )?;
             netns::run_with_input(
                 &["ip", "netns", "exec", &ns, "iptables-restore", "--noflush"],
-                Some(&kubeproxy::nat_table(cfg, Family::V4)),
+                Some(&kubeproxy::tables(cfg, Family::V4)),
             )?;
             if cfg.cluster_cidr6.is_some() {
                 netns::run_with_input(
                     &["ip", "netns", "exec", &ns, "ip6tables-restore", "--noflush"],
-                    Some(&kubeproxy::nat_table(cfg, Family::V6)),
+                    Some(&kubeproxy::tables(cfg, Family::V6)),
                 )?;
             }
         }
@@ -203,100 +223,108 @@ impl Lab {
             ],
         )?;
         for (i, (me, peer)) in [(a, b), (b, a)].into_iter().enumerate() {
-            let ns = self.ns(&me.name);
-            let port = vpc_port(i, &me.name);
-            ip(
-                &vpc,
-                &[
-                    "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
-                ],
-            )?;
-            ip(&vpc, &["addr", "add", VPC_IP, "dev", &port])?;
-            ip(&vpc, &["link", "set", &port, "up"])?;
-            ip(
-                &vpc,
-                &["route", "add", &format!("{}/32", me.ip), "dev", &port],
-            )?;
-            ip(
-                &vpc,
-                &[
-                    "route",
-                    "add",
-                    &me.pod_cidr.to_string(),
-                    "via",
-                    &me.ip.to_string(),
-                    "dev",
-                    &port,
-                ],
-            )?;
-            ip(
-                &ns,
-                &["addr", "add", &format!("{}/24", me.ip), "dev", "eth0"],
-            )?;
-            ip(&ns, &["link", "set", "eth0", "up"])?;
-            ip(
-                &ns,
-                &[
-                    "route",
-                    "add",
-                    &peer.pod_cidr.to_string(),
-                    "via",
-                    &peer.ip.to_string(),
-                    "dev",
-                    "eth0",
-                ],
-            )?;
-            if let (Some(me6), Some(peer6), Some(my_cidr6), Some(peer_cidr6)) =
-                (me.ip6, peer.ip6, me.pod_cidr6, peer.pod_cidr6)
-            {
-                ip(
-                    &vpc,
-                    &["-6", "route", "add", &format!("{me6}/128"), "dev", &port],
-                )?;
-                ip(
-                    &vpc,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        &my_cidr6.to_string(),
-                        "via",
-                        &me6.to_string(),
-                        "dev",
-                        &port,
-                    ],
-                )?;
-                ip(
-                    &vpc,
-                    &[
-                        "-6",
-                        "neigh",
-                        "add",
-                        "proxy",
-                        &peer6.to_string(),
-                        "dev",
-                        &port,
-                    ],
-                )?;
-                ip(
-                    &ns,
-                    &["addr", "add", &format!("{me6}/64"), "dev", "eth0", "nodad"],
-                )?;
-                ip(
-                    &ns,
-                    &[
-                        "-6",
-                        "route",
-                        "add",
-                        &peer_cidr6.to_string(),
-                        "via",
-                        &peer6.to_string(),
-                        "dev",
-                        "eth0",
-                    ],
-                )?;
-            }
+            self.cable(&vpc, i, me, peer)?;
         }
+        Ok(())
+    }
+
+    /// Node `me`'s eth0 to VPC port `i`: addresses, and routes both ways for `me`'s pods and the
+    /// `peer`'s (IPv6 too when both nodes have it).
+    fn cable(&self, vpc: &str, i: usize, me: &Node, peer: &Node) -> Result<(), LabError> {
+        let ns = self.ns(&me.name);
+        let port = vpc_port(i, &me.name);
+        ip(
+            vpc,
+            &[
+                "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ip(vpc, &["addr", "add", VPC_IP, "dev", &port])?;
+        ip(vpc, &["link", "set", &port, "up"])?;
+        ip(
+            vpc,
+            &["route", "add", &format!("{}/32", me.ip), "dev", &port],
+        )?;
+        ip(
+            vpc,
+            &[
+                "route",
+                "add",
+                &me.pod_cidr.to_string(),
+                "via",
+                &me.ip.to_string(),
+                "dev",
+                &port,
+            ],
+        )?;
+        ip(
+            &ns,
+            &["addr", "add", &format!("{}/24", me.ip), "dev", "eth0"],
+        )?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        ip(
+            &ns,
+            &[
+                "route",
+                "add",
+                &peer.pod_cidr.to_string(),
+                "via",
+                &peer.ip.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
+        let (Some(me6), Some(peer6), Some(my_cidr6), Some(peer_cidr6)) =
+            (me.ip6, peer.ip6, me.pod_cidr6, peer.pod_cidr6)
+        else {
+            return Ok(());
+        };
+        ip(
+            vpc,
+            &["-6", "route", "add", &format!("{me6}/128"), "dev", &port],
+        )?;
+        ip(
+            vpc,
+            &[
+                "-6",
+                "route",
+                "add",
+                &my_cidr6.to_string(),
+                "via",
+                &me6.to_string(),
+                "dev",
+                &port,
+            ],
+        )?;
+        ip(
+            vpc,
+            &[
+                "-6",
+                "neigh",
+                "add",
+                "proxy",
+                &peer6.to_string(),
+                "dev",
+                &port,
+            ],
+        )?;
+        ip(
+            &ns,
+            &["addr", "add", &format!("{me6}/64"), "dev", "eth0", "nodad"],
+        )?;
+        ip(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                &peer_cidr6.to_string(),
+                "via",
+                &peer6.to_string(),
+                "dev",
+                "eth0",
+            ],
+        )?;
         Ok(())
     }
 
@@ -395,7 +423,7 @@ impl Lab {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", &self.ns(&p.name)])
                 .arg(&exe)
-                .args(["lab", "serve", "--name", &p.name, "--ready-file"])
+                .args(["serve", "--name", &p.name, "--ready-file"])
                 .arg(&ready);
             for (port, proto) in listeners {
                 cmd.arg(format!("--{}", proto.lower()))
@@ -440,10 +468,7 @@ impl Lab {
         let text = toml::to_string(cfg).expect("lab descriptions serialise");
         // Re-parse: the same validation as `up`.
         LabConfig::parse(&text)?;
-        std::fs::write(self.config_path(), text).map_err(|source| LabError::Io {
-            path: self.config_path(),
-            source,
-        })
+        self.write_config(cfg, &text)
     }
 
     /// Add a pod to a running lab and record it in the lab's description.
@@ -487,9 +512,7 @@ impl Lab {
 
     /// Program the NetworkPolicy chains of every node from `cfg.policies`.
     fn program_policies(&self, cfg: &LabConfig) -> Result<(), LabError> {
-        let policies = policy::parse(&cfg.policies)
-            .map_err(config::ConfigError::from)?
-            .network_policies;
+        let policies = policy::parse(&cfg.policies)?.network_policies;
         for n in &cfg.nodes {
             let ns = self.ns(&n.name);
             for (family, tool) in [(Family::V4, "iptables"), (Family::V6, "ip6tables")] {
@@ -524,8 +547,7 @@ impl Lab {
 
     /// Program the VPC firewall from `cfg.policies` (GKE's default when it has none).
     fn program_firewall(&self, cfg: &LabConfig) -> Result<(), LabError> {
-        let fw = policy::parse(&cfg.policies)
-            .map_err(config::ConfigError::from)?
+        let fw = policy::parse(&cfg.policies)?
             .firewall
             .unwrap_or_else(|| firewall::Firewall::gke_default(cfg));
         netns::run_with_input(
@@ -537,7 +559,7 @@ impl Lab {
 
     /// Replace the lab's NetworkPolicies and firewall while it runs.
     pub fn apply_policies(&self, yaml: &str) -> Result<policy::Policies, LabError> {
-        let parsed = policy::parse(yaml).map_err(config::ConfigError::from)?;
+        let parsed = policy::parse(yaml)?;
         let mut cfg = self.load_config()?;
         cfg.policies = yaml.to_owned();
         self.save_config(&cfg)?;
@@ -570,8 +592,8 @@ impl Lab {
         }
         let _ = std::fs::remove_dir_all(self.state_dir());
         // Flow maps its agents pinned under the default root (per node namespace).
-        crate::hooks::pin::remove_dirs(
-            std::path::Path::new(crate::hooks::pin::DEFAULT_ROOT),
+        remove_pins(
+            Path::new(observer_common::PIN_ROOT),
             &format!("{}-", self.name),
         );
         Ok(spaces.len())
@@ -596,7 +618,7 @@ impl Lab {
                 format!("lab {}: down\n", self.name)
             } else {
                 format!(
-                    "lab {}: no description in {}, but namespaces remain: {} (run `observer lab down --name {}`)\n",
+                    "lab {}: no description in {}, but namespaces remain: {} (run `observer-lab down --name {}`)\n",
                     self.name,
                     self.state_dir().display(),
                     present.join(" "),
@@ -608,14 +630,18 @@ impl Lab {
     }
 }
 
-/// Host-side veth name for a pod: `veth` + 8 hex digits, as CNI plugins name them.
-pub fn host_veth(pod: &str) -> String {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in pod.bytes() {
-        h ^= b as u32;
-        h = h.wrapping_mul(0x0100_0193);
+/// Unpin every agent directory under `root` whose name starts with `prefix`.
+fn remove_pins(root: &Path, prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
+            // Unlinking a pin drops the kernel's reference; the map goes with its last user.
+            let _ = std::fs::remove_file(e.path().join(observer_common::FLOWS_PIN));
+            let _ = std::fs::remove_dir(e.path());
+        }
     }
-    format!("veth{h:08x}")
 }
 
 fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
@@ -696,7 +722,11 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
                 svc.name,
                 kubeproxy::proto_upper(port.protocol),
                 vip,
-                eps.join(", ")
+                if eps.is_empty() {
+                    "no endpoints (kube-proxy rejects it)".to_owned()
+                } else {
+                    eps.join(", ")
+                }
             );
         }
     }

@@ -1,6 +1,12 @@
-//! Shared by the real-kernel tests: a lab per test (unique name, torn down on drop, also on
-//! failure), schema validation, metric parsing.
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+//! Real-kernel integration tests of observer (in `tests/`) and what they share: a lab per test
+//! (unique name, torn down on drop, also on failure), the built programs, schema validation,
+//! metric parsing, and a real kube-apiserver (`kube`).
+//!
+//! The tests drive the built binaries (`observer`, `observer-lab`) as a user would; `cargo xtask
+//! test` builds them first. Like aya's `integration-test` crate, this one is a workspace member
+//! of its own, so neither product depends on the other or on test code.
+
+pub mod kube;
 
 use std::{
     path::PathBuf,
@@ -8,12 +14,33 @@ use std::{
     time::Duration,
 };
 
+pub use observer_lab::drive::{
+    Bins, LabRun, client_summary, parse_conntrack, tuple_of, unique_name,
+};
 use serde_json::Value;
-#[allow(unused_imports, reason = "each test binary uses a different subset")]
-pub use xtask::harness::{LabRun, client_summary, tuple_of, unique_name};
 
+/// The programs under test: beside the test binary's `deps/` directory, where cargo builds the
+/// workspace's binaries for the same profile.
+pub fn bins() -> Bins {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps/<test>");
+    let bins = Bins::in_dir(dir);
+    for b in [&bins.agent, &bins.lab] {
+        assert!(
+            b.exists(),
+            "{} is not built: run the tests through `cargo xtask test`",
+            b.display()
+        );
+    }
+    bins
+}
+
+/// `observer`, the agent and explain.
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_observer"))
+    bins().agent
 }
 
 pub fn require_root() {
@@ -30,14 +57,14 @@ pub fn lab(prefix: &str, config: Option<&str>) -> LabRun {
     let name = unique_name(prefix);
     let dir = std::env::temp_dir().join(format!("observer-test-{name}"));
     let _ = std::fs::remove_dir_all(&dir);
-    LabRun::up(&bin(), &name, config, &dir).expect("lab up")
+    LabRun::up(&bins(), &name, config, &dir).expect("lab up")
 }
 
 /// A lab with an agent on each node; flows end after `idle` without packets.
 pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
     let mut l = lab(prefix, None);
     for node in ["node-a", "node-b"] {
-        let name = l.name.clone();
+        let names = l.names_file().to_string_lossy().into_owned();
         l.start_agent(
             node,
             &[
@@ -45,8 +72,8 @@ pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
                 idle,
                 "--poll-interval",
                 "200ms",
-                "--lab",
-                &name,
+                "--names",
+                &names,
             ],
         )
         .expect("agent starts");
@@ -108,7 +135,10 @@ pub fn promtool_check(text: &str) -> String {
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            let rest = l.strip_prefix(name).unwrap_or("x");
+            rest.starts_with(" ") || rest.starts_with("{")
+        })
         .find(|l| {
             labels
                 .iter()
@@ -165,9 +195,10 @@ pub fn scenario(name: &str) -> String {
     )
 }
 
-/// `observer lab apply` a policy file to the lab.
+/// `observer-lab apply` a policy file to the lab.
 pub fn apply(lab: &LabRun, file: &str) {
-    observer(&["lab", "apply", "--name", &lab.name, file]);
+    lab.lab(&["apply", "--name", &lab.name, file])
+        .expect("observer-lab apply");
 }
 
 /// Wait until both nodes wrote the final records of an answered request to the story's Service.
@@ -214,4 +245,18 @@ impl Drop for BpfFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         let _ = std::fs::remove_dir(&self.path);
     }
+}
+
+/// Run `observer-lab ARGS...`, which must succeed; returns its stdout.
+pub fn lab_cmd(args: &[&str]) -> String {
+    let out = Command::new(bins().lab)
+        .args(args)
+        .output()
+        .expect("observer-lab runs");
+    assert!(
+        out.status.success(),
+        "observer-lab {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -1,10 +1,8 @@
 //! Malformed and truncated frames entering from a pod are counted, never turned into flows.
 
-mod common;
-
 use std::{ffi::CString, os::fd::AsRawFd as _, time::Duration};
 
-use common::*;
+use integration_test::*;
 
 /// Send raw Ethernet frames out of `eth0` inside network namespace `ns`, from a thread that
 /// enters it (setns moves only the calling thread).

@@ -1,4 +1,4 @@
-//! Ring-buffer events from the kernel, decoded.
+//! Ring-buffer records from the kernel, decoded into the shared event structs.
 //!
 //! Events are hints that make the agent prompt (a new flow key to read, a FIN/RST to finish a
 //! connection soon, the process behind a socket); the counters themselves are read from the flow
@@ -16,15 +16,15 @@ fn decode<T: Copy>(bytes: &[u8]) -> Option<T> {
     })
 }
 
-pub fn decode_flow(bytes: &[u8]) -> Option<FlowEvent> {
+pub fn flow(bytes: &[u8]) -> Option<FlowEvent> {
     decode(bytes)
 }
 
-pub fn decode_socket(bytes: &[u8]) -> Option<SocketEvent> {
+pub fn socket(bytes: &[u8]) -> Option<SocketEvent> {
     decode(bytes)
 }
 
-pub fn decode_drop(bytes: &[u8]) -> Option<DropEvent> {
+pub fn drop(bytes: &[u8]) -> Option<DropEvent> {
     decode(bytes)
 }
 
@@ -34,9 +34,9 @@ mod tests {
 
     #[test]
     fn short_buffers_are_refused() {
-        assert!(decode_flow(&[0u8; 10]).is_none());
-        assert!(decode_socket(&[0u8; size_of::<SocketEvent>() - 1]).is_none());
-        let ev = decode_flow(&[0u8; size_of::<FlowEvent>()]).expect("full size decodes");
+        assert!(flow(&[0u8; 10]).is_none());
+        assert!(socket(&[0u8; size_of::<SocketEvent>() - 1]).is_none());
+        let ev = flow(&[0u8; size_of::<FlowEvent>()]).expect("full size decodes");
         assert_eq!(ev.kind, 0);
     }
 }

@@ -41,68 +41,7 @@ impl KubeApi {
             bail!("{} is missing: `cargo xtask test` builds it", bin.display());
         }
         std::fs::create_dir_all(dir)?;
-        openssl(
-            dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=observer-test-ca",
-            ],
-        )?;
-        openssl(
-            dir,
-            &[
-                "req",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "tls.key",
-                "-out",
-                "tls.csr",
-                "-subj",
-                "/CN=kube-apiserver",
-            ],
-        )?;
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
-        )?;
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "tls.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "tls.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ],
-        )?;
-        openssl(dir, &["genrsa", "-out", "sa.key", "2048"])?;
-        std::fs::write(
-            dir.join("tokens.csv"),
-            "testtoken,admin,admin,system:masters\n",
-        )?;
+        certificates(dir)?;
         let (etcd_port, peer_port, api_port) = (23790 + slot * 3, 23791 + slot * 3, 16443 + slot);
         let log = |name: &str| -> anyhow::Result<std::fs::File> {
             Ok(std::fs::File::create(dir.join(name))?)
@@ -149,37 +88,27 @@ impl KubeApi {
                 .spawn()
                 .context("starting kube-apiserver")?,
         );
-        std::fs::write(
-            &api.kubeconfig,
-            format!(
-                "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"https://127.0.0.1:{api_port}\", certificate-authority: {}}}\n\
-                 users:\n- name: test\n  user: {{token: testtoken}}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test}}\ncurrent-context: test\n",
+        let server = format!("https://127.0.0.1:{api_port}");
+        let kubeconfig = [
+            "apiVersion: v1",
+            "kind: Config",
+            "clusters:",
+            "- name: test",
+            &format!(
+                "  cluster: {{server: \"{server}\", certificate-authority: {}}}",
                 p("ca.crt")
             ),
-        )?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let out = Command::new("curl")
-                .args([
-                    "-s",
-                    "--cacert",
-                    &p("ca.crt"),
-                    "-H",
-                    "Authorization: Bearer testtoken",
-                ])
-                .arg(format!("https://127.0.0.1:{api_port}/readyz"))
-                .output()?;
-            if String::from_utf8_lossy(&out.stdout).trim() == "ok" {
-                return Ok(api);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "kube-apiserver not ready after 60 s: {}",
-                    std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
+            "users:",
+            "- name: test",
+            "  user: {token: testtoken}",
+            "contexts:",
+            "- name: test",
+            "  context: {cluster: test, user: test}",
+            "current-context: test",
+        ];
+        std::fs::write(&api.kubeconfig, kubeconfig.join("\n") + "\n")?;
+        wait_ready(dir, api_port)?;
+        Ok(api)
     }
 
     /// `kubectl` against this apiserver; must succeed.
@@ -210,6 +139,101 @@ impl KubeApi {
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
+}
+
+/// Poll the apiserver's /readyz until it says ok (60 s at most).
+fn wait_ready(dir: &Path, api_port: u16) -> anyhow::Result<()> {
+    let ca = dir.join("ca.crt").to_string_lossy().into_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--cacert",
+                &ca,
+                "-H",
+                "Authorization: Bearer testtoken",
+            ])
+            .arg(format!("https://127.0.0.1:{api_port}/readyz"))
+            .output()?;
+        if String::from_utf8_lossy(&out.stdout).trim() == "ok" {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "kube-apiserver not ready after 60 s: {}",
+                std::fs::read_to_string(dir.join("apiserver.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A CA, the apiserver's serving certificate for 127.0.0.1, a service-account key and a token.
+fn certificates(dir: &Path) -> anyhow::Result<()> {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=observer-test-ca",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "tls.key",
+            "-out",
+            "tls.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    )?;
+    openssl(dir, &["genrsa", "-out", "sa.key", "2048"])?;
+    std::fs::write(
+        dir.join("tokens.csv"),
+        "testtoken,admin,admin,system:masters\n",
+    )?;
+    Ok(())
 }
 
 impl Drop for KubeApi {

@@ -7,14 +7,17 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use super::config::{Cidr, LabConfig};
+use crate::{
+    config::LabConfig,
+    model::{Cidr, Metadata},
+};
 
 #[derive(Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Firewall {
     pub api_version: String,
     pub kind: String,
-    pub metadata: super::policy::Metadata,
+    pub metadata: Metadata,
     pub rules: Vec<FirewallRule>,
 }
 
@@ -43,7 +46,7 @@ impl Firewall {
         Firewall {
             api_version: API_VERSION.into(),
             kind: "Firewall".into(),
-            metadata: super::policy::Metadata::named("vpc"),
+            metadata: Metadata::named("vpc"),
             rules: vec![FirewallRule {
                 name: "gke-lab-all".into(),
                 source_ranges: std::iter::once(cfg.cluster_cidr)

@@ -1,0 +1,91 @@
+//! The lab's names file: its pods, Services and namespaces in the agent's `--names` format
+//! (`observer_common::names`), so agents and `explain` name lab members the way they name a
+//! cluster's.
+
+use std::net::IpAddr;
+
+use observer_common::names::{NamesFile, NamespaceEntry, PodEntry, ServiceEntry, ServicePortEntry};
+
+use crate::{config::LabConfig, model::Protocol};
+
+pub fn from_config(cfg: &LabConfig) -> NamesFile {
+    let mut f = NamesFile::new();
+    f.pod_cidrs = std::iter::once(cfg.cluster_cidr)
+        .chain(cfg.cluster_cidr6)
+        .map(|c| c.to_string())
+        .collect();
+    f.namespaces = cfg
+        .namespaces
+        .iter()
+        .map(|n| NamespaceEntry {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+        })
+        .collect();
+    f.pods = cfg
+        .pods
+        .iter()
+        .map(|p| PodEntry {
+            name: p.name.clone(),
+            namespace: p.namespace.clone(),
+            node: p.node.clone(),
+            ips: std::iter::once(IpAddr::V4(p.ip))
+                .chain(p.ip6.map(IpAddr::V6))
+                .collect(),
+            labels: p.labels.clone(),
+        })
+        .collect();
+    f.services = cfg
+        .services
+        .iter()
+        .map(|s| ServiceEntry {
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            cluster_ips: vec![s.cluster_ip],
+            ports: s
+                .ports
+                .iter()
+                .map(|p| ServicePortEntry {
+                    name: p.name.clone(),
+                    port: p.port,
+                    target_port: Some(p.target_port),
+                    protocol: match p.protocol {
+                        Protocol::Tcp => "TCP",
+                        Protocol::Udp => "UDP",
+                    }
+                    .to_owned(),
+                })
+                .collect(),
+        })
+        .collect();
+    f
+}
+
+pub fn yaml(cfg: &LabConfig) -> String {
+    let body = serde_norway::to_string(&from_config(cfg)).expect("names serialise");
+    format!(
+        "# Written by `observer-lab`; read by `observer agent --names` and `observer explain --names`.\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_story_names_every_pod_and_service_port_and_reads_back() {
+        let cfg = LabConfig::story();
+        let text = yaml(&cfg);
+        let back: NamesFile = serde_norway::from_str(&text).expect("reads back");
+        back.check().expect("valid");
+        assert_eq!(back.pods.len(), cfg.pods.len());
+        let ports: usize = cfg.services.iter().map(|s| s.ports.len()).sum();
+        assert_eq!(
+            back.services.iter().map(|s| s.ports.len()).sum::<usize>(),
+            ports
+        );
+        let a = back.pods.iter().find(|p| p.name == "pod-a").expect("pod-a");
+        assert!(a.ips.contains(&"10.244.1.10".parse().unwrap()), "{a:?}");
+        assert_eq!(back.pod_cidrs[0], cfg.cluster_cidr.to_string());
+    }
+}

@@ -1,0 +1,436 @@
+//! `observer agent`: a pipeline of stages, each a task with one job, joined by bounded channels:
+//!
+//! ```text
+//! hooks::follow (attach, follow veths) --interfaces--> correlate::stage --records--> export::stage
+//! readers (ring buffers) ------------------events-----^   (reads the flow map)         (names, metrics,
+//!                                                                                       /flows, log writer)
+//! ```
+//!
+//! Every way out (a signal, a stage that fails or panics, an error in `run` itself) goes through
+//! [`Pipeline::stop`] or, failing that, its `Drop`: the hooks detach, correlation writes what it
+//! holds (final records, or interim ones when the counters stay pinned for the next agent), and
+//! the writer finishes the log.
+
+mod setup;
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock, atomic::Ordering},
+    time::Duration,
+};
+
+use log::{error, info, warn};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::{mpsc, oneshot, watch},
+    task::JoinHandle,
+};
+
+pub use setup::{enter_netns, names, pin_dir};
+
+use crate::{
+    cli::AgentArgs,
+    clock::Clock,
+    correlate::{
+        self, Correlator, Flush,
+        stage::{Stage, Wires},
+    },
+    export::{
+        http::{self, Health, RecentFlows},
+        json::{FlowLog, JsonError},
+        metrics::Metrics,
+        stage::Exporter,
+    },
+    hooks::{
+        HookError, Hooks, KernelMaps, Role,
+        drop::{DropConfig, Kallsyms},
+        follow::{Follower, Interfaces},
+        pin::{PinDir, PinError},
+        preflight::PreflightError,
+    },
+    names::Names,
+    readers::{self, DropNamer, KernelFlows, Rings},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    #[error(transparent)]
+    Bind(#[from] http::BindError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    FlowLog(#[from] JsonError),
+    #[error(transparent)]
+    Names(#[from] crate::names::NamesError),
+    #[error(transparent)]
+    Kube(crate::names::kube::KubeError),
+    #[error("no uplink found: no interface carries a gateway route here; pass --uplink IFACE")]
+    NoUplink,
+    #[error("entering network namespace {path} (needs CAP_SYS_ADMIN): {source}")]
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+    #[error("starting the Kubernetes names thread: {0}")]
+    Thread(std::io::Error),
+    #[error("watching a ring buffer: {0}")]
+    RingBuf(std::io::Error),
+    #[error("the {stage} stage stopped: {why}")]
+    Stage { stage: &'static str, why: String },
+}
+
+/// Final records kept for /flows.
+const RECENT_FLOWS: usize = 1000;
+/// Kernel events waiting for correlation; beyond it the reader waits and the rings fill.
+const EVENT_QUEUE: usize = 8192;
+/// Record batches waiting for the exporters.
+const RECORD_QUEUE: usize = 64;
+
+pub async fn run(
+    args: AgentArgs,
+    names: Arc<RwLock<Names>>,
+    pin: Option<PinDir>,
+) -> Result<(), AgentError> {
+    let targets = setup::preflight(&args)?;
+    let flow_log = FlowLog::open(&args.flow_log)?;
+    let listener = http::bind(args.metrics_addr).await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+
+    let metrics = Arc::new(Metrics::new(&args.node));
+    let health = Arc::new(Health {
+        ready: false.into(),
+    });
+    let recent = Arc::new(RecentFlows::new(RECENT_FLOWS));
+    tokio::spawn(http::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        recent.clone(),
+    ));
+    info!(
+        "node {}: metrics on http://{}/metrics",
+        args.node, args.metrics_addr
+    );
+
+    let exporter = Exporter {
+        names,
+        metrics: metrics.clone(),
+        recent,
+    };
+    let mut pipeline = Pipeline::start(&args, targets, pin.as_ref(), metrics, exporter, flow_log)?;
+    // Every stage runs and every ring is registered: only now is the agent ready.
+    health.ready.store(true, Ordering::Relaxed);
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => { info!("SIGTERM: {}", stopping(pin.as_ref())); Ok(()) }
+        _ = sigint.recv() => { info!("SIGINT: {}", stopping(pin.as_ref())); Ok(()) }
+        e = pipeline.failure() => Err(e),
+    };
+    health.ready.store(false, Ordering::Relaxed);
+    if let Err(e) = &outcome {
+        error!("{e}; {}", stopping(pin.as_ref()));
+    }
+    pipeline
+        .stop(if pin.is_some() {
+            Flush::Checkpoint
+        } else {
+            Flush::All
+        })
+        .await;
+    info!("detached; bye");
+    outcome
+}
+
+fn stopping(pin: Option<&PinDir>) -> String {
+    match pin {
+        Some(p) => format!(
+            "writing open flows and detaching; their counters stay pinned in {}",
+            p.dir().display()
+        ),
+        None => "flushing and detaching".to_owned(),
+    }
+}
+
+/// A stage that ended, and how: sent by a guard in each stage task, also when it panics.
+struct Ended {
+    stage: &'static str,
+    why: String,
+}
+
+struct EndGuard {
+    stage: &'static str,
+    tx: mpsc::UnboundedSender<Ended>,
+    why: Option<String>,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            "it panicked".to_owned()
+        } else {
+            self.why.take().unwrap_or_else(|| "it ended".to_owned())
+        };
+        let _ = self.tx.send(Ended {
+            stage: self.stage,
+            why,
+        });
+    }
+}
+
+/// Spawn a stage whose end (return, error or panic) is reported on `ended`.
+fn spawn_stage<T: Send + 'static>(
+    stage: &'static str,
+    ended: &mpsc::UnboundedSender<Ended>,
+    fut: impl Future<Output = T> + Send + 'static,
+    describe: impl Fn(&T) -> Option<String> + Send + 'static,
+) -> JoinHandle<T> {
+    let mut guard = EndGuard {
+        stage,
+        tx: ended.clone(),
+        why: None,
+    };
+    tokio::spawn(async move {
+        let out = fut.await;
+        guard.why = describe(&out);
+        drop(guard);
+        out
+    })
+}
+
+/// The running stages and the handles to stop them in order.
+struct Pipeline {
+    follower: Option<JoinHandle<Hooks>>,
+    follower_stop: watch::Sender<bool>,
+    readers: Option<JoinHandle<std::io::Result<()>>>,
+    correlation: Option<JoinHandle<()>>,
+    correlation_stop: Option<oneshot::Sender<Flush>>,
+    exporter: Option<JoinHandle<()>>,
+    ended: mpsc::UnboundedReceiver<Ended>,
+}
+
+impl Pipeline {
+    /// Load, adopt pinned counters, attach, and start every stage.
+    fn start(
+        args: &AgentArgs,
+        targets: setup::Targets,
+        pin: Option<&PinDir>,
+        metrics: Arc<Metrics>,
+        exporter: Exporter,
+        flow_log: FlowLog,
+    ) -> Result<Pipeline, AgentError> {
+        let drop_cfg = DropConfig::from_kernel()
+            .inspect_err(|e| warn!("drop tracing is off: {e}"))
+            .ok();
+        let (mut hooks, maps) = Hooks::load(args.max_flows, args.tc_mode, drop_cfg.as_ref(), pin)?;
+        let KernelMaps {
+            flows,
+            stats,
+            flow_events,
+            socket_events,
+            drop_events,
+        } = maps;
+        let mut correlation = Stage::new(
+            Correlator::new(correlation_config(args), Clock::new()),
+            KernelFlows { flows, stats },
+            metrics.clone(),
+            args.poll_interval,
+        );
+        // Before anything is attached: what is in the map now was counted by a previous agent.
+        let adopted = correlation.adopt();
+        if adopted > 0 {
+            info!("adopted {adopted} pinned flow entries from the previous agent");
+        }
+        attach(&mut hooks, &targets, drop_cfg.is_some())?;
+        let rings = Rings::register(flow_events, socket_events, drop_events)
+            .map_err(AgentError::RingBuf)?;
+        let mut follower = Follower {
+            hooks,
+            uplinks: targets.uplinks.clone(),
+            pod_glob: args.pod_iface.clone(),
+            metrics: metrics.clone(),
+        };
+        let first = follower.sync();
+        correlation.set_interfaces(&first);
+        info!(
+            "ready: uplinks {:?}, pod interfaces matching {:?}",
+            targets.uplinks, args.pod_iface
+        );
+        Ok(Self::spawn(
+            follower,
+            first,
+            rings,
+            drop_cfg,
+            correlation,
+            exporter,
+            flow_log,
+            metrics,
+        ))
+    }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "every stage and its wiring, once"
+    )]
+    fn spawn(
+        follower: Follower,
+        first: Interfaces,
+        rings: Rings,
+        drop_cfg: Option<DropConfig>,
+        correlation: Stage<KernelFlows>,
+        exporter: Exporter,
+        flow_log: FlowLog,
+        metrics: Arc<Metrics>,
+    ) -> Pipeline {
+        let (ended_tx, ended) = mpsc::unbounded_channel();
+        let (follower_stop, stop_rx) = watch::channel(false);
+        let (ifaces_tx, ifaces) = watch::channel(first);
+        let (events_tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (out, batches) = mpsc::channel(RECORD_QUEUE);
+        let (correlation_stop, stop) = oneshot::channel();
+        let namer = DropNamer {
+            reasons: drop_cfg.map(|c| c.reasons).unwrap_or_default(),
+            kallsyms: Kallsyms::load(),
+        };
+        Pipeline {
+            follower: Some(spawn_stage(
+                "interface follower",
+                &ended_tx,
+                follower.run(ifaces_tx, stop_rx),
+                no_reason,
+            )),
+            follower_stop,
+            readers: Some(spawn_stage(
+                "kernel readers",
+                &ended_tx,
+                readers::read_rings(rings, namer, metrics, events_tx),
+                |r: &std::io::Result<()>| {
+                    r.as_ref()
+                        .err()
+                        .map(|e| format!("a ring buffer failed: {e}"))
+                },
+            )),
+            correlation: Some(spawn_stage(
+                "correlation",
+                &ended_tx,
+                correlation.run(Wires {
+                    events,
+                    ifaces,
+                    out,
+                    stop,
+                }),
+                no_reason,
+            )),
+            correlation_stop: Some(correlation_stop),
+            exporter: Some(spawn_stage(
+                "exporter",
+                &ended_tx,
+                exporter.run(flow_log, batches),
+                no_reason,
+            )),
+            ended,
+        }
+    }
+
+    /// Wait for a stage to end before it was asked to: that is a failure of the agent.
+    async fn failure(&mut self) -> AgentError {
+        match self.ended.recv().await {
+            Some(Ended { stage, why }) => AgentError::Stage { stage, why },
+            None => AgentError::Stage {
+                stage: "pipeline",
+                why: "every stage is gone".into(),
+            },
+        }
+    }
+
+    /// Detach first (so the last read counts every packet the programs saw), then let
+    /// correlation write what it holds, then let the writer finish the log.
+    async fn stop(mut self, flush: Flush) {
+        let _ = self.follower_stop.send(true);
+        if let Some(f) = self.follower.take() {
+            match f.await {
+                Ok(hooks) => drop(hooks),
+                // Its hooks were dropped with the task, and detached there.
+                Err(e) => warn!("interface follower: {e}"),
+            }
+        }
+        let asked = self
+            .correlation_stop
+            .take()
+            .is_some_and(|s| s.send(flush).is_ok());
+        if !asked {
+            warn!(
+                "correlation had stopped: open flows were not written (pinned counters stay for the next agent)"
+            );
+        }
+        if let Some(c) = self.correlation.take()
+            && let Err(e) = c.await
+        {
+            warn!("correlation: {e}");
+        }
+        if let Some(r) = self.readers.take() {
+            r.abort();
+        }
+        if let Some(x) = self.exporter.take()
+            && let Err(e) = x.await
+        {
+            warn!("exporter: {e}");
+        }
+    }
+}
+
+/// An exit that skipped [`Pipeline::stop`] (a panic in `run`): stop every task, which drops the
+/// hooks, and they detach.
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        for h in [self.correlation.take(), self.exporter.take()]
+            .into_iter()
+            .flatten()
+        {
+            h.abort();
+        }
+        if let Some(h) = self.follower.take() {
+            h.abort();
+        }
+        if let Some(h) = self.readers.take() {
+            h.abort();
+        }
+    }
+}
+
+fn no_reason<T>(_: &T) -> Option<String> {
+    None
+}
+
+fn attach(hooks: &mut Hooks, targets: &setup::Targets, drops: bool) -> Result<(), AgentError> {
+    for u in &targets.uplinks {
+        hooks.attach_iface(u, Role::Uplink)?;
+    }
+    if let Some(cg) = &targets.cgroup {
+        hooks.attach_cgroup(cg)?;
+        info!("socket hooks attached to cgroup {}", cg.display());
+    }
+    if drops {
+        hooks.attach_drops()?;
+        info!("drop tracepoint attached (tp_btf/kfree_skb)");
+    }
+    Ok(())
+}
+
+fn correlation_config(args: &AgentArgs) -> correlate::Config {
+    correlate::Config {
+        node: args.node.clone(),
+        idle_timeout_ns: args.idle_timeout.as_nanos() as u64,
+        tcp_idle_timeout_ns: args.tcp_idle_timeout.as_nanos() as u64,
+        flush_ns: args.flush_interval.as_nanos() as u64,
+        linger_ns: Duration::from_secs(1).as_nanos() as u64,
+        socket_ttl_ns: Duration::from_secs(120).as_nanos() as u64,
+        pending_max: 65_536,
+    }
+}

@@ -1,0 +1,154 @@
+//! What the agent settles before its pipeline starts: the network namespace it observes, the
+//! names it writes into records, the pin directory it owns, and the node's uplinks and cgroup.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+};
+
+use log::{info, warn};
+
+use super::AgentError;
+use crate::{
+    cli::AgentArgs,
+    hooks::{
+        ifaces,
+        pin::{self, PinDir},
+        preflight,
+    },
+    names::Names,
+};
+
+/// Move this thread (the agent is single-threaded) into another network namespace. Must run
+/// before the runtime starts, so every socket and netlink query happens there.
+pub fn enter_netns(spec: &str) -> Result<(), AgentError> {
+    let path = if spec.contains('/') {
+        PathBuf::from(spec)
+    } else {
+        PathBuf::from("/run/netns").join(spec)
+    };
+    let err = |source| AgentError::Netns {
+        path: path.clone(),
+        source,
+    };
+    let f = std::fs::File::open(&path).map_err(err)?;
+    // SAFETY: setns on an fd we own.
+    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Names for records: from a names file, from Kubernetes (watched on a thread of its own, started
+/// before `--netns` moves the agent, so it reaches the API from the host's network), or none.
+pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
+    if let Some(file) = &args.names {
+        return Ok(Arc::new(RwLock::new(Names::from_file(file)?)));
+    }
+    let shared = Arc::new(RwLock::new(Names::default()));
+    if args.kubeconfig.is_none() && !args.kubernetes {
+        return Ok(shared);
+    }
+    let path = args.kubeconfig.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let names = shared.clone();
+    std::thread::Builder::new()
+        .name("kube-names".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                match crate::names::kube::client(path.as_deref()).await {
+                    Ok(c) => {
+                        let _ = tx.send(Ok(()));
+                        crate::names::kube::watch(c, names).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        })
+        .map_err(AgentError::Thread)?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(shared),
+        Ok(Err(e)) => Err(AgentError::Kube(e)),
+        Err(_) => Err(AgentError::Kube(crate::names::kube::KubeError::Config(
+            "the Kubernetes thread stopped".into(),
+        ))),
+    }
+}
+
+/// The pin directory this agent owns, if it pins. Taken before `--netns` moves the agent, so
+/// the ownership lock lives in the host's network namespace, where every agent sees it.
+pub fn pin_dir(args: &AgentArgs) -> Result<Option<PinDir>, AgentError> {
+    if args.no_pin {
+        return Ok(None);
+    }
+    let dir = match &args.pin_dir {
+        Some(d) => d.clone(),
+        None => {
+            let own = match &args.netns {
+                Some(ns) => Path::new(ns)
+                    .file_name()
+                    .map_or_else(|| ns.clone(), |n| n.to_string_lossy().into_owned()),
+                None => "host".to_owned(),
+            };
+            let dir = Path::new(pin::DEFAULT_ROOT).join(own);
+            if !pin::on_bpffs(&dir) {
+                warn!(
+                    "{} is not on a bpf filesystem: open flows' counters will not survive a \
+                     restart (mount bpffs there, or pass --pin-dir or --no-pin)",
+                    dir.display()
+                );
+                return Ok(None);
+            }
+            dir
+        }
+    };
+    let pin = PinDir::acquire(&dir, args.pin_wait)?;
+    info!("flow map pinned in {}", pin.dir().display());
+    Ok(Some(pin))
+}
+
+/// Where the agent attaches on this node.
+pub struct Targets {
+    pub uplinks: Vec<String>,
+    /// The cgroup of the socket hooks, unless they are off.
+    pub cgroup: Option<PathBuf>,
+}
+
+/// Capabilities, BTF, the uplinks and the cgroup: everything that can be refused with a clear
+/// error before anything is loaded.
+pub fn preflight(args: &AgentArgs) -> Result<Targets, AgentError> {
+    preflight::check_capabilities()?;
+    if !preflight::has_btf() {
+        warn!(
+            "/sys/kernel/btf/vmlinux is missing: this release works without it, drop tracing will not"
+        );
+    }
+    let uplinks = if args.uplinks.is_empty() {
+        ifaces::default_uplinks()
+    } else {
+        args.uplinks.clone()
+    };
+    if uplinks.is_empty() {
+        return Err(AgentError::NoUplink);
+    }
+    for u in &uplinks {
+        preflight::check_interface(u)?;
+    }
+    let cgroup = if args.no_socket_hooks {
+        None
+    } else {
+        let path = match &args.cgroup {
+            Some(p) => p.clone(),
+            None => preflight::cgroup2_mount()?,
+        };
+        preflight::check_cgroup2(&path)?;
+        Some(path)
+    };
+    Ok(Targets { uplinks, cgroup })
+}

@@ -1,0 +1,346 @@
+//! The correlation stage: kernel events and interface changes in, record batches out. It reads
+//! the flow map on its own clock (every `--poll-interval`), so that reading a key's counters and
+//! deleting a finished key happen in one order: a key is never read again after its final record.
+
+use std::{
+    collections::HashSet,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use log::{debug, warn};
+use observer_common::{FLOW_EVENT_NEW, FlowKey, STATS_LEN, Stat};
+use tokio::{
+    sync::{mpsc, oneshot, watch},
+    time::{MissedTickBehavior, interval},
+};
+
+use super::{Correlator, Flush, tuple::proto_name};
+use crate::{
+    clock::Clock,
+    export::metrics::Metrics,
+    hooks::follow::Interfaces,
+    readers::{FlowSource, KernelEvent},
+    record::FlowRecord,
+};
+
+/// Full map scans (for keys whose "new flow" event was lost) happen this often at most.
+const RESCAN_EVERY: Duration = Duration::from_secs(10);
+
+pub struct Stage<S: FlowSource> {
+    pub corr: Correlator,
+    pub source: S,
+    pub metrics: Arc<Metrics>,
+    pub poll_every: Duration,
+    /// Keys announced by the kernel (or a rescan) and not yet read.
+    pending: HashSet<FlowKey>,
+    stats: [u64; STATS_LEN as usize],
+    last_rescan: Instant,
+}
+
+/// The stage's inputs and output.
+pub struct Wires {
+    pub events: mpsc::Receiver<KernelEvent>,
+    pub ifaces: watch::Receiver<Interfaces>,
+    pub out: mpsc::Sender<Vec<FlowRecord>>,
+    /// How to end: sent once by the agent when it stops.
+    pub stop: oneshot::Receiver<Flush>,
+}
+
+impl<S: FlowSource> Stage<S> {
+    pub fn new(corr: Correlator, source: S, metrics: Arc<Metrics>, poll_every: Duration) -> Self {
+        Stage {
+            corr,
+            source,
+            metrics,
+            poll_every,
+            pending: HashSet::new(),
+            stats: [0; STATS_LEN as usize],
+            last_rescan: Instant::now(),
+        }
+    }
+
+    /// Take what a previous agent left in a pinned map as the start of its flows: counted in
+    /// records, not again in the packet metrics. Call before anything is attached.
+    pub fn adopt(&mut self) -> u64 {
+        let mut n = 0;
+        for (key, c) in self.source.entries() {
+            self.corr.observe(key, c);
+            n += 1;
+        }
+        self.metrics.flows_adopted.inc_by(n);
+        n
+    }
+
+    pub fn set_interfaces(&mut self, i: &Interfaces) {
+        for (idx, name) in &i.names {
+            self.corr.set_ifname(*idx, name);
+        }
+        self.corr.set_local_pods(i.local_pods.iter().copied());
+    }
+
+    fn on_event(&mut self, ev: KernelEvent) {
+        let now = Clock::mono_now();
+        match ev {
+            KernelEvent::Flow(f) => {
+                if f.kind == FLOW_EVENT_NEW {
+                    debug!("new flow key {:?}", f.key);
+                }
+                self.pending.insert(f.key);
+            }
+            KernelEvent::Socket(s) => self.corr.add_socket(&s, now),
+            KernelEvent::Drop {
+                ev,
+                reason,
+                location,
+            } => self.corr.add_drop(&ev, reason, location, now),
+        }
+    }
+
+    /// Read the kernel's counters and STATS, and build the records `flush` asks for.
+    pub fn poll(&mut self, flush: Flush) -> Vec<FlowRecord> {
+        let lost_before = self.stats[Stat::FlowEventsLost as usize];
+        self.read_stats();
+        let lost = self.stats[Stat::FlowEventsLost as usize] != lost_before;
+        if flush != Flush::Due || lost || self.last_rescan.elapsed() >= RESCAN_EVERY {
+            self.last_rescan = Instant::now();
+            self.pending.extend(self.source.keys());
+        }
+        self.read_counters();
+        self.collect(flush)
+    }
+
+    fn read_stats(&mut self) {
+        let now = self.source.stats();
+        for s in Stat::ALL {
+            let delta = now[s as usize].saturating_sub(self.stats[s as usize]);
+            if delta > 0 {
+                self.metrics.kernel_stat(s).inc_by(delta);
+            }
+        }
+        self.stats = now;
+    }
+
+    fn read_counters(&mut self) {
+        let keys: HashSet<FlowKey> = self
+            .corr
+            .known_keys()
+            .copied()
+            .chain(self.pending.drain())
+            .collect();
+        for key in keys {
+            let Some(c) = self.source.counters(&key) else {
+                continue;
+            };
+            if let Some((point, d)) = self.corr.observe(key, c) {
+                let labels = [point.as_str(), &proto_name(key.proto)];
+                self.metrics
+                    .packets
+                    .with_label_values(&labels)
+                    .inc_by(d.packets);
+                self.metrics
+                    .bytes
+                    .with_label_values(&labels)
+                    .inc_by(d.bytes);
+            }
+        }
+        self.metrics
+            .observations_active
+            .set(self.corr.active() as i64);
+    }
+
+    fn collect(&mut self, flush: Flush) -> Vec<FlowRecord> {
+        let out = self.corr.collect(Clock::mono_now(), flush);
+        let m = &self.metrics;
+        m.correlation_ambiguous.inc_by(out.ambiguous);
+        let refused = std::mem::take(&mut self.corr.refused);
+        m.pending_refused
+            .with_label_values(&["socket"])
+            .inc_by(refused.sockets);
+        m.pending_refused
+            .with_label_values(&["drop"])
+            .inc_by(refused.drops);
+        m.socket_events_unmatched.inc_by(out.sockets_unmatched);
+        for key in &out.finished {
+            if let Err(e) = self.source.remove(key) {
+                debug!("removing finished flow: {e}");
+                m.map_delete_errors.inc();
+            }
+        }
+        out.records
+    }
+
+    /// Run until told to stop; then take the events already delivered, read the map once more,
+    /// send the last records as `stop` asks, and return (which closes `out`).
+    pub async fn run(mut self, mut w: Wires) {
+        let mut poll = interval(self.poll_every);
+        poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let flush = loop {
+            tokio::select! {
+                flush = &mut w.stop => break flush.unwrap_or(Flush::All),
+                Some(ev) = w.events.recv() => self.on_event(ev),
+                Ok(()) = w.ifaces.changed() => {
+                    let i = w.ifaces.borrow_and_update().clone();
+                    self.set_interfaces(&i);
+                }
+                _ = poll.tick() => {
+                    let batch = self.poll(Flush::Due);
+                    if !batch.is_empty() && w.out.send(batch).await.is_err() {
+                        warn!("the exporters are gone; records are no longer written");
+                    }
+                }
+            }
+        };
+        while let Ok(ev) = w.events.try_recv() {
+            self.on_event(ev);
+        }
+        let batch = self.poll(flush);
+        if !batch.is_empty() && w.out.send(batch).await.is_err() {
+            warn!("the exporters are gone; the last records are lost");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        sync::{Arc, Mutex},
+    };
+
+    use aya::maps::MapError;
+    use observer_common::{FLOW_EVENT_NEW, FlowEvent, IPPROTO_UDP, Point};
+
+    use super::*;
+    use crate::correlate::{
+        Counters,
+        tests::{MS, correlator, counters, key},
+    };
+
+    /// A flow map held in memory; what the stage removed stays visible to the test.
+    #[derive(Clone, Default)]
+    struct FakeFlows {
+        map: Arc<Mutex<HashMap<FlowKey, Counters>>>,
+        stats: [u64; STATS_LEN as usize],
+    }
+
+    impl FlowSource for FakeFlows {
+        fn keys(&self) -> Vec<FlowKey> {
+            self.map.lock().unwrap().keys().copied().collect()
+        }
+        fn counters(&self, key: &FlowKey) -> Option<Counters> {
+            self.map.lock().unwrap().get(key).copied()
+        }
+        fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
+            self.map.lock().unwrap().remove(key);
+            Ok(())
+        }
+        fn stats(&self) -> [u64; STATS_LEN as usize] {
+            self.stats
+        }
+    }
+
+    #[tokio::test]
+    async fn events_in_records_out_and_stop_writes_what_is_open() {
+        let t0 = Clock::mono_now();
+        let udp = IPPROTO_UDP;
+        let pre = key(
+            udp,
+            "10.244.1.10",
+            5000,
+            "100.64.0.53",
+            53,
+            Point::PodIngress,
+            3,
+        );
+        let post = key(
+            udp,
+            "10.244.1.10",
+            5000,
+            "10.244.2.53",
+            5353,
+            Point::UplinkEgress,
+            2,
+        );
+        let mut flows = FakeFlows::default();
+        flows.stats[Stat::FlowEventsLost as usize] = 2;
+        for k in [pre, post] {
+            flows
+                .map
+                .lock()
+                .unwrap()
+                .insert(k, counters(t0, t0 + MS, 0, 0));
+        }
+        let metrics = Arc::new(Metrics::new("node-a"));
+        let stage = Stage::new(
+            correlator(),
+            flows.clone(),
+            metrics.clone(),
+            Duration::from_millis(20),
+        );
+        let (events_tx, events) = mpsc::channel(16);
+        let (ifaces_tx, ifaces) = watch::channel(Interfaces::default());
+        let (out, mut batches) = mpsc::channel(4);
+        let (stop_tx, stop) = oneshot::channel();
+        let task = tokio::spawn(stage.run(Wires {
+            events,
+            ifaces,
+            out,
+            stop,
+        }));
+
+        let ev = FlowEvent {
+            key: pre,
+            kind: FLOW_EVENT_NEW,
+            tcp_flags: 0,
+            _pad: [0; 2],
+            ts_ns: t0,
+        };
+        events_tx.send(KernelEvent::Flow(ev)).await.unwrap();
+        ifaces_tx.send_replace(Interfaces {
+            names: [(3, "vethpoda".to_owned()), (2, "eth0".to_owned())].into(),
+            local_pods: ["10.244.1.10".parse().unwrap()].into(),
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            batches.try_recv().is_err(),
+            "an active UDP exchange has no record before its idle timeout"
+        );
+
+        stop_tx.send(Flush::All).unwrap();
+        let batch = batches.recv().await.expect("the last batch");
+        assert_eq!(batch.len(), 1, "{batch:#?}");
+        let r = &batch[0];
+        assert!(r.is_final && r.translated);
+        assert_eq!(r.pre_dnat.as_ref().unwrap().dport, 53);
+        assert_eq!(r.post_dnat.as_ref().unwrap().dport, 5353);
+        assert!(
+            r.hops
+                .iter()
+                .any(|h| h.iface.as_deref() == Some("vethpoda")),
+            "{:?}",
+            r.hops
+        );
+        task.await.unwrap();
+        assert!(
+            batches.recv().await.is_none(),
+            "the stage closes its output"
+        );
+        assert!(
+            flows.map.lock().unwrap().is_empty(),
+            "finished keys are removed from the map"
+        );
+        assert_eq!(
+            metrics.kernel_stat(Stat::FlowEventsLost).get(),
+            2,
+            "the kernel's STATS reach the metrics"
+        );
+        assert_eq!(
+            metrics
+                .packets
+                .with_label_values(&["pod_ingress", "UDP"])
+                .get(),
+            5
+        );
+    }
+}

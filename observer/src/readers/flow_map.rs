@@ -1,0 +1,101 @@
+//! The flow map and the kernel's STATS, read on correlation's clock. Behind [`FlowSource`], so
+//! correlation can be driven by synthetic counters in tests.
+
+use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
+use observer_common::{FlowCounters, FlowKey, STATS_LEN, Stat};
+
+use crate::correlate::Counters;
+
+/// Where correlation reads counters from.
+pub trait FlowSource: Send + 'static {
+    /// Every key in the map (a rescan, for keys whose "new flow" event was lost).
+    fn keys(&self) -> Vec<FlowKey>;
+    /// The key's cumulative counters over all CPUs; `None` if the key is gone.
+    fn counters(&self, key: &FlowKey) -> Option<Counters>;
+    /// Forget a finished key; a key already gone is no error.
+    fn remove(&mut self, key: &FlowKey) -> Result<(), MapError>;
+    /// The kernel's cumulative STATS over all CPUs, by [`Stat`].
+    fn stats(&self) -> [u64; STATS_LEN as usize];
+    /// Every entry with its counters (adoption of a pinned map).
+    fn entries(&self) -> Vec<(FlowKey, Counters)> {
+        self.keys()
+            .into_iter()
+            .filter_map(|k| Some((k, self.counters(&k)?)))
+            .collect()
+    }
+}
+
+/// The kernel's FLOWS and STATS maps.
+pub struct KernelFlows {
+    pub flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    pub stats: PerCpuArray<MapData, u64>,
+}
+
+impl FlowSource for KernelFlows {
+    fn keys(&self) -> Vec<FlowKey> {
+        self.flows.keys().filter_map(Result::ok).collect()
+    }
+
+    fn counters(&self, key: &FlowKey) -> Option<Counters> {
+        self.flows.get(key, 0).ok().map(|v| sum(&v))
+    }
+
+    fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        match self.flows.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn stats(&self) -> [u64; STATS_LEN as usize] {
+        let mut out = [0; STATS_LEN as usize];
+        for s in Stat::ALL {
+            if let Ok(v) = self.stats.get(&(s as u32), 0) {
+                out[s as usize] = v.iter().sum();
+            }
+        }
+        out
+    }
+}
+
+/// One key's per-CPU counters as one: sums, the earliest first and latest last time, all flags.
+pub fn sum(values: &[FlowCounters]) -> Counters {
+    let mut c = Counters::default();
+    for v in values {
+        c.packets += v.packets;
+        c.bytes += v.bytes;
+        if v.first_ns != 0 && (c.first_ns == 0 || v.first_ns < c.first_ns) {
+            c.first_ns = v.first_ns;
+        }
+        c.last_ns = c.last_ns.max(v.last_ns);
+        c.tcp_flags |= v.tcp_flags;
+        c.marks |= v.marks;
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_cpu_counters_add_up_and_keep_the_outer_times() {
+        let cpu = |packets, first_ns, last_ns, tcp_flags| FlowCounters {
+            packets,
+            bytes: packets * 100,
+            first_ns,
+            last_ns,
+            tcp_flags,
+            ..Default::default()
+        };
+        // CPU 1 never saw the flow (first_ns 0) and must not make the start 0.
+        let c = sum(&[
+            cpu(3, 200, 900, 0x02),
+            cpu(0, 0, 0, 0),
+            cpu(2, 100, 500, 0x10),
+        ]);
+        assert_eq!((c.packets, c.bytes), (5, 500));
+        assert_eq!((c.first_ns, c.last_ns), (100, 900));
+        assert_eq!(c.tcp_flags, 0x12);
+    }
+}

@@ -1,0 +1,128 @@
+//! Kernel readers, the pipeline's first stage after the hooks: the ring buffers (events that make
+//! the agent prompt: a new flow key, a FIN/RST, the process behind a socket, a drop) and the flow
+//! map (the counters themselves, read by correlation through [`FlowSource`]).
+//!
+//! The ring reader hands events on through a bounded channel and waits when correlation is
+//! behind; the kernel then finds its ring full and counts what it could not deliver (STATS), so
+//! nothing is lost without a count, and a lost "new flow" event only delays a record until the
+//! next map rescan.
+
+mod decode;
+mod flow_map;
+
+use std::{collections::HashMap, io, sync::Arc};
+
+use aya::maps::{MapData, RingBuf};
+use observer_common::{DropEvent, FlowEvent, SocketEvent};
+use tokio::{io::unix::AsyncFd, sync::mpsc};
+
+pub use flow_map::{FlowSource, KernelFlows};
+
+use crate::{export::metrics::Metrics, hooks::drop::Kallsyms};
+
+/// One decoded ring-buffer record, with what userspace adds to it.
+#[derive(Debug)]
+pub enum KernelEvent {
+    Flow(FlowEvent),
+    Socket(SocketEvent),
+    Drop {
+        ev: DropEvent,
+        /// The kernel's `enum skb_drop_reason` name, or its number.
+        reason: String,
+        /// `function+offset` of the dropping code.
+        location: String,
+    },
+}
+
+/// The three ring buffers, registered with the runtime.
+pub struct Rings {
+    flow: AsyncFd<RingBuf<MapData>>,
+    socket: AsyncFd<RingBuf<MapData>>,
+    drop: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Rings {
+    pub fn register(
+        flow: RingBuf<MapData>,
+        socket: RingBuf<MapData>,
+        drop: RingBuf<MapData>,
+    ) -> io::Result<Rings> {
+        Ok(Rings {
+            flow: watch(flow)?,
+            socket: watch(socket)?,
+            drop: watch(drop)?,
+        })
+    }
+}
+
+fn watch(rb: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>> {
+    // SAFETY: the ring buffer owns its fd and keeps it open for as long as the AsyncFd lives.
+    unsafe { AsyncFd::register(rb) }.map_err(|e| e.into_parts().1)
+}
+
+/// Names drop reasons and locations (from the kernel's BTF and kallsyms).
+pub struct DropNamer {
+    pub reasons: HashMap<i64, String>,
+    pub kallsyms: Kallsyms,
+}
+
+impl DropNamer {
+    fn name(&self, ev: DropEvent) -> KernelEvent {
+        KernelEvent::Drop {
+            reason: self
+                .reasons
+                .get(&(ev.reason as i64))
+                .cloned()
+                .unwrap_or_else(|| ev.reason.to_string()),
+            location: self.kallsyms.resolve(ev.location),
+            ev,
+        }
+    }
+}
+
+/// Take everything the ring holds now, then let the runtime wake us for more.
+async fn take<T>(
+    fd: &mut AsyncFd<RingBuf<MapData>>,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> io::Result<Vec<T>> {
+    let mut guard = fd.readable_mut().await?;
+    let mut out = Vec::new();
+    let rb = guard.get_inner_mut();
+    while let Some(item) = rb.next() {
+        out.extend(decode(&item));
+    }
+    guard.clear_ready();
+    Ok(out)
+}
+
+/// The ring reader stage: runs until correlation hangs up (Ok) or a ring fails (Err).
+pub async fn read_rings(
+    mut rings: Rings,
+    names: DropNamer,
+    metrics: Arc<Metrics>,
+    tx: mpsc::Sender<KernelEvent>,
+) -> io::Result<()> {
+    loop {
+        let events: Vec<KernelEvent> = tokio::select! {
+            r = take(&mut rings.flow, decode::flow) => r?.into_iter().map(KernelEvent::Flow).collect(),
+            r = take(&mut rings.socket, decode::socket) => {
+                let evs = r?;
+                metrics.socket_events.inc_by(evs.len() as u64);
+                evs.into_iter().map(KernelEvent::Socket).collect()
+            }
+            r = take(&mut rings.drop, decode::drop) => r?.into_iter().map(|ev| {
+                let named = names.name(ev);
+                if let KernelEvent::Drop { reason, .. } = &named {
+                    metrics.drops.with_label_values(&[reason.as_str()]).inc();
+                }
+                named
+            }).collect(),
+            _ = tx.closed() => return Ok(()),
+        };
+        for ev in events {
+            if tx.send(ev).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
