@@ -113,31 +113,12 @@ impl KubeApi {
 
     /// `kubectl` against this apiserver; must succeed.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
-        use std::io::Write as _;
-        let mut child = Command::new("kubectl")
-            .env("KUBECONFIG", &self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running kubectl")?;
-        if let Some(text) = stdin {
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(text.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        let env = format!("KUBECONFIG={}", self.kubeconfig.display());
+        let cmd: Vec<&str> = ["env", env.as_str(), "kubectl"]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        Ok(observer_lab::netns::run_with_input(&cmd, stdin)?)
     }
 }
 

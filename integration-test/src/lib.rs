@@ -175,13 +175,23 @@ pub fn curl_web(lab: &LabRun, pod: &str, timeout_s: u32) -> std::process::Output
 
 /// Run `observer ARGS...`, which must succeed; returns its stdout.
 pub fn observer(args: &[&str]) -> String {
-    let out = Command::new(bin())
+    run_ok(&bin(), args)
+}
+
+/// Run `observer-lab ARGS...`, which must succeed; returns its stdout.
+pub fn lab_cmd(args: &[&str]) -> String {
+    run_ok(&bins().lab, args)
+}
+
+fn run_ok(bin: &std::path::Path, args: &[&str]) -> String {
+    let out = Command::new(bin)
         .args(args)
         .output()
-        .expect("observer runs");
+        .unwrap_or_else(|e| panic!("{} runs: {e}", bin.display()));
     assert!(
         out.status.success(),
-        "observer {args:?}: {}",
+        "{} {args:?}: {}",
+        bin.display(),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -245,18 +255,4 @@ impl Drop for BpfFs {
         let _ = Command::new("umount").arg("-l").arg(&self.path).status();
         let _ = std::fs::remove_dir(&self.path);
     }
-}
-
-/// Run `observer-lab ARGS...`, which must succeed; returns its stdout.
-pub fn lab_cmd(args: &[&str]) -> String {
-    let out = Command::new(bins().lab)
-        .args(args)
-        .output()
-        .expect("observer-lab runs");
-    assert!(
-        out.status.success(),
-        "observer-lab {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -204,17 +204,6 @@ struct Datapath {
 }
 
 fn report(d: &Datapath) -> String {
-    let Datapath {
-        base_tput,
-        base_rate,
-        obs_tput,
-        obs_rate,
-        progs,
-        rss,
-        maps,
-        metrics,
-    } = d;
-
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -227,8 +216,8 @@ fn report(d: &Datapath) -> String {
         out,
         "\n  workload                         no agent      with agents   ratio"
     );
-    let (bt, ot) = (mean(base_tput), mean(obs_tput));
-    let (br, or) = (mean(base_rate), mean(obs_rate));
+    let (bt, ot) = (mean(&d.base_tput), mean(&d.obs_tput));
+    let (br, or) = (mean(&d.base_rate), mean(&d.obs_rate));
     let _ = writeln!(
         out,
         "  iperf3 TCP pod-a -> pod-b        {bt:>7.2} Gb/s  {ot:>7.2} Gb/s  {:>5.3}",
@@ -244,7 +233,7 @@ fn report(d: &Datapath) -> String {
         "\n  kernel program cost (kernel.bpf_stats_enabled, one run of each workload, both agents' copies)"
     );
     let _ = writeln!(out, "  program              runs          ns/run");
-    for (name, (runs, ns)) in progs {
+    for (name, (runs, ns)) in &d.progs {
         let per = if *runs > 0 {
             *ns as f64 / *runs as f64
         } else {
@@ -253,7 +242,7 @@ fn report(d: &Datapath) -> String {
         let _ = writeln!(out, "  {name:<20} {runs:>12}  {per:>8.1}");
     }
     let _ = writeln!(out, "\n  memory");
-    for (node, kib) in rss {
+    for (node, kib) in &d.rss {
         let _ = writeln!(
             out,
             "  agent {node} RSS      {:>8.1} MiB",
@@ -263,11 +252,11 @@ fn report(d: &Datapath) -> String {
     let _ = writeln!(
         out,
         "  kernel maps (both agents) {:>6.1} MiB (bytes_memlock; flow map preallocated for {} entries per agent)",
-        *maps as f64 / 1048576.0,
+        d.maps as f64 / 1048576.0,
         observer_common::FLOWS_MAX_ENTRIES
     );
-    let lost = metric_sum(metrics, "observer_kernel_events_lost_total");
-    let full = metric_sum(metrics, "observer_map_full_total");
+    let lost = metric_sum(&d.metrics, "observer_kernel_events_lost_total");
+    let full = metric_sum(&d.metrics, "observer_map_full_total");
     let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
     out
 }
