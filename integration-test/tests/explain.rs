@@ -262,3 +262,110 @@ fn suggested_policies_allow_exactly_the_observed_flows() {
     assert_eq!(s["ok"], 0, "unobserved flow denied: {s}");
     assert!(Path::new(&file).exists());
 }
+
+#[test]
+fn a_service_without_endpoints_is_the_service_layer_not_a_policy() {
+    let lab = lab_with_agents("xsvc", "2s");
+    let out = lab
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "3", "http://100.64.0.30:80/"],
+        )
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "kube-proxy rejects a Service without endpoints"
+    );
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.30")
+    })
+    .unwrap();
+    let a = lab.dir.join("node-a.jsonl");
+    let b = lab.dir.join("node-b.jsonl");
+    let v: Value = serde_json::from_str(&observer(&[
+        "explain",
+        a.to_str().unwrap(),
+        b.to_str().unwrap(),
+        "--service",
+        "100.64.0.30:80",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(v[0]["layer"], "service", "{v:#}");
+    assert_eq!(
+        v[0]["drop"]["sender"]["tuple"]["dst"], "100.64.0.30",
+        "never translated"
+    );
+    assert_eq!(v[0]["fix"]["kind"], "service");
+}
+
+#[test]
+fn explain_answers_while_the_client_still_retries() {
+    let mut lab = lab("xopen", None);
+    let names = lab.names_file().to_string_lossy().into_owned();
+    for node in ["node-a", "node-b"] {
+        lab.start_agent(
+            node,
+            &[
+                "--flush-interval",
+                "1s",
+                "--poll-interval",
+                "200ms",
+                "--names",
+                &names,
+            ],
+        )
+        .expect("agent starts");
+    }
+    apply(&lab, &scenario("egress-service-port"));
+    // curl keeps retrying its SYN for 20 s; the agent writes interim records every second.
+    let mut curl = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("pod-a")])
+        .args(["curl", "-sS", "-m", "20", "http://100.64.0.10:443/"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let bin_path = bin().to_string_lossy().into_owned();
+    let ask = || {
+        lab.exec(
+            "node-a",
+            &[
+                &bin_path,
+                "explain",
+                "http://127.0.0.1:9464/flows",
+                "--service",
+                "100.64.0.10:443",
+                "--names",
+                &names,
+                "--format",
+                "json",
+            ],
+        )
+        .unwrap()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    let v = loop {
+        let out = ask();
+        if out.status.success() {
+            break serde_json::from_slice::<Value>(&out.stdout).unwrap();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no answer from the agent's /flows: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(
+        curl.try_wait().unwrap().is_none(),
+        "asked while curl still ran"
+    );
+    let _ = curl.kill();
+    let _ = curl.wait();
+    assert_eq!(v[0]["open"], true, "{v:#}");
+    assert_eq!(v[0]["outcome"], "dropped", "{v:#}");
+    assert_eq!(v[0]["layer"], "network_policy_egress");
+}

@@ -189,6 +189,22 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
+    /// One connection on one node across its interim and final records: protocol, start, and
+    /// the client's tuple (or the first one known).
+    pub fn connection_id(&self) -> String {
+        let t = self
+            .client_tuple()
+            .or(self.wire_view.as_ref())
+            .or(self.post_dnat.as_ref());
+        match t {
+            Some(t) => format!(
+                "{} {} {}:{} {}:{}",
+                self.proto, self.start, t.src, t.sport, t.dst, t.dport
+            ),
+            None => format!("{} {}", self.proto, self.start),
+        }
+    }
+
     /// Client -> server as the client sent it (pre-DNAT), else as it left this node.
     pub fn client_tuple(&self) -> Option<&TupleView> {
         self.pre_dnat.as_ref().or(self.post_dnat.as_ref())

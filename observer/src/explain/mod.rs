@@ -2,6 +2,7 @@
 //! and receiving nodes' records of one connection, say where it stopped and what fixes it, in
 //! the terms of the layer that stopped it (targetPort, backend pods, post-DNAT wire tuple).
 
+mod args;
 mod fix;
 mod render;
 mod story;
@@ -13,10 +14,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 pub use crate::names::Names;
-use crate::{
-    cli::{ExplainArgs, Format, SuggestArgs},
-    record::FlowRecord,
-};
+use crate::record::{FlowRecord, SCHEMA};
+pub use args::{ExplainArgs, Format, SuggestArgs};
 pub use story::{Endpoint, Story, stitch};
 
 /// GET an agent's /flows (plain HTTP; the agent serves nothing else).
@@ -41,8 +40,18 @@ fn fetch(url: &str) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
-fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
-    let mut out = Vec::new();
+/// Records read from the given logs, and the lines that could not be read (file, line number).
+#[derive(Debug, Default)]
+struct Loaded {
+    records: Vec<FlowRecord>,
+    skipped: Vec<(String, usize)>,
+}
+
+/// Read every record. A line that is not a record (cut short when a node died mid-write, or
+/// corrupt) is skipped and reported; a record of another schema version is refused by name,
+/// since its fields cannot be trusted to mean what this version reads.
+fn load(files: &[PathBuf]) -> anyhow::Result<Loaded> {
+    let mut out = Loaded::default();
     for f in files {
         let text = match f.to_str().filter(|s| s.starts_with("http://")) {
             Some(url) => fetch(url)?,
@@ -55,9 +64,21 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            out.push(serde_json::from_str(line).with_context(|| {
-                format!("{}:{}: not an observer.flow/v1 record", f.display(), i + 1)
-            })?);
+            let at = || format!("{}:{}", f.display(), i + 1);
+            let schema = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
+            match schema.as_deref() {
+                Some(SCHEMA) | None => {}
+                Some(other) => bail!(
+                    "{}: a record of schema {other:?}; this observer reads {SCHEMA} (use the observer release that wrote it)",
+                    at()
+                ),
+            }
+            match serde_json::from_str(line) {
+                Ok(r) => out.records.push(r),
+                Err(_) => out.skipped.push((f.display().to_string(), i + 1)),
+            }
         }
     }
     Ok(out)
@@ -76,9 +97,26 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Read the logs, saying once per file which lines were skipped.
+fn read(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
+    let loaded = load(files)?;
+    let mut by_file: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+    for (f, line) in &loaded.skipped {
+        by_file.entry(f).or_default().push(*line);
+    }
+    for (f, lines) in by_file {
+        log::warn!(
+            "{f}: skipped {} line(s) that are not flow records (cut short or corrupt), first at line {}",
+            lines.len(),
+            lines[0]
+        );
+    }
+    Ok(loaded.records)
+}
+
 /// What `explain` prints for `args`.
 pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
-    let records = load(&args.files)?;
+    let records = read(&args.files)?;
     let names = names(args.names.as_deref(), &records)?;
     let stories = select(&records, args, &names)?;
     let nodes = nodes(&records, &args.files);
@@ -148,7 +186,7 @@ fn nodes(records: &[FlowRecord], files: &[PathBuf]) -> Vec<String> {
 }
 
 pub fn suggest(args: SuggestArgs) -> anyhow::Result<i32> {
-    let records = load(&args.files)?;
+    let records = read(&args.files)?;
     let names = Names::from_file(&args.names)?;
     let stories = stitch(&records);
     let yaml = fix::suggest_policies(&stories, &names);

@@ -116,8 +116,11 @@ pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
     let client = s.asked().map(|a| names.label(&a.src)).unwrap_or_default();
     let _ = writeln!(
         out,
-        "{} connection from {client}: {asked} ({}, ended {})",
-        r.proto, r.state, r.end
+        "{} connection from {client}: {asked} ({}, {} {})",
+        r.proto,
+        r.state,
+        if s.open() { "last packet" } else { "ended" },
+        r.end
     );
     for (step, what, where_) in steps(s) {
         // What filter evaluated before kube-proxy rejected it was no policy's view.
@@ -158,6 +161,12 @@ pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
             .map(|l| format!(" (layer: {l})"))
             .unwrap_or_default()
     );
+    if s.open() {
+        let _ = writeln!(
+            out,
+            "open:      still open when its agent last wrote (an interim record; the outcome is so far)"
+        );
+    }
     let _ = writeln!(out, "why:       {}", v.explanation);
     if let Some(f) = &v.fix {
         let _ = writeln!(out, "fix:       {}", f.summary);
@@ -190,6 +199,7 @@ pub fn json(s: &Story, v: &Verdict) -> serde_json::Value {
         "asked": s.asked(),
         "backend": s.backend(),
         "outcome": v.outcome,
+        "open": s.open(),
         "layer": v.layer,
         "explanation": v.explanation,
         "last_seen": v.last_seen,

@@ -111,11 +111,13 @@ fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
     Some((r.proto.clone(), t.src.clone(), t.sport))
 }
 
-/// Group final records of all nodes by connection (protocol and client endpoint, which DNAT
-/// keeps): one story per connection, the latest when a client port was reused.
+/// Group the records of all nodes by connection (protocol and client endpoint, which DNAT
+/// keeps): one story per connection, the latest when a client port was reused. Each node's newest
+/// record counts, final or not: a connection still open (or open when its agent stopped) is
+/// told from its interim records.
 pub fn stitch(records: &[FlowRecord]) -> Vec<Story> {
     let mut by_key: BTreeMap<(String, String, u16), Story> = BTreeMap::new();
-    for r in records.iter().filter(|r| r.is_final) {
+    for r in records {
         let Some(key) = client_key(r) else { continue };
         let s = by_key.entry(key).or_insert(Story {
             sender: None,
@@ -125,7 +127,12 @@ pub fn stitch(records: &[FlowRecord]) -> Vec<Story> {
             ObservedAs::Sender | ObservedAs::Local => &mut s.sender,
             ObservedAs::Receiver | ObservedAs::Transit => &mut s.receiver,
         };
-        if slot.as_ref().is_none_or(|old| old.end <= r.end) {
+        // Newest first by its last packet, then a final record over an interim one of the same
+        // moment (the final one is written last).
+        if slot
+            .as_ref()
+            .is_none_or(|old| (&old.end, old.is_final) <= (&r.end, r.is_final))
+        {
             *slot = Some(r.clone());
         }
     }
@@ -142,6 +149,14 @@ impl Story {
 
     pub fn end(&self) -> &str {
         &self.any().end
+    }
+
+    /// Told from an interim record: the connection was open when its agent last wrote.
+    pub fn open(&self) -> bool {
+        [&self.sender, &self.receiver]
+            .into_iter()
+            .flatten()
+            .any(|r| !r.is_final)
     }
 
     /// What the client asked for (pre-DNAT), else the first tuple known.

@@ -207,3 +207,59 @@ fn a_service_without_endpoints_is_the_service_layer_not_policy() {
     ));
     assert_eq!(v["outcome"], "answered");
 }
+
+#[test]
+fn an_open_connection_is_told_from_its_newest_interim_record() {
+    // The agent stopped (a restart) while the connection was open: only interim records.
+    let v = verdict(&args(
+        fixture("open", &["node-a"]),
+        None,
+        Some("10.244.1.10:59834"),
+    ));
+    assert_eq!(v["open"], true, "{v:#}");
+    assert_eq!(v["outcome"], "answered", "answered so far: {v:#}");
+    // In the whole log the final record came later and is the one told.
+    let v = verdict(&args(
+        fixture("restart", &["node-a"]),
+        None,
+        Some("10.244.1.10:59834"),
+    ));
+    assert_eq!(v["open"], false, "{v:#}");
+    let mut a = args(
+        fixture("open", &["node-a"]),
+        None,
+        Some("10.244.1.10:59834"),
+    );
+    a.format = Format::Text;
+    let text = answer(&a).unwrap();
+    assert!(
+        text.contains("still open when its agent last wrote"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_line_cut_short_is_skipped_and_reported_and_the_rest_answers() {
+    let files = fixture("cut-short", BOTH);
+    let loaded = load(&files).expect("the rest is read");
+    assert_eq!(loaded.skipped.len(), 1, "{:?}", loaded.skipped);
+    let (file, line) = &loaded.skipped[0];
+    assert!(file.ends_with("cut-short/node-a.jsonl"));
+    assert_eq!(*line, 2, "the line cut short");
+    let v = verdict(&args(files, Some("100.64.0.10:443"), None));
+    assert_eq!(v["outcome"], "answered");
+}
+
+#[test]
+fn a_record_of_another_schema_version_is_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("observer-schema-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("future.jsonl");
+    std::fs::write(&path, "{\"schema\":\"observer.flow/v9\",\"node\":\"n\"}\n").unwrap();
+    let e = load(&[path]).unwrap_err().to_string();
+    assert!(
+        e.contains("\"observer.flow/v9\"") && e.contains("future.jsonl:1"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

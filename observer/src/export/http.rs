@@ -2,9 +2,10 @@
 //! not justify a web framework.
 
 use std::{
+    collections::{HashMap, VecDeque},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
 };
@@ -32,21 +33,38 @@ pub struct Health {
     pub ready: AtomicBool,
 }
 
-/// The last final records, served on /flows for `observer explain http://NODE:9464/flows`.
+/// What /flows serves for `observer explain http://NODE:9464/flows`: the last final records, and
+/// the newest interim record of each connection still open (until its final record replaces it).
 pub struct RecentFlows {
-    lines: std::sync::Mutex<std::collections::VecDeque<String>>,
+    lines: Mutex<VecDeque<String>>,
     cap: usize,
+    /// Connection -> its newest interim record.
+    open: Mutex<HashMap<String, String>>,
 }
+
+/// Open connections kept at most; beyond it a new one waits for its final record to be served.
+const OPEN_MAX: usize = 10_000;
 
 impl RecentFlows {
     pub fn new(cap: usize) -> RecentFlows {
         RecentFlows {
             lines: Default::default(),
             cap,
+            open: Default::default(),
         }
     }
 
-    pub fn push(&self, json_line: String) {
+    /// Keep a record of connection `conn`: a final one ends its open entry.
+    pub fn push(&self, conn: String, json_line: String, is_final: bool) {
+        let mut open = self.open.lock().expect("not poisoned");
+        if !is_final {
+            if open.len() < OPEN_MAX || open.contains_key(&conn) {
+                open.insert(conn, json_line);
+            }
+            return;
+        }
+        open.remove(&conn);
+        drop(open);
         let mut l = self.lines.lock().expect("not poisoned");
         if l.len() == self.cap {
             l.pop_front();
@@ -56,7 +74,11 @@ impl RecentFlows {
 
     pub fn body(&self) -> String {
         let l = self.lines.lock().expect("not poisoned");
-        l.iter().flat_map(|s| [s.as_str(), "\n"]).collect()
+        let open = self.open.lock().expect("not poisoned");
+        l.iter()
+            .chain(open.values())
+            .flat_map(|s| [s.as_str(), "\n"])
+            .collect()
     }
 }
 

@@ -54,10 +54,8 @@ impl Exporter {
         }
         for r in batch.iter() {
             self.metrics.on_record(r);
-            if r.is_final
-                && let Ok(line) = serde_json::to_string(r)
-            {
-                self.recent.push(line);
+            if let Ok(line) = serde_json::to_string(r) {
+                self.recent.push(r.connection_id(), line, r.is_final);
             }
         }
     }
