@@ -62,7 +62,12 @@ pub fn lab(prefix: &str, config: Option<&str>) -> LabRun {
 
 /// A lab with an agent on each node; flows end after `idle` without packets.
 pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
-    let mut l = lab(prefix, None);
+    lab_with_agents_in(prefix, idle, None)
+}
+
+/// The same, from a lab description of the test's own.
+pub fn lab_with_agents_in(prefix: &str, idle: &str, config: Option<&str>) -> LabRun {
+    let mut l = lab(prefix, config);
     for node in ["node-a", "node-b"] {
         let names = l.names_file().to_string_lossy().into_owned();
         l.start_agent(
@@ -195,6 +200,15 @@ fn run_ok(bin: &std::path::Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The default lab description (`lab/story.toml`) with a different kube-proxy mode.
+pub fn story_with_load_balancer(mode: &str) -> String {
+    let story = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/story.toml"))
+        .expect("lab/story.toml");
+    let line = "load_balancer = \"iptables\"";
+    assert!(story.contains(line), "the story names its kube-proxy mode");
+    story.replacen(line, &format!("load_balancer = \"{mode}\""), 1)
 }
 
 /// Path of a shipped lab scenario.

@@ -653,3 +653,94 @@ fn network_policy_sees_the_target_port_on_both_nodes() {
     assert!(curl_web(&lab, "pod-a", 5).status.success());
     validate_schema(&a);
 }
+
+/// kube-proxy's nftables mode (`table ip kube-proxy`, a `service-ips` verdict map, `numgen`
+/// endpoint choice): the same pre/post pairs as iptables mode, each checked against conntrack.
+#[test]
+fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
+    let lab = lab_with_agents_in("nft", "2s", Some(&story_with_load_balancer("nftables")));
+    let nft = lab
+        .exec("node-a", &["nft", "list", "table", "ip", "kube-proxy"])
+        .unwrap();
+    let nft = String::from_utf8_lossy(&nft.stdout);
+    assert!(
+        nft.contains("map service-ips") && nft.contains("numgen random mod 2"),
+        "{nft}"
+    );
+    let ipt = lab.exec("node-a", &["iptables-save", "-t", "nat"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ipt.stdout).contains("KUBE-SVC"),
+        "no iptables Service rules in nftables mode"
+    );
+
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let s = lab
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.20:80",
+                "--count",
+                "20",
+                "--concurrency",
+                "4",
+            ],
+        )
+        .unwrap();
+    assert_eq!(s["ok"], 20, "{s}");
+    let v6 = lab
+        .exec(
+            "pod-a",
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "5",
+                "-g",
+                "http://[fd00:100:64::10]:443/",
+            ],
+        )
+        .unwrap();
+    assert!(
+        v6.status.success(),
+        "{}",
+        String::from_utf8_lossy(&v6.stderr)
+    );
+
+    let asked =
+        |r: &serde_json::Value, dst: &str| r["final"] == true && r["pre_dnat"]["dst"] == dst;
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 20
+                && rs.iter().any(|r| asked(r, "100.64.0.10"))
+                && rs.iter().any(|r| asked(r, "fd00:100:64::10"))
+        })
+        .unwrap();
+    let ct = lab.conntrack("node-a").unwrap();
+    let mut backends = std::collections::BTreeSet::new();
+    for r in a
+        .iter()
+        .filter(|r| r["final"] == true && r["translated"] == true)
+    {
+        let pre = tuple_of(&r["pre_dnat"]).unwrap();
+        let post = tuple_of(&r["post_dnat"]).unwrap();
+        let e = ct
+            .iter()
+            .find(|e| e.orig == pre)
+            .unwrap_or_else(|| panic!("no conntrack entry for {r}"));
+        assert_eq!(
+            Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+            Some(post.clone()),
+            "post_dnat is conntrack's reply tuple reversed"
+        );
+        if pre.2 == "100.64.0.20" {
+            assert_eq!(post.3, 8080);
+            backends.insert(post.2);
+        }
+    }
+    assert_eq!(
+        backends.len(),
+        2,
+        "numgen spread 20 connections over both endpoints: {backends:?}"
+    );
+}

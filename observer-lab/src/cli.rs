@@ -63,6 +63,9 @@ pub struct LabUpArgs {
     /// Lab description (TOML); default: the built-in story (`observer-lab example`).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// kube-proxy's mode on every node, over the description's `load_balancer`.
+    #[arg(long, value_enum)]
+    pub lb: Option<crate::model::LoadBalancer>,
 }
 
 #[derive(Args, Debug, Clone)]

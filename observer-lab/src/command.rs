@@ -22,8 +22,11 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                     .with_context(|| format!("reading lab description {}", p.display()))?,
                 None => config::STORY.to_owned(),
             };
-            let cfg = LabConfig::parse(&text)?;
-            lab.up(&cfg, &text)?;
+            let mut cfg = LabConfig::parse(&text)?;
+            if let Some(lb) = a.lb {
+                cfg.load_balancer = lb;
+            }
+            lab.up(&cfg, &toml::to_string(&cfg)?)?;
             print!("{}", lab.status());
             Ok(0)
         }

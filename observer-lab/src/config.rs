@@ -8,7 +8,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::model::VPC;
-pub use crate::model::{Cidr, Protocol};
+pub use crate::model::{Cidr, LoadBalancer, Protocol};
 
 pub const STORY: &str = include_str!("../../lab/story.toml");
 
@@ -23,6 +23,9 @@ pub enum ConfigError {
 #[derive(Serialize, Deserialize, Debug, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct LabConfig {
+    /// kube-proxy's mode on every node (`iptables` when absent).
+    #[serde(default)]
+    pub load_balancer: LoadBalancer,
     pub cluster_cidr: Cidr,
     pub cluster_cidr6: Option<Cidr>,
     pub service_cidr: Cidr,

@@ -12,7 +12,7 @@ use crate::{
     model::Protocol,
 };
 
-fn chain_hash(s: &str) -> String {
+pub(crate) fn chain_hash(s: &str) -> String {
     const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
     let mut out = String::with_capacity(16);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -28,7 +28,7 @@ fn chain_hash(s: &str) -> String {
     out
 }
 
-fn port_name(s: &Service, p: &ServicePort) -> String {
+pub(crate) fn port_name(s: &Service, p: &ServicePort) -> String {
     format!(
         "{}/{}:{}",
         s.namespace,

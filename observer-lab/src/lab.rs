@@ -16,8 +16,8 @@ use log::info;
 
 use crate::{
     config::{self, LabConfig, Node, Pod},
-    firewall, kubeproxy,
-    model::{Family, VPC, host_veth},
+    firewall, kubeproxy, kubeproxy_nft,
+    model::{Family, LoadBalancer, VPC, host_veth},
     names,
     netns::{self, CmdError, ip},
     policy,
@@ -164,16 +164,7 @@ impl Lab {
                 &ns,
                 &["route", "add", &cfg.service_cidr.to_string(), "dev", "eth0"],
             )?;
-            netns::run_with_input(
-                &["ip", "netns", "exec", &ns, "iptables-restore", "--noflush"],
-                Some(&kubeproxy::tables(cfg, Family::V4)),
-            )?;
-            if cfg.cluster_cidr6.is_some() {
-                netns::run_with_input(
-                    &["ip", "netns", "exec", &ns, "ip6tables-restore", "--noflush"],
-                    Some(&kubeproxy::tables(cfg, Family::V6)),
-                )?;
-            }
+            self.program_services(cfg, &ns)?;
         }
         self.program_policies(cfg)?;
         self.program_firewall(cfg)?;
@@ -510,6 +501,32 @@ impl Lab {
         self.save_config(&cfg)
     }
 
+    /// kube-proxy's rules for every Service, in the lab's load-balancer mode, in node `ns`.
+    fn program_services(&self, cfg: &LabConfig, ns: &str) -> Result<(), LabError> {
+        let mut families = vec![Family::V4];
+        if cfg.cluster_cidr6.is_some() {
+            families.push(Family::V6);
+        }
+        for family in families {
+            let (cmd, text) = match (cfg.load_balancer, family) {
+                (LoadBalancer::Iptables, Family::V4) => (
+                    vec!["iptables-restore", "--noflush"],
+                    kubeproxy::tables(cfg, family),
+                ),
+                (LoadBalancer::Iptables, Family::V6) => (
+                    vec!["ip6tables-restore", "--noflush"],
+                    kubeproxy::tables(cfg, family),
+                ),
+                (LoadBalancer::Nftables, _) => {
+                    (vec!["nft", "-f", "-"], kubeproxy_nft::ruleset(cfg, family))
+                }
+            };
+            let args: Vec<&str> = ["ip", "netns", "exec", ns].into_iter().chain(cmd).collect();
+            netns::run_with_input(&args, Some(&text))?;
+        }
+        Ok(())
+    }
+
     /// Program the NetworkPolicy chains of every node from `cfg.policies`.
     fn program_policies(&self, cfg: &LabConfig) -> Result<(), LabError> {
         let policies = policy::parse(&cfg.policies)?.network_policies;
@@ -696,7 +713,11 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
             labels.join(",")
         );
     }
-    let _ = writeln!(s, "services (kube-proxy iptables mode on every node):");
+    let _ = writeln!(
+        s,
+        "services (kube-proxy {} mode on every node):",
+        cfg.load_balancer.as_str()
+    );
     for svc in &cfg.services {
         for port in &svc.ports {
             let eps: Vec<String> = cfg

@@ -5,7 +5,8 @@
 //!
 //! - `config` (the description) and `model` (its vocabulary) say what the lab is;
 //! - `lab` builds it from namespaces and veths (`netns`), with `kubeproxy` rules, `policy`
-//!   chains and the `firewall`, and writes its `names` file;
+//!   chains and the `firewall`, and writes its `names` file; `kubeproxy` writes kube-proxy's
+//!   iptables mode, `kubeproxy_nft` its nftables mode;
 //! - `traffic` is the server in each backend pod and the client the tests use;
 //! - `drive` runs a lab and its agents from outside, for the demo, the benches and the tests.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod drive;
 pub mod firewall;
 pub mod kubeproxy;
+pub mod kubeproxy_nft;
 pub mod lab;
 pub mod model;
 pub mod names;

@@ -5,6 +5,27 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
+/// Which kube-proxy mode programs the Services on every node.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadBalancer {
+    /// kube-proxy's iptables mode (the default): KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP -> DNAT.
+    #[default]
+    Iptables,
+    /// kube-proxy's nftables mode (GA in Kubernetes 1.33): `table ip kube-proxy`, a
+    /// `service-ips` verdict map, `numgen` endpoint choice, `dnat to`.
+    Nftables,
+}
+
+impl LoadBalancer {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LoadBalancer::Iptables => "iptables",
+            LoadBalancer::Nftables => "nftables",
+        }
+    }
+}
+
 /// The VPC router namespace between the nodes (`<lab>-vpc`).
 pub const VPC: &str = "vpc";
 
