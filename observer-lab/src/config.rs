@@ -205,6 +205,19 @@ impl LabConfig {
         })
     }
 
+    /// The addresses of a Service's endpoints in one family (IPv6 or not), in endpoint order.
+    pub fn endpoint_ips(&self, s: &Service, v6: bool) -> Vec<IpAddr> {
+        self.endpoints(s)
+            .filter_map(|pod| {
+                if v6 {
+                    pod.ip6.map(IpAddr::V6)
+                } else {
+                    Some(IpAddr::V4(pod.ip))
+                }
+            })
+            .collect()
+    }
+
     /// (target port, protocol) pairs a pod must serve.
     pub fn listeners(&self, pod: &Pod) -> BTreeSet<(u16, Protocol)> {
         self.services

@@ -101,16 +101,7 @@ pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
             let proto = p.protocol.lower();
             let name = port_name(s, p);
             let svc = svc_chain(s, p);
-            let eps: Vec<IpAddr> = cfg
-                .endpoints(s)
-                .filter_map(|pod| {
-                    if v6 {
-                        pod.ip6.map(IpAddr::V6)
-                    } else {
-                        Some(IpAddr::V4(pod.ip))
-                    }
-                })
-                .collect();
+            let eps = cfg.endpoint_ips(s, v6);
             if eps.is_empty() {
                 // Rejected in the filter table instead (`filter_table`).
                 continue;

@@ -71,6 +71,51 @@ pub fn ruleset(cfg: &LabConfig, family: Family) -> String {
     let o = &mut out;
     // Declaring then deleting makes the load idempotent: the new table replaces the old one.
     let _ = writeln!(o, "add table {t}\ndelete table {t}");
+    declare(o, &t, addr_type);
+    let service_cidr = if v6 {
+        None
+    } else {
+        Some(cfg.service_cidr.to_string())
+    };
+    let base = [
+        format!("cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
+        service_cidr.map_or_else(String::new, |c| {
+            format!("cluster-ips-check {ip} daddr {{ {c} }} drop comment \"Drop traffic to unallocated ClusterIPs\"")
+        }),
+        "filter-forward ct state new jump service-endpoints-check".into(),
+        "filter-forward ct state new jump cluster-ips-check".into(),
+        "filter-input ct state new jump service-endpoints-check".into(),
+        "filter-output ct state new jump service-endpoints-check".into(),
+        "filter-output-post-dnat ct state new jump cluster-ips-check".into(),
+        "mark-for-masquerade mark set mark or 0x4000".into(),
+        "masquerading mark and 0x4000 == 0 return".into(),
+        "masquerading mark set mark xor 0x4000".into(),
+        "masquerading masquerade fully-random".into(),
+        "nat-output jump services".into(),
+        "nat-postrouting jump masquerading".into(),
+        "nat-prerouting jump services".into(),
+        "reject-chain reject".into(),
+        format!("services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
+        format!("service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
+    ];
+    for rule in base.iter().filter(|r| !r.is_empty()) {
+        let _ = writeln!(o, "add rule {t} {rule}");
+    }
+    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6) {
+        let _ = writeln!(
+            o,
+            "add element {t} cluster-ips {{ {} }}",
+            addr(s.cluster_ip)
+        );
+        for p in &s.ports {
+            service_port(o, &t, cfg, s, p, ip, cluster_cidr.as_deref(), v6);
+        }
+    }
+    out
+}
+
+/// The table, its set and maps, and every fixed chain (base chains with their hooks).
+fn declare(o: &mut String, t: &str, addr_type: &str) {
     let _ = writeln!(o, "add table {t} {{ comment \"rules for kube-proxy\" ; }}");
     let _ = writeln!(
         o,
@@ -119,46 +164,6 @@ pub fn ruleset(cfg: &LabConfig, family: Family) -> String {
             }
         }
     }
-    let service_cidr = if v6 {
-        None
-    } else {
-        Some(cfg.service_cidr.to_string())
-    };
-    let base = [
-        format!("cluster-ips-check {ip} daddr @cluster-ips reject comment \"Reject traffic to invalid ports of ClusterIPs\""),
-        service_cidr.map_or_else(String::new, |c| {
-            format!("cluster-ips-check {ip} daddr {{ {c} }} drop comment \"Drop traffic to unallocated ClusterIPs\"")
-        }),
-        "filter-forward ct state new jump service-endpoints-check".into(),
-        "filter-forward ct state new jump cluster-ips-check".into(),
-        "filter-input ct state new jump service-endpoints-check".into(),
-        "filter-output ct state new jump service-endpoints-check".into(),
-        "filter-output-post-dnat ct state new jump cluster-ips-check".into(),
-        "mark-for-masquerade mark set mark or 0x4000".into(),
-        "masquerading mark and 0x4000 == 0 return".into(),
-        "masquerading mark set mark xor 0x4000".into(),
-        "masquerading masquerade fully-random".into(),
-        "nat-output jump services".into(),
-        "nat-postrouting jump masquerading".into(),
-        "nat-prerouting jump services".into(),
-        "reject-chain reject".into(),
-        format!("services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
-        format!("service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
-    ];
-    for rule in base.iter().filter(|r| !r.is_empty()) {
-        let _ = writeln!(o, "add rule {t} {rule}");
-    }
-    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6) {
-        let _ = writeln!(
-            o,
-            "add element {t} cluster-ips {{ {} }}",
-            addr(s.cluster_ip)
-        );
-        for p in &s.ports {
-            service_port(o, &t, cfg, s, p, ip, cluster_cidr.as_deref(), v6);
-        }
-    }
-    out
 }
 
 /// The chains and map elements of one Service port.
@@ -178,16 +183,7 @@ fn service_port(
 ) {
     let proto = p.protocol.lower();
     let key = format!("{} . {proto} . {}", addr(s.cluster_ip), p.port);
-    let eps: Vec<IpAddr> = cfg
-        .endpoints(s)
-        .filter_map(|pod| {
-            if v6 {
-                pod.ip6.map(IpAddr::V6)
-            } else {
-                Some(IpAddr::V4(pod.ip))
-            }
-        })
-        .collect();
+    let eps = cfg.endpoint_ips(s, v6);
     if eps.is_empty() {
         let _ = writeln!(
             o,

@@ -240,9 +240,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn events_in_records_out_and_stop_writes_what_is_open() {
-        let t0 = Clock::mono_now();
+    /// A UDP exchange pod-a -> 100.64.0.53:53, DNAT-ed to 10.244.2.53:5353, in the map; and the
+    /// kernel having counted two lost flow events.
+    fn dnat_udp_exchange(t0: u64) -> (FakeFlows, FlowKey) {
         let udp = IPPROTO_UDP;
         let pre = key(
             udp,
@@ -271,6 +271,13 @@ mod tests {
                 .unwrap()
                 .insert(k, counters(t0, t0 + MS, 0, 0));
         }
+        (flows, pre)
+    }
+
+    #[tokio::test]
+    async fn events_in_records_out_and_stop_writes_what_is_open() {
+        let t0 = Clock::mono_now();
+        let (flows, pre) = dnat_udp_exchange(t0);
         let metrics = Arc::new(Metrics::new("node-a"));
         let stage = Stage::new(
             correlator(),
