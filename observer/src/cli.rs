@@ -174,3 +174,40 @@ mod tests {
         assert!(checked >= 20, "only {checked} flags seen");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use clap::Parser as _;
+    use proptest::prelude::*;
+
+    use super::Cli;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Any words after `observer agent` or `observer explain`: parsed or refused by clap.
+        #[test]
+        fn any_flags_parse_or_are_refused(
+            sub in prop_oneof![Just("agent"), Just("explain"), Just("suggest")],
+            words in prop::collection::vec(
+                prop_oneof![
+                    "--[a-z-]{1,16}",
+                    "--(flush-interval|idle-timeout|max-flows|metrics-addr|service|client|format)",
+                    "\\PC{0,12}",
+                ],
+                0..6,
+            ),
+        ) {
+            let args = std::iter::once("observer").chain([sub]).chain(words.iter().map(String::as_str));
+            if let Err(e) = Cli::try_parse_from(args) {
+                use clap::error::ErrorKind::*;
+                let shown = e.render().to_string();
+                prop_assert!(
+                    matches!(e.kind(), DisplayHelp | DisplayVersion | DisplayHelpOnMissingArgumentOrSubcommand)
+                        || shown.starts_with("error: "),
+                    "{shown}"
+                );
+            }
+        }
+    }
+}

@@ -425,3 +425,32 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Whatever a names file holds: names or a one-line error naming the file, never a panic.
+        #[test]
+        fn any_names_file_is_read_or_refused_in_one_line(
+            text in prop_oneof![
+                "\\PC{0,200}",
+                "apiVersion: observer/v1\nkind: Names\n(pods|services|namespaces|podCIDRs): \\PC{0,80}",
+            ]
+        ) {
+            let dir = std::env::temp_dir().join(format!("observer-names-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("names.yaml");
+            std::fs::write(&path, &text).unwrap();
+            if let Err(e) = Names::from_file(&path) {
+                let msg = e.to_string();
+                prop_assert!(msg.starts_with("names file "), "{msg}");
+            }
+        }
+    }
+}

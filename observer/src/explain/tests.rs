@@ -263,3 +263,89 @@ fn a_record_of_another_schema_version_is_refused_by_name() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+mod fuzz {
+    //! What a user or a dying node can put in a flow log, and what a user can type as a
+    //! selector: never a panic, every line either a record or reported.
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn recorded_lines() -> Vec<String> {
+        ["egress", "ipv6", "open"]
+            .iter()
+            .flat_map(|case| fixture(case, &["node-a"]))
+            .flat_map(|f| {
+                std::fs::read_to_string(f)
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// A recorded line, cut at any byte, with any bytes spliced in, or left whole.
+    fn line() -> impl Strategy<Value = (String, bool)> {
+        let lines = recorded_lines();
+        (0..lines.len(), any::<u16>(), prop::collection::vec(any::<u8>(), 0..8), 0..3u8).prop_map(
+            move |(i, at, junk, how)| {
+                let l = &lines[i];
+                let cut = (at as usize) % l.len().max(1);
+                match how {
+                    0 => (l.clone(), true),
+                    1 => (String::from_utf8_lossy(&l.as_bytes()[..cut]).into_owned(), false),
+                    _ => {
+                        let mut b = l.as_bytes()[..cut].to_vec();
+                        b.extend(junk);
+                        b.extend(&l.as_bytes()[cut..]);
+                        (String::from_utf8_lossy(&b).into_owned(), false)
+                    }
+                }
+            },
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn damaged_logs_are_read_line_by_line(lines in prop::collection::vec(line(), 1..12)) {
+            let dir = std::env::temp_dir().join(format!("observer-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("node-a.jsonl");
+            let text: Vec<&str> = lines.iter().map(|(l, _)| l.as_str()).collect();
+            let text = text.join("\n");
+            std::fs::write(&path, &text).unwrap();
+            let whole = lines.iter().filter(|(_, w)| *w).count();
+            // Spliced bytes may hold a line break: count the lines the file has.
+            let (all, blank) = (
+                text.lines().count(),
+                text.lines().filter(|l| l.trim().is_empty()).count(),
+            );
+            match load(std::slice::from_ref(&path)) {
+                Ok(got) => {
+                    // A damaged line may still be a record (junk inside a string); never fewer.
+                    prop_assert!(got.records.len() >= whole);
+                    prop_assert_eq!(got.records.len() + got.skipped.len() + blank, all);
+                }
+                // Only a readable record of another schema version refuses the whole log.
+                Err(e) => prop_assert!(e.to_string().contains("a record of schema"), "{e}"),
+            }
+        }
+
+        #[test]
+        fn selectors_parse_or_say_what_they_take(s in "\\PC{0,40}") {
+            if let Err(e) = Endpoint::parse(&s) {
+                prop_assert!(e.contains("[IPv6]:PORT"));
+            }
+        }
+
+        #[test]
+        fn every_socket_address_is_a_selector(a in any::<std::net::SocketAddr>()) {
+            let e = Endpoint::parse(&a.to_string()).unwrap();
+            prop_assert_eq!((e.ip, e.port), (a.ip(), Some(a.port())));
+        }
+    }
+}
