@@ -289,13 +289,21 @@ mod fuzz {
     /// A recorded line, cut at any byte, with any bytes spliced in, or left whole.
     fn line() -> impl Strategy<Value = (String, bool)> {
         let lines = recorded_lines();
-        (0..lines.len(), any::<u16>(), prop::collection::vec(any::<u8>(), 0..8), 0..3u8).prop_map(
-            move |(i, at, junk, how)| {
+        (
+            0..lines.len(),
+            any::<u16>(),
+            prop::collection::vec(any::<u8>(), 0..8),
+            0..3u8,
+        )
+            .prop_map(move |(i, at, junk, how)| {
                 let l = &lines[i];
                 let cut = (at as usize) % l.len().max(1);
                 match how {
                     0 => (l.clone(), true),
-                    1 => (String::from_utf8_lossy(&l.as_bytes()[..cut]).into_owned(), false),
+                    1 => (
+                        String::from_utf8_lossy(&l.as_bytes()[..cut]).into_owned(),
+                        false,
+                    ),
                     _ => {
                         let mut b = l.as_bytes()[..cut].to_vec();
                         b.extend(junk);
@@ -303,8 +311,7 @@ mod fuzz {
                         (String::from_utf8_lossy(&b).into_owned(), false)
                     }
                 }
-            },
-        )
+            })
     }
 
     proptest! {
