@@ -56,6 +56,10 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     assert_eq!(rec["translation"]["node"], "node-a");
     assert_eq!(rec["translation"]["after"], "pod_ingress");
     assert_eq!(rec["translation"]["before"], "uplink_egress");
+    assert_eq!(
+        rec["translation"]["evidence"], "conntrack",
+        "the kernel's NAT state confirms the pair"
+    );
     assert_eq!(rec["state"], "closed");
     assert_eq!(rec["proto"], "TCP");
     // What each hop saw.
@@ -733,6 +737,7 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
             Some(post.clone()),
             "post_dnat is conntrack's reply tuple reversed"
         );
+        assert_eq!(r["translation"]["evidence"], "conntrack", "{r}");
         if pre.2 == "100.64.0.20" {
             assert_eq!(post.3, 8080);
             backends.insert(post.2);

@@ -120,6 +120,29 @@ pub struct FlowCounters {
     pub _pad: [u8; 6],
 }
 
+/// The conntrack entry attached to a packet at an egress point, read once per new flow key:
+/// its ORIGINAL tuple (what the client sent, before any NAT). Comparing it with the observed
+/// tuple says what netfilter NAT rewrote (kernel `include/net/netfilter/nf_conntrack_tuple.h`,
+/// `skb->_nfct`; the low 3 bits are `enum ip_conntrack_info`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct CtOrig {
+    /// Addresses as conntrack stores them (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports in network byte order, as conntrack stores them (0 without ports).
+    pub sport_be: u16,
+    pub dport_be: u16,
+    /// `enum ip_conntrack_info`; `CT_UNTRACKED` when the packet is not tracked.
+    pub ctinfo: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `IP_CT_UNTRACKED` (kernel `include/uapi/linux/netfilter/nf_conntrack_common.h`).
+pub const CT_UNTRACKED: u8 = 7;
+/// Entries of the kernel's CT_ORIG map (LRU: an entry nobody deleted ages out).
+pub const CT_ORIG_MAX_ENTRIES: u32 = 16_384;
+
 pub const FLOW_EVENT_NEW: u8 = 1;
 pub const FLOW_EVENT_END: u8 = 2;
 
@@ -249,6 +272,7 @@ pub const DROP_EVENTS_BYTES: u32 = 64 * 1024;
 // Layout checks: a size change here is a kernel/user ABI change.
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounters>() == 40);
+const _: () = assert!(core::mem::size_of::<CtOrig>() == 40);
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 56);
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 104);
@@ -261,5 +285,6 @@ mod user {
     // SAFETY: plain-old-data, repr(C), explicit padding, every bit pattern valid.
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowCounters {}
+    unsafe impl aya::Pod for CtOrig {}
     unsafe impl aya::Pod for SockInfo {}
 }

@@ -8,6 +8,7 @@
 
 mod cgroup;
 mod maps;
+mod nat;
 mod parse;
 mod tc;
 mod trace;

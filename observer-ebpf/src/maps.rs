@@ -58,9 +58,10 @@ fn add(c: *mut FlowCounters, len: u64, now: u64, tcp_flags: u8, marks: u8) {
     }
 }
 
-/// Account one packet to `key`; emit a ring-buffer event for a new key or a FIN/RST.
+/// Account one packet to `key`; emit a ring-buffer event for a new key or a FIN/RST. Returns
+/// whether this packet created the key.
 #[inline(always)]
-pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) {
+pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     let marks = if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         MARK_SYN_ONLY
@@ -81,7 +82,13 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) {
             _pad: [0; 6],
         };
         match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
-            Ok(()) => emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now),
+            Ok(()) => {
+                emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now);
+                if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
+                }
+                return true;
+            }
             // Another CPU created it between our lookup and insert.
             Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
                 Some(c) => add(c, len, now, tcp_flags, marks),
@@ -89,13 +96,14 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) {
             },
             Err(_) => {
                 count(Stat::FlowMapFull);
-                return;
+                return false;
             }
         }
     }
     if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
     }
+    false
 }
 
 #[inline(always)]

@@ -66,6 +66,17 @@ pub struct Translation {
     /// KUBE-SERVICES chains hang off nat PREROUTING).
     pub after: String,
     pub before: String,
+    /// What joined the pre- and post-DNAT tuples: `conntrack` (the kernel's NAT state, read from
+    /// the packet's conntrack entry at the egress point, names the pre-DNAT tuple as the
+    /// original), `conntrack_mismatch` (it names another one: the join by client endpoint was
+    /// wrong), or `client_endpoint` (no NAT state was read: inferred from the unchanged client
+    /// IP and port). Absent in records of older agents.
+    #[serde(default = "inferred")]
+    pub evidence: String,
+}
+
+fn inferred() -> String {
+    "client_endpoint".into()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

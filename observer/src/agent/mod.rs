@@ -45,6 +45,7 @@ use crate::{
         HookError, Hooks, KernelMaps, Role,
         drop::{DropConfig, Kallsyms},
         follow::{Follower, Interfaces},
+        nat::NatOffsets,
         pin::{PinDir, PinError},
         preflight::PreflightError,
     },
@@ -228,17 +229,33 @@ impl Pipeline {
         let drop_cfg = DropConfig::from_kernel()
             .inspect_err(|e| warn!("drop tracing is off: {e}"))
             .ok();
-        let (mut hooks, maps) = Hooks::load(args.max_flows, args.tc_mode, drop_cfg.as_ref(), pin)?;
+        let nat = NatOffsets::from_kernel()
+            .inspect_err(|e| {
+                warn!("no conntrack offsets ({e}): pre/post-DNAT pairs are joined by client endpoint only, and records say so")
+            })
+            .ok();
+        let (mut hooks, maps) = Hooks::load(
+            args.max_flows,
+            args.tc_mode,
+            drop_cfg.as_ref(),
+            nat.as_ref(),
+            pin,
+        )?;
         let KernelMaps {
             flows,
             stats,
             flow_events,
             socket_events,
             drop_events,
+            ct_orig,
         } = maps;
         let mut correlation = Stage::new(
             Correlator::new(correlation_config(args), Clock::new()),
-            KernelFlows { flows, stats },
+            KernelFlows {
+                flows,
+                stats,
+                ct_orig,
+            },
             metrics.clone(),
             args.poll_interval,
         );

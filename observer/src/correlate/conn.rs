@@ -22,6 +22,19 @@ pub struct Observation {
     pub point: Point,
     pub ifindex: u32,
     pub c: Counters,
+    /// The packet's conntrack entry, as the kernel saw it when the key was created.
+    pub ct: Ct,
+}
+
+/// What the kernel said of an egress observation's conntrack entry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Ct {
+    /// Not read (yet), or not readable here; `tries` counts the reads that found nothing.
+    #[default]
+    Unknown,
+    Untracked,
+    /// The ORIGINAL direction's tuple: what the client sent before any NAT.
+    Original(Tuple),
 }
 
 /// One address pair, oriented client -> server.

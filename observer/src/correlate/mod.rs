@@ -11,7 +11,8 @@ pub mod tuple;
 use std::collections::HashMap;
 
 use observer_common::{
-    DropEvent, FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST, TCP_SYN,
+    CT_UNTRACKED, CtOrig, DropEvent, FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST,
+    TCP_SYN,
 };
 
 use crate::{
@@ -21,7 +22,10 @@ use crate::{
     },
 };
 use conn::{Conn, Leg};
-pub use conn::{ConnId, Counters, Observation};
+pub use conn::{ConnId, Counters, Ct, Observation};
+
+/// Polls that may find no conntrack entry for an egress key before it is taken as having none.
+const CT_TRIES: u8 = 3;
 use tuple::{Endpoint, Tuple, addr, proto_name, tcp_flags_string};
 
 #[derive(Clone, Debug)]
@@ -115,6 +119,8 @@ pub struct Correlator {
     drops: HashMap<Tuple, DropSeen>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
+    /// Reads of a key's conntrack entry that found nothing.
+    ct_tries: HashMap<FlowKey, u8>,
     /// IPs routed to this node's pod veths.
     local_pods: std::collections::HashSet<std::net::IpAddr>,
     pub refused: Refused,
@@ -130,6 +136,7 @@ impl Correlator {
             drops: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
+            ct_tries: HashMap::new(),
             local_pods: Default::default(),
             refused: Refused::default(),
         }
@@ -161,6 +168,7 @@ impl Correlator {
             point,
             ifindex: key.ifindex,
             c: Counters::default(),
+            ct: Ct::Unknown,
         });
         let delta = if c.packets >= entry.c.packets {
             Delta {
@@ -176,6 +184,47 @@ impl Correlator {
         };
         entry.c = c;
         Some((point, delta))
+    }
+
+    /// Egress observations whose conntrack entry is still to be read (a few tries each: a key
+    /// the kernel noted nothing for, e.g. without BTF offsets, is not asked for forever).
+    pub fn wants_ct(&self) -> Vec<FlowKey> {
+        self.obs
+            .values()
+            .filter(|o| o.point.is_egress() && o.ct == Ct::Unknown)
+            .filter(|o| self.ct_tries.get(&o.key).is_none_or(|n| *n < CT_TRIES))
+            .map(|o| o.key)
+            .collect()
+    }
+
+    /// What the kernel noted of `key`'s conntrack entry (`None`: nothing, yet).
+    pub fn set_ct(&mut self, key: &FlowKey, ct: Option<CtOrig>) {
+        let Some(o) = self.obs.get_mut(key) else {
+            return;
+        };
+        match ct {
+            None => *self.ct_tries.entry(*key).or_default() += 1,
+            Some(c) if c.ctinfo == CT_UNTRACKED => o.ct = Ct::Untracked,
+            Some(c) => {
+                let mut t = Tuple::from_raw(
+                    key.proto,
+                    key.family,
+                    &c.src,
+                    u16::from_be(c.sport_be),
+                    &c.dst,
+                    u16::from_be(c.dport_be),
+                );
+                // ICMP ids and types are not ports; observations carry none.
+                if !t.has_ports() {
+                    t.src.port = 0;
+                    t.dst.port = 0;
+                }
+                o.ct = Ct::Original(t);
+            }
+        }
+        if o.ct != Ct::Unknown {
+            self.ct_tries.remove(key);
+        }
     }
 
     pub fn add_socket(&mut self, ev: &SocketEvent, now_ns: u64) {
@@ -382,7 +431,7 @@ impl Correlator {
             pre_dnat: pre.map(|t| t.view()),
             post_dnat: post.map(|t| t.view()),
             translated,
-            translation: translated.then(|| self.translation(post_leg)),
+            translation: translated.then(|| self.translation(post_leg, pre)),
             socket,
             last_seen: crate::record::LastSeen {
                 node: self.cfg.node.clone(),
@@ -424,7 +473,7 @@ impl Correlator {
 
     /// Where the rewrite happened: between the pod's veth ingress and the first egress point of
     /// the translated tuple, i.e. inside this node's IP stack.
-    fn translation(&self, post_leg: Option<&Leg<'_>>) -> Translation {
+    fn translation(&self, post_leg: Option<&Leg<'_>>, pre: Option<Tuple>) -> Translation {
         let before = post_leg
             .and_then(|l| {
                 l.obs
@@ -438,6 +487,7 @@ impl Correlator {
             node: self.cfg.node.clone(),
             after: Point::PodIngress.as_str().to_owned(),
             before: before.to_owned(),
+            evidence: evidence(post_leg, pre).to_owned(),
         }
     }
 
@@ -500,6 +550,24 @@ impl Correlator {
             packets: d.packets,
             last_seen: self.clock.rfc3339(d.last_ns),
         })
+    }
+}
+
+/// Whether the kernel's NAT state confirms the join: the conntrack entries noted where the
+/// translated tuple left the stack name the pre-DNAT tuple as their original.
+fn evidence(post_leg: Option<&Leg<'_>>, pre: Option<Tuple>) -> &'static str {
+    let originals: Vec<Tuple> = post_leg
+        .into_iter()
+        .flat_map(|l| l.obs.iter().filter(|o| l.is_orig(o)))
+        .filter_map(|o| match o.ct {
+            Ct::Original(t) => Some(t),
+            _ => None,
+        })
+        .collect();
+    match pre {
+        _ if originals.is_empty() => "client_endpoint",
+        Some(p) if originals.contains(&p) => "conntrack",
+        _ => "conntrack_mismatch",
     }
 }
 

@@ -144,6 +144,10 @@ impl<S: FlowSource> Stage<S> {
                     .inc_by(d.bytes);
             }
         }
+        for key in self.corr.wants_ct() {
+            let ct = self.source.ct_orig(&key);
+            self.corr.set_ct(&key, ct);
+        }
         self.metrics
             .observations_active
             .set(self.corr.active() as i64);

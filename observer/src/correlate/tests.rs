@@ -451,3 +451,66 @@ fn pending_socket_events_are_bounded_and_refusals_counted() {
     }
     assert_eq!(c.refused.sockets, 2, "pending_max is 3 in these tests");
 }
+
+/// conntrack's original tuple as the tc program notes it (addresses as stored, ports big-endian).
+fn ct_orig(src: &str, sport: u16, dst: &str, dport: u16) -> observer_common::CtOrig {
+    let k = key(IPPROTO_TCP, src, sport, dst, dport, Point::UplinkEgress, 0);
+    observer_common::CtOrig {
+        src: k.src,
+        dst: k.dst,
+        sport_be: sport.to_be(),
+        dport_be: dport.to_be(),
+        ctinfo: 2,
+        _pad: [0; 3],
+    }
+}
+
+#[test]
+fn the_kernels_nat_state_is_the_evidence_of_the_join() {
+    let post_key = |sport| {
+        key(
+            IPPROTO_TCP,
+            "10.244.1.10",
+            sport,
+            "10.244.2.10",
+            8443,
+            Point::UplinkEgress,
+            2,
+        )
+    };
+    let mut c = correlator();
+    // Confirmed: the original tuple of the translated connection is the pre-DNAT one.
+    translated_tcp(&mut c, 40000, S);
+    assert!(
+        c.wants_ct().contains(&post_key(40000)),
+        "egress keys are asked for"
+    );
+    c.set_ct(
+        &post_key(40000),
+        Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)),
+    );
+    // Another original: the client-endpoint join put two connections together.
+    translated_tcp(&mut c, 40001, S + 100);
+    c.set_ct(
+        &post_key(40001),
+        Some(ct_orig("10.244.1.10", 40001, "100.64.0.99", 443)),
+    );
+    // Nothing noted, three polls in a row: inferred, and no longer asked for.
+    translated_tcp(&mut c, 40002, S + 200);
+    for _ in 0..3 {
+        c.set_ct(&post_key(40002), None);
+    }
+    assert!(!c.wants_ct().contains(&post_key(40002)));
+    let out = c.collect(5 * S, Flush::Due);
+    let evidence = |sport: u16| {
+        let r = out
+            .records
+            .iter()
+            .find(|r| r.pre_dnat.as_ref().unwrap().sport == sport)
+            .unwrap();
+        r.translation.as_ref().unwrap().evidence.clone()
+    };
+    assert_eq!(evidence(40000), "conntrack");
+    assert_eq!(evidence(40001), "conntrack_mismatch");
+    assert_eq!(evidence(40002), "client_endpoint");
+}

@@ -11,6 +11,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub flows: IntCounterVec,
     pub translations: IntCounterVec,
+    pub translation_evidence: IntCounterVec,
     pub service_connections: IntCounterVec,
     pub packets: IntCounterVec,
     pub bytes: IntCounterVec,
@@ -51,6 +52,11 @@ const TRANSLATIONS: Def = Def(
     "observer_translations_total",
     "Connections translated on this node, by Service VIP:port and the backend (target) port they were sent to.",
     &["proto", "service", "target_port"],
+);
+const TRANSLATION_EVIDENCE: Def = Def(
+    "observer_translation_evidence_total",
+    "Translated connections that ended, by what joined their pre- and post-DNAT tuples: conntrack (the kernel's NAT state), conntrack_mismatch, or client_endpoint (no NAT state read: inferred).",
+    &["evidence"],
 );
 const PACKETS: Def = Def(
     "observer_packets_total",
@@ -184,6 +190,7 @@ impl Metrics {
             flows: r.counter_vec(FLOWS),
             service_connections: r.counter_vec(SERVICE_CONNECTIONS),
             translations: r.counter_vec(TRANSLATIONS),
+            translation_evidence: r.counter_vec(TRANSLATION_EVIDENCE),
             packets: r.counter_vec(PACKETS),
             bytes: r.counter_vec(BYTES),
             observations_active: r.gauge(OBSERVATIONS_ACTIVE),
@@ -226,6 +233,9 @@ impl Metrics {
             self.pending_refused.with_label_values(&[kind]);
         }
         self.records_lost.with_label_values(&["exporter_gone"]);
+        for e in ["conntrack", "conntrack_mismatch", "client_endpoint"] {
+            self.translation_evidence.with_label_values(&[e]);
+        }
     }
 
     /// The counter a kernel STATS slot adds to.
@@ -281,6 +291,11 @@ impl Metrics {
                     svc.port.to_string().as_str(),
                     outcome,
                 ])
+                .inc();
+        }
+        if let Some(t) = &rec.translation {
+            self.translation_evidence
+                .with_label_values(&[t.evidence.as_str()])
                 .inc();
         }
         if let (true, Some(pre), Some(post)) = (rec.translated, &rec.pre_dnat, &rec.post_dnat) {

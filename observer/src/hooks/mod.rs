@@ -5,10 +5,12 @@
 //! filters are removed explicitly, and the qdisc too when this agent added it. Only the flow map
 //! outlives the agent, pinned (see [`pin`]).
 
+mod btf;
 mod cgroup;
 pub mod drop;
 pub mod follow;
 pub mod ifaces;
+pub mod nat;
 mod object;
 pub mod pin;
 pub mod preflight;
@@ -79,6 +81,8 @@ pub struct KernelMaps {
     pub flow_events: RingBuf<MapData>,
     pub socket_events: RingBuf<MapData>,
     pub drop_events: RingBuf<MapData>,
+    /// Conntrack's original tuple of each new flow key at egress points.
+    pub ct_orig: aya::maps::HashMap<MapData, FlowKey, observer_common::CtOrig>,
 }
 
 /// What an interface is to us.
@@ -119,9 +123,10 @@ impl Hooks {
         max_flows: u32,
         tc_mode: TcMode,
         drops: Option<&drop::DropConfig>,
+        nat: Option<&nat::NatOffsets>,
         pin: Option<&pin::PinDir>,
     ) -> Result<(Hooks, KernelMaps), HookError> {
-        let mut ebpf = object::load(max_flows, drops, pin)?;
+        let mut ebpf = object::load(max_flows, drops, nat, pin)?;
         tc::load_all(&mut ebpf)?;
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,
@@ -129,6 +134,7 @@ impl Hooks {
             flow_events: take_map(&mut ebpf, "FLOW_EVENTS")?,
             socket_events: take_map(&mut ebpf, "SOCKET_EVENTS")?,
             drop_events: take_map(&mut ebpf, "DROP_EVENTS")?,
+            ct_orig: take_map(&mut ebpf, "CT_ORIG")?,
         };
         let tc_mode = match tc_mode {
             TcMode::Auto if tc::tcx_supported() => TcMode::Tcx,

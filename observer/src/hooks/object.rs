@@ -2,16 +2,17 @@
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-use super::{drop::DropConfig, pin::PinDir};
+use super::{drop::DropConfig, nat::NatOffsets, pin::PinDir};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
 
 /// Create the maps, with the flow map sized by the operator (reused from `pin` if pinned there
-/// before) and the drop tracepoint's kernel offsets patched in; programs are loaded by the hooks
-/// that attach them.
+/// before) and the kernel offsets of the drop tracepoint and of the conntrack entry patched in;
+/// programs are loaded by the hooks that attach them.
 pub fn load(
     max_flows: u32,
     drops: Option<&DropConfig>,
+    nat: Option<&NatOffsets>,
     pin: Option<&PinDir>,
 ) -> Result<Ebpf, EbpfError> {
     let mut loader = EbpfLoader::new();
@@ -22,6 +23,9 @@ pub fn load(
     }
     if let Some(d) = drops {
         d.apply(&mut loader);
+    }
+    if let Some(n) = nat {
+        n.apply(&mut loader);
     }
     loader.load(OBJECT)
 }

@@ -1,8 +1,8 @@
 //! The flow map and the kernel's STATS, read on correlation's clock. Behind [`FlowSource`], so
 //! correlation can be driven by synthetic counters in tests.
 
-use aya::maps::{MapData, MapError, PerCpuArray, PerCpuHashMap};
-use observer_common::{FlowCounters, FlowKey, STATS_LEN, Stat};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use observer_common::{CtOrig, FlowCounters, FlowKey, STATS_LEN, Stat};
 
 use crate::correlate::Counters;
 
@@ -16,6 +16,10 @@ pub trait FlowSource: Send + 'static {
     fn remove(&mut self, key: &FlowKey) -> Result<(), MapError>;
     /// The kernel's cumulative STATS over all CPUs, by [`Stat`].
     fn stats(&self) -> [u64; STATS_LEN as usize];
+    /// Conntrack's original tuple as the kernel saw it when `key` was created (egress points).
+    fn ct_orig(&self, _key: &FlowKey) -> Option<CtOrig> {
+        None
+    }
     /// Every entry with its counters (adoption of a pinned map).
     fn entries(&self) -> Vec<(FlowKey, Counters)> {
         self.keys()
@@ -29,6 +33,7 @@ pub trait FlowSource: Send + 'static {
 pub struct KernelFlows {
     pub flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
     pub stats: PerCpuArray<MapData, u64>,
+    pub ct_orig: HashMap<MapData, FlowKey, CtOrig>,
 }
 
 impl FlowSource for KernelFlows {
@@ -41,10 +46,16 @@ impl FlowSource for KernelFlows {
     }
 
     fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
+        // An LRU map: an entry left behind ages out, so its removal is best effort.
+        let _ = self.ct_orig.remove(key);
         match self.flows.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e),
         }
+    }
+
+    fn ct_orig(&self, key: &FlowKey) -> Option<CtOrig> {
+        self.ct_orig.get(key, 0).ok()
     }
 
     fn stats(&self) -> [u64; STATS_LEN as usize] {

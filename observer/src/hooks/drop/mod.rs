@@ -5,10 +5,10 @@ use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
 use aya::{EbpfLoader, programs::BtfTracePoint};
 
 use super::HookError;
-mod btf;
+
 mod kallsyms;
 
-use btf::{Btf, BtfError};
+use super::btf::{Btf, BtfError};
 pub use kallsyms::Kallsyms;
 
 /// What the kernel program needs to know, read once at start.

@@ -1,0 +1,78 @@
+//! The packet's conntrack entry, read at egress points (after netfilter, where NAT has been
+//! decided) once per new flow key: `skb->_nfct` points at the `nf_conn` (low 3 bits:
+//! `ip_conntrack_info`), whose `tuplehash[IP_CT_DIR_ORIGINAL].tuple` is what the client sent.
+//! Offsets come from the running kernel's BTF, set as globals by the agent at load time (Rust BPF
+//! objects carry no CO-RE relocations); left at 0, nothing is read and records say the join was
+//! inferred.
+
+use aya_ebpf::{
+    helpers::bpf_probe_read_kernel, macros::map, maps::LruHashMap, programs::TcContext,
+};
+use observer_common::{CT_ORIG_MAX_ENTRIES, CT_UNTRACKED, CtOrig, FlowKey};
+
+#[map]
+pub static CT_ORIG: LruHashMap<FlowKey, CtOrig> =
+    LruHashMap::with_max_entries(CT_ORIG_MAX_ENTRIES, 0);
+
+#[unsafe(no_mangle)]
+static OFF_SKB_NFCT: u32 = 0;
+/// Offsets in `struct nf_conn` of the original tuple's fields.
+#[unsafe(no_mangle)]
+static OFF_CT_SRC_IP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CT_SRC_PORT: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CT_DST_IP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CT_DST_PORT: u32 = 0;
+
+#[inline(always)]
+fn global(v: &'static u32) -> u32 {
+    // SAFETY: read of a constant the loader patched; volatile so it is not folded to 0.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+#[inline(always)]
+fn read<T>(base: u64, off: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel validates the address.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
+}
+
+/// Remember the conntrack original tuple of the packet that created `key`.
+#[inline(always)]
+pub fn note_original(ctx: &TcContext, key: &FlowKey) {
+    let off = global(&OFF_SKB_NFCT);
+    if off == 0 {
+        return;
+    }
+    // The context pointer is the kernel's sk_buff.
+    let Some(nfct) = read::<u64>(ctx.skb.skb as u64, off) else {
+        return;
+    };
+    let ctinfo = (nfct & 7) as u8;
+    let ct = nfct & !7;
+    let orig = if ct == 0 || ctinfo == CT_UNTRACKED {
+        CtOrig {
+            ctinfo: CT_UNTRACKED,
+            ..Default::default()
+        }
+    } else {
+        let (Some(src), Some(sport_be), Some(dst), Some(dport_be)) = (
+            read::<[u8; 16]>(ct, global(&OFF_CT_SRC_IP)),
+            read::<u16>(ct, global(&OFF_CT_SRC_PORT)),
+            read::<[u8; 16]>(ct, global(&OFF_CT_DST_IP)),
+            read::<u16>(ct, global(&OFF_CT_DST_PORT)),
+        ) else {
+            return;
+        };
+        CtOrig {
+            src,
+            dst,
+            sport_be,
+            dport_be,
+            ctinfo,
+            _pad: [0; 3],
+        }
+    };
+    let _ = CT_ORIG.insert(key, orig, 0);
+}

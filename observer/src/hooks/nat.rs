@@ -1,0 +1,64 @@
+//! Where the tc programs find a packet's conntrack entry: `sk_buff._nfct` and, in `nf_conn`, the
+//! ORIGINAL direction's tuple (`tuplehash[IP_CT_DIR_ORIGINAL].tuple`, the first element), taken
+//! from the running kernel's BTF and set as globals before loading. Without them the programs
+//! read nothing, and records say their pre/post-DNAT join was inferred.
+
+use aya::EbpfLoader;
+
+use super::btf::{Btf, BtfError};
+
+pub struct NatOffsets {
+    globals: Vec<(&'static str, u32)>,
+}
+
+impl NatOffsets {
+    pub fn from_kernel() -> Result<NatOffsets, BtfError> {
+        Self::from_btf(&Btf::from_sys_fs()?)
+    }
+
+    fn from_btf(btf: &Btf) -> Result<NatOffsets, BtfError> {
+        let orig = btf.offset_of("nf_conn", &["tuplehash"])?
+            + btf.offset_of("nf_conntrack_tuple_hash", &["tuple"])?;
+        let at = |path: &[&str]| btf.offset_of("nf_conntrack_tuple", path).map(|o| orig + o);
+        Ok(NatOffsets {
+            globals: vec![
+                ("OFF_SKB_NFCT", btf.offset_of("sk_buff", &["_nfct"])?),
+                ("OFF_CT_SRC_IP", at(&["src", "u3"])?),
+                ("OFF_CT_SRC_PORT", at(&["src", "u", "all"])?),
+                ("OFF_CT_DST_IP", at(&["dst", "u3"])?),
+                ("OFF_CT_DST_PORT", at(&["dst", "u", "all"])?),
+            ],
+        })
+    }
+
+    pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
+        for (name, value) in &self.globals {
+            loader.override_global(name, value, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running kernel's layout: the original tuple's destination follows its source, and
+    /// each port sits after its address (kernel `include/net/netfilter/nf_conntrack_tuple.h`).
+    #[test]
+    fn offsets_come_from_this_kernels_btf() {
+        let Ok(btf) = Btf::from_sys_fs() else {
+            eprintln!("no /sys/kernel/btf/vmlinux here: nothing to check");
+            return;
+        };
+        let n = NatOffsets::from_btf(&btf).expect("conntrack types in BTF");
+        let get = |k: &str| n.globals.iter().find(|(g, _)| *g == k).unwrap().1;
+        assert!(get("OFF_SKB_NFCT") > 0);
+        assert_eq!(
+            get("OFF_CT_SRC_PORT"),
+            get("OFF_CT_SRC_IP") + 16,
+            "after a 16-byte nf_inet_addr"
+        );
+        assert_eq!(get("OFF_CT_DST_PORT"), get("OFF_CT_DST_IP") + 16);
+        assert!(get("OFF_CT_DST_IP") > get("OFF_CT_SRC_PORT"));
+    }
+}
