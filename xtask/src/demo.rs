@@ -454,6 +454,18 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
     );
     let _ = writeln!(
         s,
+        "                            pre/post joined by: {}",
+        match tr["evidence"].as_str() {
+            Some("conntrack") => {
+                "the kernel's NAT state (the packet's conntrack entry names the pre-DNAT tuple as original)"
+            }
+            Some("client_endpoint") => "the unchanged client IP:port (inferred: no NAT state read)",
+            Some(other) => other,
+            None => "?",
+        }
+    );
+    let _ = writeln!(
+        s,
         "  4. on the wire            {:<44} tc egress of node-a's uplink: what a firewall between nodes sees",
         flow(post)
     );
