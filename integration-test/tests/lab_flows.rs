@@ -749,3 +749,53 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
         "numgen spread 20 connections over both endpoints: {backends:?}"
     );
 }
+
+/// A hairpin: pod-b calls its own Service; kube-proxy masquerades it (KUBE-SEP's
+/// `-s <endpoint> -j KUBE-MARK-MASQ`), so the client's address and port change on the way back
+/// in. One connection, joined by conntrack's original tuple, exactly as conntrack reports it.
+#[test]
+fn hairpin_through_masquerade_is_one_connection_joined_by_conntrack() {
+    let lab = lab_with_agents("hpin", "2s");
+    let out = curl_web(&lab, "pod-b", 5);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pod-b",
+        "served by itself"
+    );
+    let is_hairpin = |r: &serde_json::Value| {
+        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["src"] == "10.244.2.10"
+    };
+    let b = lab
+        .wait_records("node-b", WAIT, |rs| rs.iter().any(is_hairpin))
+        .unwrap();
+    let rec = find(&b, is_hairpin);
+    assert_eq!(rec.len(), 1, "one record for the connection: {rec:#?}");
+    let r = rec[0];
+    assert_eq!(r["observed_as"], "local");
+    assert_eq!(r["translation"]["evidence"], "conntrack");
+    let pre = tuple_of(&r["pre_dnat"]).unwrap();
+    let post = tuple_of(&r["post_dnat"]).unwrap();
+    assert_eq!((pre.2.as_str(), pre.3), ("100.64.0.10", 443));
+    assert_eq!((post.2.as_str(), post.3), ("10.244.2.10", 8443));
+    assert_ne!(
+        post.0, "10.244.2.10",
+        "masqueraded: the source is no longer the pod"
+    );
+    let ct = lab.conntrack("node-b").unwrap();
+    let e = ct
+        .iter()
+        .find(|e| e.orig == pre)
+        .expect("conntrack entry of the hairpin");
+    assert_eq!(
+        (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1),
+        post,
+        "post_dnat is conntrack's reply tuple reversed, SNAT included"
+    );
+    // Not a second, unjoined record for the masqueraded half.
+    assert!(
+        !b.iter().any(|x| x["final"] == true
+            && x["pre_dnat"].is_null()
+            && tuple_of(&x["post_dnat"]) == Some(post.clone())),
+        "{b:#?}"
+    );
+}

@@ -71,6 +71,18 @@ impl Leg<'_> {
     pub fn last_ns(&self) -> u64 {
         self.obs.iter().map(|o| o.c.last_ns).max().unwrap_or(0)
     }
+
+    /// What conntrack says the client sent, where this leg's own direction left the stack.
+    fn ct_original(&self) -> Option<Tuple> {
+        self.obs.iter().find_map(|o| match o.ct {
+            Ct::Original(t) if self.is_orig(o) && o.point.is_egress() => Some(t),
+            _ => None,
+        })
+    }
+
+    fn is_pre_candidate(&self) -> bool {
+        self.sent_by_local_pod() && !self.left_stack()
+    }
 }
 
 /// A connection as seen on this node: one leg, or a pre-DNAT leg and a post-DNAT leg.
@@ -144,22 +156,24 @@ fn orient<'a>(obs: Vec<&'a Observation>) -> Leg<'a> {
 
 /// Group observations into connections.
 ///
-/// Within one client endpoint, a leg that entered from a local pod but never left the stack is a
-/// pre-DNAT candidate, and a leg that left the stack but never entered from a local pod is a
-/// post-DNAT candidate. One of each pair up. Several of each (a UDP socket talking to several
-/// Services from one port at once) are paired in time order and flagged ambiguous.
+/// A leg that entered from a local pod but never left the stack is a pre-DNAT candidate, and a
+/// leg that left the stack but never entered from a local pod is a post-DNAT candidate. First,
+/// exactly: a post-DNAT leg whose conntrack entry names a pre-DNAT leg's tuple as its original is
+/// that connection, whatever NAT did to the client's address and port (masquerade, a hairpin, a
+/// rewritten source port). The rest are joined by client endpoint, which DNAT alone keeps: one
+/// of each pair up; several of each (a UDP socket talking to several Services from one port at
+/// once) are paired in time order and flagged ambiguous.
 pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
     let mut legs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
     for o in observations {
         legs.entry(leg_key(&o.tuple)).or_default().push(o);
     }
+    let (mut conns, rest) = pair_by_conntrack(legs.into_values().map(orient).collect());
     let mut by_client: HashMap<ConnId, Vec<Leg<'_>>> = HashMap::new();
-    for (_, obs) in legs {
-        let leg = orient(obs);
+    for leg in rest {
         by_client.entry(conn_id(&leg.orig)).or_default().push(leg);
     }
 
-    let mut conns = Vec::new();
     for (_, legs) in by_client {
         let (mut pre, mut post, mut whole) = (Vec::new(), Vec::new(), Vec::new());
         for leg in legs {
@@ -198,4 +212,29 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
         }
     }
     conns
+}
+
+/// Pair each post-DNAT leg with the pre-DNAT leg its conntrack entry names; the rest is returned.
+fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
+    let (pre, others): (Vec<Leg<'_>>, Vec<Leg<'_>>) =
+        legs.into_iter().partition(Leg::is_pre_candidate);
+    let mut pre: HashMap<Tuple, Leg<'_>> = pre.into_iter().map(|l| (l.orig, l)).collect();
+    let (mut conns, mut rest) = (Vec::new(), Vec::new());
+    for leg in others {
+        let post_candidate = leg.left_stack() && !leg.sent_by_local_pod();
+        match leg
+            .ct_original()
+            .filter(|_| post_candidate)
+            .and_then(|t| pre.remove(&t))
+        {
+            Some(p) => conns.push(Conn {
+                pre: Some(p),
+                post: Some(leg),
+                ambiguous: false,
+            }),
+            None => rest.push(leg),
+        }
+    }
+    rest.extend(pre.into_values());
+    (conns, rest)
 }

@@ -514,3 +514,88 @@ fn the_kernels_nat_state_is_the_evidence_of_the_join() {
     assert_eq!(evidence(40001), "conntrack_mismatch");
     assert_eq!(evidence(40002), "client_endpoint");
 }
+
+/// pod-a -> 100.64.0.10:443, DNAT-ed to 10.244.2.10:8443 and masqueraded to the node's
+/// 10.200.0.1:61000 on the way out: the client endpoint changed, so only conntrack can join it.
+fn masqueraded_tcp(c: &mut Correlator) -> FlowKey {
+    let tcp = IPPROTO_TCP;
+    let at =
+        |src, sport, dst, dport, point, ifindex| key(tcp, src, sport, dst, dport, point, ifindex);
+    c.observe(
+        at(
+            "10.244.1.10",
+            40000,
+            "100.64.0.10",
+            443,
+            Point::PodIngress,
+            3,
+        ),
+        counters(S, S + 10 * MS, ALL, MARK_SYN_ONLY),
+    );
+    c.observe(
+        at(
+            "100.64.0.10",
+            443,
+            "10.244.1.10",
+            40000,
+            Point::PodEgress,
+            3,
+        ),
+        counters(S + 3000, S + 10 * MS, ALL, 0),
+    );
+    let post = at(
+        "10.200.0.1",
+        61000,
+        "10.244.2.10",
+        8443,
+        Point::UplinkEgress,
+        2,
+    );
+    c.observe(post, counters(S + 1000, S + 10 * MS, ALL, MARK_SYN_ONLY));
+    c.observe(
+        at(
+            "10.244.2.10",
+            8443,
+            "10.200.0.1",
+            61000,
+            Point::UplinkIngress,
+            2,
+        ),
+        counters(S + 2000, S + 10 * MS, ALL, 0),
+    );
+    post
+}
+
+#[test]
+fn a_masqueraded_connection_is_joined_by_the_kernels_nat_state() {
+    let mut c = correlator();
+    let post = masqueraded_tcp(&mut c);
+    c.set_ct(
+        &post,
+        Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)),
+    );
+    let out = c.collect(5 * S, Flush::Due);
+    assert_eq!(out.records.len(), 1, "{:#?}", out.records);
+    let r = &out.records[0];
+    let (pre, post) = (r.pre_dnat.as_ref().unwrap(), r.post_dnat.as_ref().unwrap());
+    assert_eq!(
+        (pre.src.as_str(), pre.sport, pre.dport),
+        ("10.244.1.10", 40000, 443)
+    );
+    assert_eq!(
+        (post.src.as_str(), post.sport),
+        ("10.200.0.1", 61000),
+        "SNAT shows in post_dnat"
+    );
+    assert_eq!((post.dst.as_str(), post.dport), ("10.244.2.10", 8443));
+    assert!(r.translated);
+    assert_eq!(r.translation.as_ref().unwrap().evidence, "conntrack");
+    assert_eq!(r.totals.reply_packets, 5);
+
+    // Without the kernel's NAT state the two halves cannot be joined, and are not guessed at.
+    let mut c = correlator();
+    masqueraded_tcp(&mut c);
+    let out = c.collect(5 * S, Flush::Due);
+    assert_eq!(out.records.len(), 2);
+    assert!(out.records.iter().all(|r| !r.translated));
+}
