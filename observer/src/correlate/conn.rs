@@ -24,12 +24,14 @@ pub struct Observation {
     pub c: Counters,
     /// The packet's conntrack entry, as the kernel saw it when the key was created.
     pub ct: Ct,
+    /// Reads of that entry that found nothing (the key goes, and this with it).
+    pub ct_tries: u8,
 }
 
 /// What the kernel said of an egress observation's conntrack entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Ct {
-    /// Not read (yet), or not readable here; `tries` counts the reads that found nothing.
+    /// Not read (yet), or not readable here.
     #[default]
     Unknown,
     Untracked,

@@ -119,8 +119,6 @@ pub struct Correlator {
     drops: HashMap<Tuple, DropSeen>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
-    /// Reads of a key's conntrack entry that found nothing.
-    ct_tries: HashMap<FlowKey, u8>,
     /// IPs routed to this node's pod veths.
     local_pods: std::collections::HashSet<std::net::IpAddr>,
     pub refused: Refused,
@@ -136,7 +134,6 @@ impl Correlator {
             drops: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
-            ct_tries: HashMap::new(),
             local_pods: Default::default(),
             refused: Refused::default(),
         }
@@ -169,6 +166,7 @@ impl Correlator {
             ifindex: key.ifindex,
             c: Counters::default(),
             ct: Ct::Unknown,
+            ct_tries: 0,
         });
         let delta = if c.packets >= entry.c.packets {
             Delta {
@@ -191,8 +189,7 @@ impl Correlator {
     pub fn wants_ct(&self) -> Vec<FlowKey> {
         self.obs
             .values()
-            .filter(|o| o.point.is_egress() && o.ct == Ct::Unknown)
-            .filter(|o| self.ct_tries.get(&o.key).is_none_or(|n| *n < CT_TRIES))
+            .filter(|o| o.point.is_egress() && o.ct == Ct::Unknown && o.ct_tries < CT_TRIES)
             .map(|o| o.key)
             .collect()
     }
@@ -203,7 +200,7 @@ impl Correlator {
             return;
         };
         match ct {
-            None => *self.ct_tries.entry(*key).or_default() += 1,
+            None => o.ct_tries += 1,
             Some(c) if c.ctinfo == CT_UNTRACKED => o.ct = Ct::Untracked,
             Some(c) => {
                 let mut t = Tuple::from_raw(
@@ -221,9 +218,6 @@ impl Correlator {
                 }
                 o.ct = Ct::Original(t);
             }
-        }
-        if o.ct != Ct::Unknown {
-            self.ct_tries.remove(key);
         }
     }
 
