@@ -189,9 +189,7 @@ impl<S: FlowSource> Stage<S> {
                 }
                 _ = poll.tick() => {
                     let batch = self.poll(Flush::Due);
-                    if !batch.is_empty() && w.out.send(batch).await.is_err() {
-                        warn!("the exporters are gone; records are no longer written");
-                    }
+                    self.hand_over(&w.out, batch).await;
                 }
             }
         };
@@ -199,8 +197,18 @@ impl<S: FlowSource> Stage<S> {
             self.on_event(ev);
         }
         let batch = self.poll(flush);
-        if !batch.is_empty() && w.out.send(batch).await.is_err() {
-            warn!("the exporters are gone; the last records are lost");
+        self.hand_over(&w.out, batch).await;
+    }
+
+    /// Send a batch to the exporters; if they are gone, its records are counted as lost.
+    async fn hand_over(&self, out: &mpsc::Sender<Vec<FlowRecord>>, batch: Vec<FlowRecord>) {
+        let n = batch.len() as u64;
+        if n > 0 && out.send(batch).await.is_err() {
+            warn!("the exporters are gone: {n} records lost");
+            self.metrics
+                .records_lost
+                .with_label_values(&["exporter_gone"])
+                .inc_by(n);
         }
     }
 }

@@ -125,7 +125,7 @@ const RECORD_WRITE_ERRORS: Def = Def(
 );
 const RECORDS_LOST: Def = Def(
     "observer_records_lost_total",
-    "Flow records built but not exported, by reason (exporter_gone: the exporter stage had stopped).",
+    "Flow records built but not exported, by reason (exporter_gone: the exporter stage had stopped; writer_gone: the flow-log writer had stopped).",
     &["reason"],
 );
 const MAP_DELETE_ERRORS: Def = Def(
@@ -232,7 +232,9 @@ impl Metrics {
         for kind in ["socket", "drop"] {
             self.pending_refused.with_label_values(&[kind]);
         }
-        self.records_lost.with_label_values(&["exporter_gone"]);
+        for reason in ["exporter_gone", "writer_gone"] {
+            self.records_lost.with_label_values(&[reason]);
+        }
         for e in ["conntrack", "conntrack_mismatch", "client_endpoint"] {
             self.translation_evidence.with_label_values(&[e]);
         }

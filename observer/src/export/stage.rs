@@ -33,11 +33,12 @@ impl Exporter {
         };
         while let Some(mut batch) = batches.recv().await {
             self.prepare(&mut batch);
+            let n = batch.len() as u64;
             if tx.send(batch).await.is_err() {
                 self.metrics
                     .records_lost
-                    .with_label_values(&["exporter_gone"])
-                    .inc();
+                    .with_label_values(&["writer_gone"])
+                    .inc_by(n);
             }
         }
         drop(tx);
