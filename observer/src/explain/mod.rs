@@ -64,20 +64,29 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Loaded> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            let at = || format!("{}:{}", f.display(), i + 1);
-            let schema = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("schema")?.as_str().map(str::to_owned));
-            match schema.as_deref() {
-                Some(SCHEMA) | None => {}
-                Some(other) => bail!(
-                    "{}: a record of schema {other:?}; this observer reads {SCHEMA} (use the observer release that wrote it)",
-                    at()
+            // Parsed once; the schema is looked at on its own only when the line is no record.
+            let (record, schema) = match serde_json::from_str::<FlowRecord>(line) {
+                Ok(r) => {
+                    let schema = r.schema.clone();
+                    (Some(r), Some(schema))
+                }
+                Err(_) => (
+                    None,
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .ok()
+                        .and_then(|v| v.get("schema")?.as_str().map(str::to_owned)),
                 ),
+            };
+            if let Some(other) = schema.filter(|s| s != SCHEMA) {
+                bail!(
+                    "{}:{}: a record of schema {other:?}; this observer reads {SCHEMA} (use the observer release that wrote it)",
+                    f.display(),
+                    i + 1
+                );
             }
-            match serde_json::from_str(line) {
-                Ok(r) => out.records.push(r),
-                Err(_) => out.skipped.push((f.display().to_string(), i + 1)),
+            match record {
+                Some(r) => out.records.push(r),
+                None => out.skipped.push((f.display().to_string(), i + 1)),
             }
         }
     }
