@@ -98,6 +98,9 @@ impl NamesFile {
                 self.kind
             ));
         }
+        if let Some(c) = self.pod_cidrs.iter().find(|c| parse_cidr(c).is_none()) {
+            return Err(std::format!("podCIDRs: {c:?} is not ADDR/LEN"));
+        }
         for s in &self.services {
             for p in &s.ports {
                 if p.protocol != "TCP" && p.protocol != "UDP" {
@@ -113,4 +116,12 @@ impl NamesFile {
         }
         Ok(())
     }
+}
+
+/// `ADDR/LEN` with a prefix length that fits the address.
+pub fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let addr: IpAddr = a.parse().ok()?;
+    let len: u8 = l.parse().ok()?;
+    (len <= if addr.is_ipv4() { 32 } else { 128 }).then_some((addr, len))
 }

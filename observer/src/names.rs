@@ -13,7 +13,7 @@ use std::{
 
 use std::path::{Path, PathBuf};
 
-use observer_common::names::NamesFile;
+use observer_common::names::{NamesFile, parse_cidr};
 
 use crate::record::{FlowRecord, PodRef, ServiceRef};
 
@@ -149,9 +149,6 @@ impl Names {
             what,
         };
         file.check().map_err(invalid)?;
-        for c in &file.pod_cidrs {
-            parse_cidr(c).ok_or_else(|| invalid(format!("podCIDRs: {c:?} is not ADDR/LEN")))?;
-        }
         Ok(Names::from_names_file(file))
     }
 
@@ -337,14 +334,6 @@ impl Names {
             self.service(&t.dst, t.dport, &r.proto, server.as_ref().map(|(_, p)| *p))
         });
     }
-}
-
-/// `ADDR/LEN` with a prefix length that fits the address.
-fn parse_cidr(s: &str) -> Option<(IpAddr, u8)> {
-    let (a, l) = s.split_once('/')?;
-    let addr: IpAddr = a.parse().ok()?;
-    let len: u8 = l.parse().ok()?;
-    (len <= if addr.is_ipv4() { 32 } else { 128 }).then_some((addr, len))
 }
 
 #[cfg(test)]
