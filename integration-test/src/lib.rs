@@ -15,7 +15,7 @@ use std::{
 };
 
 pub use observer_lab::drive::{
-    Bins, LabRun, client_summary, parse_conntrack, tuple_of, unique_name,
+    Bins, LabRun, client_summary, parse_conntrack, stdout_of, tuple_of, unique_name,
 };
 use serde_json::Value;
 
@@ -189,17 +189,7 @@ pub fn lab_cmd(args: &[&str]) -> String {
 }
 
 fn run_ok(bin: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new(bin)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{} runs: {e}", bin.display()));
-    assert!(
-        out.status.success(),
-        "{} {args:?}: {}",
-        bin.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    stdout_of(bin, args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The default lab description (`lab/story.toml`) with a different kube-proxy mode.

@@ -67,6 +67,16 @@ fn check(out: Output, what: &str) -> anyhow::Result<Output> {
     Ok(out)
 }
 
+/// Run `bin ARGS...`, which must succeed; its stdout.
+pub fn stdout_of(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", bin.display()))?;
+    let out = check(out, &format!("{} {args:?}", bin.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// One conntrack entry: the original tuple and the reply tuple.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CtEntry {

@@ -4,7 +4,7 @@
 use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
-use observer_lab::drive::{CtEntry, LabRun, tuple_of};
+use observer_lab::drive::{CtEntry, LabRun, stdout_of, tuple_of};
 use serde_json::Value;
 
 const LAB: &str = "demo";
@@ -268,23 +268,11 @@ fn meaning(pre: &Value, post: &Value) -> String {
 }
 
 fn observer(args: &[&str]) -> anyhow::Result<String> {
-    run_ok(&crate::bins().agent, args)
+    stdout_of(&crate::bins().agent, args)
 }
 
 fn lab_cmd(args: &[&str]) -> anyhow::Result<String> {
-    run_ok(&crate::bins().lab, args)
-}
-
-fn run_ok(bin: &Path, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "{} {args:?}: {}",
-            bin.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    stdout_of(&crate::bins().lab, args)
 }
 
 fn curl_ok(lab: &LabRun, timeout: &str) -> anyhow::Result<bool> {
