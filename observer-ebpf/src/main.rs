@@ -7,6 +7,7 @@
 #![no_main]
 
 mod cgroup;
+mod kmem;
 mod maps;
 mod nat;
 mod parse;

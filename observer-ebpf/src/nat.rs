@@ -5,10 +5,10 @@
 //! objects carry no CO-RE relocations); left at 0, nothing is read and records say the join was
 //! inferred.
 
-use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::map, maps::LruHashMap, programs::TcContext,
-};
+use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
 use observer_common::{CT_ORIG_MAX_ENTRIES, CT_UNTRACKED, CtOrig, FlowKey};
+
+use crate::kmem::{global, read};
 
 #[map]
 pub static CT_ORIG: LruHashMap<FlowKey, CtOrig> =
@@ -26,18 +26,6 @@ static OFF_CT_DST_IP: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_CT_DST_PORT: u32 = 0;
 
-#[inline(always)]
-fn global(v: &'static u32) -> u32 {
-    // SAFETY: read of a constant the loader patched; volatile so it is not folded to 0.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
-#[inline(always)]
-fn read<T>(base: u64, off: u32) -> Option<T> {
-    // SAFETY: bpf_probe_read_kernel validates the address.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
-}
-
 /// Remember the conntrack original tuple of the packet that created `key`.
 #[inline(always)]
 pub fn note_original(ctx: &TcContext, key: &FlowKey) {
@@ -46,7 +34,7 @@ pub fn note_original(ctx: &TcContext, key: &FlowKey) {
         return;
     }
     // The context pointer is the kernel's sk_buff.
-    let Some(nfct) = read::<u64>(ctx.skb.skb as u64, off) else {
+    let Ok(nfct) = read::<u64>(ctx.skb.skb as u64, off) else {
         return;
     };
     let ctinfo = (nfct & 7) as u8;
@@ -57,7 +45,7 @@ pub fn note_original(ctx: &TcContext, key: &FlowKey) {
             ..Default::default()
         }
     } else {
-        let (Some(src), Some(sport_be), Some(dst), Some(dport_be)) = (
+        let (Ok(src), Ok(sport_be), Ok(dst), Ok(dport_be)) = (
             read::<[u8; 16]>(ct, global(&OFF_CT_SRC_IP)),
             read::<u16>(ct, global(&OFF_CT_SRC_PORT)),
             read::<[u8; 16]>(ct, global(&OFF_CT_DST_IP)),

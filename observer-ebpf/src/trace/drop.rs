@@ -4,7 +4,7 @@
 //! the running kernel's BTF and sets as globals before loading: no hard-coded layout.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    helpers::bpf_ktime_get_ns,
     macros::{btf_tracepoint, map},
     maps::RingBuf,
     programs::BtfTracePointContext,
@@ -13,7 +13,10 @@ use observer_common::{
     AF_INET, AF_INET6, DROP_EVENTS_BYTES, DropEvent, IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
-use crate::maps::count;
+use crate::{
+    kmem::{global, read},
+    maps::count,
+};
 
 #[map]
 static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
@@ -39,18 +42,6 @@ static NETNS_INO: u32 = 0;
 /// Reasons up to this value (not dropped, consumed, not specified) are not drops we report.
 #[unsafe(no_mangle)]
 static REASON_MIN: u32 = 2;
-
-#[inline(always)]
-fn global(v: &'static u32) -> u32 {
-    // SAFETY: read of a constant the loader patched; volatile so it is not folded to 0.
-    unsafe { core::ptr::read_volatile(v) }
-}
-
-#[inline(always)]
-fn read<T>(base: u64, off: u32) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel validates the address.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
-}
 
 #[btf_tracepoint(function = "kfree_skb")]
 pub fn trace_kfree_skb(ctx: BtfTracePointContext) -> i32 {
