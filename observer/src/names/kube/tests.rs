@@ -1,7 +1,7 @@
 //! Recorded API answers replayed through tower-test: the field-selected, paged pod list, the
 //! metadata-only namespace list, watch events, and a relist (after 410 Gone) that drops what
 //! the cluster no longer has. Fast; in addition to the real kube-apiserver tests
-//! (`observer/tests/kubernetes.rs`), not instead.
+//! (`integration-test/tests/kubernetes.rs`), not instead.
 
 use std::time::Duration;
 
