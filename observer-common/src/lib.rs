@@ -101,8 +101,15 @@ pub struct FlowKey {
     pub proto: u8,
     pub family: u8,
     pub point: u8,
-    pub _pad: u8,
+    /// 0 for the key's live entry; 1..=[`RETIRED_SLOTS`] for the counters of an earlier
+    /// connection on the same 4-tuple, set aside by the kernel when a new SYN reused it after FIN
+    /// or RST.
+    pub retired: u8,
 }
+
+/// Earlier connections of one key the kernel can hold apart until userspace takes them (a
+/// client reusing its source port faster than connections are finished shares the last slot).
+pub const RETIRED_SLOTS: u8 = 8;
 
 /// Counters aggregated in the kernel for one [`FlowKey`], one copy per CPU.
 #[repr(C)]
@@ -145,6 +152,8 @@ pub const CT_ORIG_MAX_ENTRIES: u32 = 16_384;
 
 pub const FLOW_EVENT_NEW: u8 = 1;
 pub const FLOW_EVENT_END: u8 = 2;
+/// A key's earlier connection was set aside under a retired key (the event's key).
+pub const FLOW_EVENT_RETIRED: u8 = 3;
 
 /// Ring-buffer event: a flow key was created, or a FIN/RST was seen on it.
 #[repr(C)]
@@ -242,9 +251,15 @@ pub enum Stat {
     OtherL4 = 9,
     /// A [`DropEvent`] did not fit in the ring buffer.
     DropEventsLost = 10,
+    /// A SYN reused the 4-tuple of an ended connection still in the flow map: the old counters
+    /// were set aside under a retired key, the new connection starts from zero.
+    TupleReused = 11,
+    /// As `TupleReused`, but every retired slot still held an unfinished earlier connection: the
+    /// old connection's counters were added to the last one (one record for both).
+    TupleReuseMerged = 12,
 }
 
-pub const STATS_LEN: u32 = 11;
+pub const STATS_LEN: u32 = 13;
 
 impl Stat {
     pub const ALL: [Stat; STATS_LEN as usize] = [
@@ -259,6 +274,8 @@ impl Stat {
         Stat::Icmp,
         Stat::OtherL4,
         Stat::DropEventsLost,
+        Stat::TupleReused,
+        Stat::TupleReuseMerged,
     ];
 }
 

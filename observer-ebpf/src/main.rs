@@ -11,6 +11,7 @@ mod kmem;
 mod maps;
 mod nat;
 mod parse;
+mod reuse;
 mod tc;
 mod trace;
 

@@ -1,5 +1,6 @@
 //! Maps shared by all programs, and the helpers that update them.
 
+use crate::reuse;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::bpf_ktime_get_ns,
@@ -59,7 +60,7 @@ fn add(c: *mut FlowCounters, len: u64, now: u64, tcp_flags: u8, marks: u8) {
 }
 
 /// Account one packet to `key`; emit a ring-buffer event for a new key or a FIN/RST. Returns
-/// whether this packet created the key.
+/// whether this packet started the key (created it, or reopened it for a reused 4-tuple).
 #[inline(always)]
 pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
@@ -70,6 +71,11 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
     };
     let len = len as u64;
     if let Some(c) = FLOWS.get_ptr_mut(key) {
+        if tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key, now) {
+            // Every CPU's copy is zero now: this packet is the new connection's first.
+            add(c, len, now, tcp_flags, marks);
+            return true;
+        }
         add(c, len, now, tcp_flags, marks);
     } else {
         let init = FlowCounters {
@@ -107,7 +113,7 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
 }
 
 #[inline(always)]
-fn emit_flow_event(key: &FlowKey, kind: u8, tcp_flags: u8, now: u64) {
+pub(crate) fn emit_flow_event(key: &FlowKey, kind: u8, tcp_flags: u8, now: u64) {
     let ev = FlowEvent {
         key: *key,
         kind,

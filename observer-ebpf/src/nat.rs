@@ -64,3 +64,14 @@ pub fn note_original(ctx: &TcContext, key: &FlowKey) {
     };
     let _ = CT_ORIG.insert(key, orig, 0);
 }
+
+/// The conntrack tuple noted for `key` goes with its retired connection to `twin`; the caller
+/// notes the new connection's own.
+#[inline(always)]
+pub fn set_aside(key: &FlowKey, twin: &FlowKey) {
+    if let Some(orig) = CT_ORIG.get_ptr(key) {
+        // SAFETY: pointer to a live map value, copied out at once.
+        let orig = unsafe { *orig };
+        let _ = CT_ORIG.insert(twin, orig, 0);
+    }
+}

@@ -55,7 +55,7 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
         proto: t.proto,
         family: t.family,
         point: point as u8,
-        _pad: 0,
+        retired: 0,
     };
     let new = maps::record(&key, ctx.len(), t.tcp_flags);
     if new && point.is_egress() {

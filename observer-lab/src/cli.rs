@@ -140,6 +140,10 @@ pub struct ClientArgs {
     /// Keep each connection open this long before closing (for "in flight" tests).
     #[arg(long, default_value = "0s", value_parser = parse_duration)]
     pub hold: Duration,
+    /// Send every connection from this source port, one after the other (a client reusing its
+    /// 4-tuple; forces --concurrency 1).
+    #[arg(long)]
+    pub source_port: Option<u16>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -80,11 +80,50 @@ async fn answer_tcp(mut s: TcpStream, name: Arc<str>) {
     let _ = s.shutdown().await;
 }
 
+/// A TCP connection to `args.to`, from `args.source_port` if given. The previous connection
+/// from that port may still be closing (LAST_ACK): the 4-tuple is busy for a moment, so retry.
+async fn connect(args: &ClientArgs) -> std::io::Result<TcpStream> {
+    let Some(port) = args.source_port else {
+        return TcpStream::connect(args.to).await;
+    };
+    let mut tries = 0;
+    loop {
+        let sock = if args.to.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        sock.set_reuseaddr(true)?;
+        let local: SocketAddr = if args.to.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, port).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, port).into()
+        };
+        let r = match sock.bind(local) {
+            Ok(()) => sock.connect(args.to).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Err(e)
+                if tries < 40
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable
+                    ) =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Result of one exchange: the answering pod's name.
 async fn exchange(args: &ClientArgs) -> Result<String, String> {
     match args.proto {
         L4::Tcp => {
-            let mut s = timeout(args.timeout, TcpStream::connect(args.to))
+            let mut s = timeout(args.timeout, connect(args))
                 .await
                 .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| format!("connect: {e}"))?;
@@ -104,10 +143,11 @@ async fn exchange(args: &ClientArgs) -> Result<String, String> {
                 .ok_or_else(|| "malformed answer".to_owned())
         }
         L4::Udp => {
+            let port = args.source_port.unwrap_or(0);
             let local: SocketAddr = if args.to.is_ipv4() {
-                (Ipv4Addr::UNSPECIFIED, 0).into()
+                (Ipv4Addr::UNSPECIFIED, port).into()
             } else {
-                (Ipv6Addr::UNSPECIFIED, 0).into()
+                (Ipv6Addr::UNSPECIFIED, port).into()
             };
             let sock = UdpSocket::bind(local)
                 .await
@@ -129,8 +169,13 @@ async fn exchange(args: &ClientArgs) -> Result<String, String> {
 /// Run `count` exchanges, `concurrency` at a time; print a JSON summary. Returns whether all
 /// succeeded.
 pub async fn client(args: ClientArgs) -> bool {
+    let concurrency = if args.source_port.is_some() {
+        1
+    } else {
+        args.concurrency.max(1)
+    };
     let args = Arc::new(args);
-    let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let gate = Arc::new(Semaphore::new(concurrency));
     let mut tasks = Vec::with_capacity(args.count);
     for _ in 0..args.count {
         let args = args.clone();

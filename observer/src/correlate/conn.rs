@@ -3,8 +3,13 @@
 //! An observation is one direction of one tuple at one point. Observations of the same address
 //! pair form a *leg*; a DNAT-ed connection has two legs on the sending node that share the client
 //! endpoint: the pre-DNAT leg (seen entering from the pod) and the post-DNAT leg (seen leaving the
-//! IP stack). The client endpoint (pod IP and source port) is what conntrack keeps unchanged
-//! across DNAT, so it is the join key.
+//! IP stack). They are joined by the conntrack entry the kernel read where the translated tuple
+//! left the stack; without one, by the client endpoint (pod IP and source port), which DNAT
+//! alone leaves unchanged.
+//!
+//! One address pair can carry several connections one after another (a client reusing its
+//! source port): the kernel sets an ended connection's counters aside under a retired key when a
+//! new SYN reuses the tuple, and `instances` splits the pair there.
 
 use std::collections::HashMap;
 
@@ -26,6 +31,16 @@ pub struct Observation {
     pub ct: Ct,
     /// Reads of that entry that found nothing (the key goes, and this with it).
     pub ct_tries: u8,
+    /// What was read of this live key before the kernel started it again for a reused 4-tuple,
+    /// until its retired twin (which holds that connection now) is read.
+    pub before_reuse: Option<Counters>,
+}
+
+impl Observation {
+    /// Counters of an ended connection the kernel set aside when its 4-tuple was reused.
+    pub fn is_retired(&self) -> bool {
+        self.key.retired != 0
+    }
 }
 
 /// What the kernel said of an egress observation's conntrack entry.
@@ -102,10 +117,13 @@ impl<'a> Conn<'a> {
     }
 
     /// Stable identity across polls: the client endpoint, plus the server for port-less
-    /// protocols.
+    /// protocols, and when it started (a reused 4-tuple is another connection).
     pub fn id(&self) -> ConnId {
         let leg = self.pre.as_ref().or(self.post.as_ref()).expect("non-empty");
-        conn_id(&leg.orig)
+        ConnId {
+            start_ns: self.first_ns(),
+            ..conn_id(&leg.orig)
+        }
     }
 
     pub fn last_ns(&self) -> u64 {
@@ -122,13 +140,16 @@ pub struct ConnId {
     pub proto: u8,
     pub client: Endpoint,
     pub server: Option<Endpoint>,
+    pub start_ns: u64,
 }
 
+/// The client-endpoint part of an identity (the join key when the kernel gave no NAT state).
 fn conn_id(orig: &Tuple) -> ConnId {
     ConnId {
         proto: orig.proto,
         client: orig.src,
         server: (!orig.has_ports()).then_some(orig.dst),
+        start_ns: 0,
     }
 }
 
@@ -166,11 +187,16 @@ fn orient<'a>(obs: Vec<&'a Observation>) -> Leg<'a> {
 /// of each pair up; several of each (a UDP socket talking to several Services from one port at
 /// once) are paired in time order and flagged ambiguous.
 pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
-    let mut legs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
+    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
     for o in observations {
-        legs.entry(leg_key(&o.tuple)).or_default().push(o);
+        pairs.entry(leg_key(&o.tuple)).or_default().push(o);
     }
-    let (mut conns, rest) = pair_by_conntrack(legs.into_values().map(orient).collect());
+    let legs = pairs
+        .into_values()
+        .flat_map(instances)
+        .map(orient)
+        .collect();
+    let (mut conns, rest) = pair_by_conntrack(legs);
     let mut by_client: HashMap<ConnId, Vec<Leg<'_>>> = HashMap::new();
     for leg in rest {
         by_client.entry(conn_id(&leg.orig)).or_default().push(leg);
@@ -216,18 +242,64 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
     conns
 }
 
+/// One address pair's observations, split into the connections that used it one after the
+/// other. Only where the kernel set counters aside (retired keys: a reused 4-tuple) is there more
+/// than one; connections on one 4-tuple never overlap in time, so a gap between one's last
+/// packet and the next one's first is the boundary.
+fn instances(mut obs: Vec<&Observation>) -> Vec<Vec<&Observation>> {
+    if !obs.iter().any(|o| o.is_retired()) {
+        return vec![obs];
+    }
+    obs.sort_by_key(|o| o.c.first_ns);
+    // Nothing read yet (a live key just emptied for its new connection): no time to place it.
+    let (unread, read): (Vec<_>, Vec<_>) = obs.into_iter().partition(|o| o.c.packets == 0);
+    let mut out: Vec<Vec<&Observation>> = Vec::new();
+    let mut end = 0;
+    for o in read {
+        match out.last_mut() {
+            Some(cur) if o.c.first_ns <= end => cur.push(o),
+            _ => out.push(vec![o]),
+        }
+        end = end.max(o.c.last_ns);
+    }
+    match out.last_mut() {
+        Some(cur) => cur.extend(unread),
+        None => out.push(unread),
+    }
+    out
+}
+
+/// Pre-DNAT legs by tuple; several when a client reused its 4-tuple.
+#[derive(Default)]
+struct PreLegs<'a>(HashMap<Tuple, Vec<Leg<'a>>>);
+
+impl<'a> PreLegs<'a> {
+    /// The pre leg of `t` that a post leg starting at `post_start` belongs to: the latest one
+    /// that began before it (a packet passes the pod's veth before it leaves the stack).
+    fn take(&mut self, t: &Tuple, post_start: u64) -> Option<Leg<'a>> {
+        let legs = self.0.get_mut(t)?;
+        let i = (0..legs.len())
+            .filter(|&i| legs[i].first_ns() <= post_start)
+            .max_by_key(|&i| legs[i].first_ns())?;
+        Some(legs.swap_remove(i))
+    }
+}
+
 /// Pair each post-DNAT leg with the pre-DNAT leg its conntrack entry names; the rest is returned.
 fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
     let (pre, others): (Vec<Leg<'_>>, Vec<Leg<'_>>) =
         legs.into_iter().partition(Leg::is_pre_candidate);
-    let mut pre: HashMap<Tuple, Leg<'_>> = pre.into_iter().map(|l| (l.orig, l)).collect();
+    let mut by_tuple = PreLegs::default();
+    for l in pre {
+        by_tuple.0.entry(l.orig).or_default().push(l);
+    }
     let (mut conns, mut rest) = (Vec::new(), Vec::new());
     for leg in others {
         let post_candidate = leg.left_stack() && !leg.sent_by_local_pod();
         match leg
             .ct_original()
             .filter(|_| post_candidate)
-            .and_then(|t| pre.remove(&t))
+            .and_then(|t| by_tuple.take(&t, leg.first_ns()))
         {
             Some(p) => conns.push(Conn {
                 pre: Some(p),
@@ -237,6 +309,6 @@ fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
             None => rest.push(leg),
         }
     }
-    rest.extend(pre.into_values());
+    rest.extend(by_tuple.0.into_values().flatten());
     (conns, rest)
 }

@@ -156,18 +156,44 @@ impl Correlator {
     }
 
     /// Record the latest cumulative counters of `key`; returns what was added since last time.
+    ///
+    /// A reused 4-tuple: the kernel moves the old connection's counters to a retired key and
+    /// starts the live key again. What was read of the live key before belongs to the retired
+    /// one, so it is its baseline (not counted twice in the packet metrics); read retired keys
+    /// oldest first and before the live ones. Conntrack tuples are read again for both: the
+    /// kernel moved the old one with the counters.
     pub fn observe(&mut self, key: FlowKey, c: Counters) -> Option<(Point, Delta)> {
         let point = Point::from_u8(key.point)?;
-        let tuple = Tuple::from_key(&key);
-        let entry = self.obs.entry(key).or_insert_with(|| Observation {
+        let mut fresh = Observation {
             key,
-            tuple,
+            tuple: Tuple::from_key(&key),
             point,
             ifindex: key.ifindex,
             c: Counters::default(),
             ct: Ct::Unknown,
             ct_tries: 0,
-        });
+            before_reuse: None,
+        };
+        if key.retired != 0 && !self.obs.contains_key(&key) {
+            let live = FlowKey { retired: 0, ..key };
+            if let Some(twin) = self.obs.get_mut(&live) {
+                fresh.c = match twin.before_reuse.take() {
+                    Some(c) => c,
+                    None => {
+                        twin.ct = Ct::Unknown;
+                        twin.ct_tries = 0;
+                        std::mem::take(&mut twin.c)
+                    }
+                };
+            }
+        }
+        let entry = self.obs.entry(key).or_insert(fresh);
+        if key.retired == 0 && entry.c.packets > 0 && c.first_ns != entry.c.first_ns {
+            // The live key started again before its retired twin was read.
+            entry.before_reuse = Some(std::mem::take(&mut entry.c));
+            entry.ct = Ct::Unknown;
+            entry.ct_tries = 0;
+        }
         let delta = if c.packets >= entry.c.packets {
             Delta {
                 packets: c.packets - entry.c.packets,

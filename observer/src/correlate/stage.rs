@@ -15,7 +15,7 @@ use tokio::{
     time::{MissedTickBehavior, interval},
 };
 
-use super::{Correlator, Flush, tuple::proto_name};
+use super::{Correlator, Counters, Flush, tuple::proto_name};
 use crate::{
     clock::Clock,
     export::metrics::Metrics,
@@ -128,10 +128,19 @@ impl<S: FlowSource> Stage<S> {
             .copied()
             .chain(self.pending.drain())
             .collect();
-        for key in keys {
-            let Some(c) = self.source.counters(&key) else {
-                continue;
-            };
+        // Retired keys first, oldest first: each takes over what was read of its live twin
+        // (Correlator::observe).
+        let (retired, live): (Vec<FlowKey>, Vec<FlowKey>) =
+            keys.into_iter().partition(|k| k.retired != 0);
+        let mut retired: Vec<(FlowKey, Counters)> = retired
+            .into_iter()
+            .filter_map(|k| Some((k, self.source.counters(&k)?)))
+            .collect();
+        retired.sort_by_key(|(_, c)| c.first_ns);
+        let live = live
+            .into_iter()
+            .filter_map(|k| Some((k, self.source.counters(&k)?)));
+        for (key, c) in retired.into_iter().chain(live) {
             if let Some((point, d)) = self.corr.observe(key, c) {
                 let labels = [point.as_str(), &proto_name(key.proto)];
                 self.metrics

@@ -31,7 +31,7 @@ pub(super) fn key(
         proto,
         family: AF_INET,
         point: point as u8,
-        _pad: 0,
+        retired: 0,
     };
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.parse().unwrap(), dst.parse().unwrap()) else {
         panic!("IPv4 only here")
@@ -598,4 +598,84 @@ fn a_masqueraded_connection_is_joined_by_the_kernels_nat_state() {
     let out = c.collect(5 * S, Flush::Due);
     assert_eq!(out.records.len(), 2);
     assert!(out.records.iter().all(|r| !r.translated));
+}
+
+/// A client reuses its 4-tuple: the kernel set the ended connection's pre- and post-DNAT
+/// counters aside under retired keys when the new SYN came, while the reply keys still hold the
+/// old connection (the new SYN-ACK has not come back yet).
+#[test]
+fn a_reused_4_tuple_is_a_new_connection() {
+    let tcp = IPPROTO_TCP;
+    let pre = key(
+        tcp,
+        "10.244.1.10",
+        40000,
+        "100.64.0.10",
+        443,
+        Point::PodIngress,
+        3,
+    );
+    let post = key(
+        tcp,
+        "10.244.1.10",
+        40000,
+        "10.244.2.10",
+        8443,
+        Point::UplinkEgress,
+        2,
+    );
+    let retired = |k: FlowKey| FlowKey { retired: 1, ..k };
+    let mut c = correlator();
+    translated_tcp(&mut c, 40000, S);
+    c.set_ct(
+        &post,
+        Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)),
+    );
+    assert!(c.collect(S + 500 * MS, Flush::Due).records.is_empty());
+
+    // Two more packets of the old connection, then the new SYN at S + 600 ms.
+    let old = Counters {
+        packets: 7,
+        ..counters(S, S + 20 * MS, ALL, MARK_SYN_ONLY)
+    };
+    let syn = Counters {
+        packets: 1,
+        ..counters(S + 600 * MS, S + 600 * MS, TCP_SYN, MARK_SYN_ONLY)
+    };
+    let (_, d) = c.observe(retired(pre), old).unwrap();
+    assert_eq!(
+        d.packets, 2,
+        "what was read of the live key is not counted again"
+    );
+    c.observe(retired(post), old).unwrap();
+    let (_, d) = c.observe(pre, syn).unwrap();
+    assert_eq!(d.packets, 1);
+    c.observe(post, syn).unwrap();
+    assert!(
+        c.wants_ct().contains(&post) && c.wants_ct().contains(&retired(post)),
+        "conntrack entries are read again: the kernel moved the old one with the counters"
+    );
+    for k in [post, retired(post)] {
+        c.set_ct(&k, Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)));
+    }
+
+    let out = c.collect(3 * S, Flush::Due);
+    assert_eq!(out.records.len(), 1, "{:#?}", out.records);
+    let r = &out.records[0];
+    assert!(r.is_final);
+    assert_eq!(r.state, "closed");
+    assert_eq!((r.totals.packets, r.totals.reply_packets), (7, 5));
+    assert_eq!(r.translation.as_ref().unwrap().evidence, "conntrack");
+    assert!(out.finished.contains(&retired(pre)) && out.finished.contains(&retired(post)));
+    assert!(
+        !out.finished.contains(&pre) && !out.finished.contains(&post),
+        "the live keys now hold the new connection"
+    );
+
+    let out = c.collect(4 * S, Flush::All);
+    assert_eq!(out.records.len(), 1, "{:#?}", out.records);
+    let r = &out.records[0];
+    assert_eq!((r.totals.packets, r.totals.reply_packets), (1, 0));
+    assert_eq!(r.state, "syn_sent");
+    assert!(r.translated);
 }

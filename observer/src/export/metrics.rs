@@ -32,6 +32,7 @@ pub struct Metrics {
     pub interfaces_attached: IntGaugeVec,
     pub drops: IntCounterVec,
     pub pending_refused: IntCounterVec,
+    pub tuple_reuses: IntCounterVec,
 }
 
 /// One metric: name, help text, label names (none for a plain counter or gauge).
@@ -133,6 +134,11 @@ const MAP_DELETE_ERRORS: Def = Def(
     "Finished flows that could not be removed from the kernel map.",
     &[],
 );
+const TUPLE_REUSES: Def = Def(
+    "observer_tuple_reuses_total",
+    "New TCP connections on the 4-tuple of an ended one whose counters the kernel still held, by outcome (split: the old connection's counters were set aside and it got its own record; merged: an earlier set-aside connection was still unread and the two were counted as one).",
+    &["outcome"],
+);
 const FLOWS_ADOPTED: Def = Def(
     "observer_flows_adopted_total",
     "Flow map entries a previous agent left pinned, adopted at start with their counters.",
@@ -210,6 +216,7 @@ impl Metrics {
             interfaces_attached: r.gauge_vec(INTERFACES_ATTACHED),
             drops: r.counter_vec(DROPS),
             pending_refused: r.counter_vec(PENDING_REFUSED),
+            tuple_reuses: r.counter_vec(TUPLE_REUSES),
             registry,
         };
         m.prime();
@@ -254,6 +261,8 @@ impl Metrics {
             Stat::Fragment => self.packets_portless.with_label_values(&["fragment"]),
             Stat::Icmp => self.packets_portless.with_label_values(&["icmp"]),
             Stat::OtherL4 => self.packets_portless.with_label_values(&["other_l4"]),
+            Stat::TupleReused => self.tuple_reuses.with_label_values(&["split"]),
+            Stat::TupleReuseMerged => self.tuple_reuses.with_label_values(&["merged"]),
         }
     }
 
