@@ -142,7 +142,9 @@ pub struct CtOrig {
     pub dport_be: u16,
     /// `enum ip_conntrack_info`; `CT_UNTRACKED` when the packet is not tracked.
     pub ctinfo: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The entry's conntrack zone (`nf_conn.zone.id`; 0 is the default zone).
+    pub zone: u16,
 }
 
 /// `IP_CT_UNTRACKED` (kernel `include/uapi/linux/netfilter/nf_conntrack_common.h`).

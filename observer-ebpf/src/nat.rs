@@ -25,6 +25,9 @@ static OFF_CT_SRC_PORT: u32 = 0;
 static OFF_CT_DST_IP: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_CT_DST_PORT: u32 = 0;
+/// `nf_conn.zone.id`; 0 without conntrack zones in the kernel (every entry is in zone 0).
+#[unsafe(no_mangle)]
+static OFF_CT_ZONE: u32 = 0;
 
 /// Remember the conntrack original tuple of the packet that created `key`.
 #[inline(always)]
@@ -53,13 +56,20 @@ pub fn note_original(ctx: &TcContext, key: &FlowKey) {
         ) else {
             return;
         };
+        let off_zone = global(&OFF_CT_ZONE);
+        let zone = if off_zone == 0 {
+            0
+        } else {
+            read::<u16>(ct, off_zone).unwrap_or(0)
+        };
         CtOrig {
             src,
             dst,
             sport_be,
             dport_be,
             ctinfo,
-            _pad: [0; 3],
+            _pad: 0,
+            zone,
         }
     };
     let _ = CT_ORIG.insert(key, orig, 0);

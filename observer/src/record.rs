@@ -6,7 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const SCHEMA: &str = "observer.flow/v1";
+pub const SCHEMA: &str = "observer.flow/v2";
+/// Earlier versions this build still reads (`explain`, `suggest`).
+pub const SCHEMA_READ: &[&str] = &["observer.flow/v1", SCHEMA];
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct TupleView {
@@ -73,6 +75,21 @@ pub struct Translation {
     /// IP and port). Absent in records of older agents.
     #[serde(default = "inferred")]
     pub evidence: String,
+    /// What was rewritten: `dnat` (the destination), `snat` (the source: masquerade), or
+    /// `dnat_snat` (both, e.g. a hairpin or a NodePort with `externalTrafficPolicy: Cluster`).
+    /// Since v2; v1 records translated the destination only.
+    #[serde(default = "dnat")]
+    pub kind: String,
+    /// Who rewrote it, when the kernel said so: `netfilter` (a conntrack NAT entry, in
+    /// `ct_zone`). Absent when the join was inferred.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mechanism: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ct_zone: Option<u16>,
+}
+
+fn dnat() -> String {
+    "dnat".into()
 }
 
 fn inferred() -> String {

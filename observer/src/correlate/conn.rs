@@ -50,8 +50,9 @@ pub enum Ct {
     #[default]
     Unknown,
     Untracked,
-    /// The ORIGINAL direction's tuple: what the client sent before any NAT.
-    Original(Tuple),
+    /// The ORIGINAL direction's tuple (what the client sent before any NAT) and the entry's
+    /// conntrack zone.
+    Original { tuple: Tuple, zone: u16 },
 }
 
 /// One address pair, oriented client -> server.
@@ -92,7 +93,7 @@ impl Leg<'_> {
     /// What conntrack says the client sent, where this leg's own direction left the stack.
     fn ct_original(&self) -> Option<Tuple> {
         self.obs.iter().find_map(|o| match o.ct {
-            Ct::Original(t) if self.is_orig(o) && o.point.is_egress() => Some(t),
+            Ct::Original { tuple, .. } if self.is_orig(o) && o.point.is_egress() => Some(tuple),
             _ => None,
         })
     }

@@ -242,7 +242,10 @@ impl Correlator {
                     t.src.port = 0;
                     t.dst.port = 0;
                 }
-                o.ct = Ct::Original(t);
+                o.ct = Ct::Original {
+                    tuple: t,
+                    zone: c.zone,
+                };
             }
         }
     }
@@ -503,11 +506,21 @@ impl Correlator {
             })
             .map(|o| o.point.as_str())
             .unwrap_or("unknown");
+        let (evidence, zone) = evidence(post_leg, pre);
         Translation {
             node: self.cfg.node.clone(),
             after: Point::PodIngress.as_str().to_owned(),
             before: before.to_owned(),
-            evidence: evidence(post_leg, pre).to_owned(),
+            evidence: evidence.to_owned(),
+            kind: match (pre, post_leg) {
+                (Some(p), Some(l)) => nat_kind(&p, &l.orig),
+                _ => "dnat",
+            }
+            .to_owned(),
+            // Only the kernel's NAT state says netfilter did it; a join by client endpoint
+            // only infers that something in the stack did.
+            mechanism: zone.map(|_| "netfilter".to_owned()),
+            ct_zone: zone,
         }
     }
 
@@ -574,20 +587,31 @@ impl Correlator {
 }
 
 /// Whether the kernel's NAT state confirms the join: the conntrack entries noted where the
-/// translated tuple left the stack name the pre-DNAT tuple as their original.
-fn evidence(post_leg: Option<&Leg<'_>>, pre: Option<Tuple>) -> &'static str {
-    let originals: Vec<Tuple> = post_leg
+/// translated tuple left the stack name the pre-DNAT tuple as their original. With the zone of
+/// the entry that confirms it.
+fn evidence(post_leg: Option<&Leg<'_>>, pre: Option<Tuple>) -> (&'static str, Option<u16>) {
+    let originals: Vec<(Tuple, u16)> = post_leg
         .into_iter()
         .flat_map(|l| l.obs.iter().filter(|o| l.is_orig(o)))
         .filter_map(|o| match o.ct {
-            Ct::Original(t) => Some(t),
+            Ct::Original { tuple, zone } => Some((tuple, zone)),
             _ => None,
         })
         .collect();
-    match pre {
-        _ if originals.is_empty() => "client_endpoint",
-        Some(p) if originals.contains(&p) => "conntrack",
-        _ => "conntrack_mismatch",
+    let confirming = pre.and_then(|p| originals.iter().find(|(t, _)| *t == p));
+    match confirming {
+        _ if originals.is_empty() => ("client_endpoint", None),
+        Some((_, zone)) => ("conntrack", Some(*zone)),
+        None => ("conntrack_mismatch", None),
+    }
+}
+
+/// What the rewrite changed: the destination (DNAT), the source (SNAT), or both.
+fn nat_kind(pre: &Tuple, post: &Tuple) -> &'static str {
+    match (pre.dst != post.dst, pre.src != post.src) {
+        (true, true) => "dnat_snat",
+        (false, true) => "snat",
+        _ => "dnat",
     }
 }
 

@@ -436,7 +436,7 @@ fn record_serialises_to_the_documented_shape() {
     ] {
         assert!(v.get(field).is_some(), "missing {field}");
     }
-    assert_eq!(v["schema"], "observer.flow/v1");
+    assert_eq!(v["schema"], "observer.flow/v2");
     assert_eq!(v["hops"][0]["tcp_flags"], "SYN|ACK|FIN");
     assert!(v["time"].as_str().unwrap().ends_with('Z'));
 }
@@ -461,7 +461,8 @@ fn ct_orig(src: &str, sport: u16, dst: &str, dport: u16) -> observer_common::CtO
         sport_be: sport.to_be(),
         dport_be: dport.to_be(),
         ctinfo: 2,
-        _pad: [0; 3],
+        _pad: 0,
+        zone: 0,
     }
 }
 
@@ -513,6 +514,15 @@ fn the_kernels_nat_state_is_the_evidence_of_the_join() {
     assert_eq!(evidence(40000), "conntrack");
     assert_eq!(evidence(40001), "conntrack_mismatch");
     assert_eq!(evidence(40002), "client_endpoint");
+    for r in &out.records {
+        let t = r.translation.as_ref().unwrap();
+        assert_eq!(t.kind, "dnat");
+        assert_eq!(
+            t.mechanism.is_some(),
+            t.evidence == "conntrack",
+            "netfilter is named only on the kernel's word"
+        );
+    }
 }
 
 /// pod-a -> 100.64.0.10:443, DNAT-ed to 10.244.2.10:8443 and masqueraded to the node's
@@ -589,7 +599,13 @@ fn a_masqueraded_connection_is_joined_by_the_kernels_nat_state() {
     );
     assert_eq!((post.dst.as_str(), post.dport), ("10.244.2.10", 8443));
     assert!(r.translated);
-    assert_eq!(r.translation.as_ref().unwrap().evidence, "conntrack");
+    let t = r.translation.as_ref().unwrap();
+    assert_eq!(t.evidence, "conntrack");
+    assert_eq!(t.kind, "dnat_snat", "destination and source rewritten");
+    assert_eq!(
+        (t.mechanism.as_deref(), t.ct_zone),
+        (Some("netfilter"), Some(0))
+    );
     assert_eq!(r.totals.reply_packets, 5);
 
     // Without the kernel's NAT state the two halves cannot be joined, and are not guessed at.

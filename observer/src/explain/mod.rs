@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 pub use crate::names::Names;
-use crate::record::{FlowRecord, SCHEMA};
+use crate::record::{FlowRecord, SCHEMA_READ};
 pub use args::{ExplainArgs, Format, SuggestArgs};
 pub use story::{Endpoint, Story, stitch};
 
@@ -77,11 +77,12 @@ fn load(files: &[PathBuf]) -> anyhow::Result<Loaded> {
                         .and_then(|v| v.get("schema")?.as_str().map(str::to_owned)),
                 ),
             };
-            if let Some(other) = schema.filter(|s| s != SCHEMA) {
+            if let Some(other) = schema.filter(|s| !SCHEMA_READ.contains(&s.as_str())) {
                 bail!(
-                    "{}:{}: a record of schema {other:?}; this observer reads {SCHEMA} (use the observer release that wrote it)",
+                    "{}:{}: a record of schema {other:?}; this observer reads {} (use the observer release that wrote it)",
                     f.display(),
-                    i + 1
+                    i + 1,
+                    SCHEMA_READ.join(", ")
                 );
             }
             match record {

@@ -264,6 +264,23 @@ fn a_record_of_another_schema_version_is_refused_by_name() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Logs written by agents of schema v1 (the recorded fixtures) are still read, next to v2 ones.
+#[test]
+fn records_of_schema_v1_are_still_read() {
+    let files = fixture("answered", &["node-a", "node-b"]);
+    let text = std::fs::read_to_string(&files[0]).unwrap();
+    assert!(text.contains("\"schema\":\"observer.flow/v1\""));
+    let loaded = load(&files).unwrap();
+    assert!(!loaded.records.is_empty() && loaded.skipped.is_empty());
+    let t = loaded
+        .records
+        .iter()
+        .find_map(|r| r.translation.as_ref())
+        .expect("a translated record");
+    assert_eq!(t.kind, "dnat", "v1 records translated the destination only");
+    assert_eq!(t.mechanism, None);
+}
+
 mod fuzz {
     //! What a user or a dying node can put in a flow log, and what a user can type as a
     //! selector: never a panic, every line either a record or reported.

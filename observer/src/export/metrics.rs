@@ -12,6 +12,7 @@ pub struct Metrics {
     pub flows: IntCounterVec,
     pub translations: IntCounterVec,
     pub translation_evidence: IntCounterVec,
+    pub nat: IntCounterVec,
     pub service_connections: IntCounterVec,
     pub packets: IntCounterVec,
     pub bytes: IntCounterVec,
@@ -58,6 +59,11 @@ const TRANSLATION_EVIDENCE: Def = Def(
     "observer_translation_evidence_total",
     "Translated connections that ended, by what joined their pre- and post-DNAT tuples: conntrack (the kernel's NAT state), conntrack_mismatch, or client_endpoint (no NAT state read: inferred).",
     &["evidence"],
+);
+const NAT: Def = Def(
+    "observer_nat_translations_total",
+    "Translated connections that ended, by what was rewritten (dnat, snat, dnat_snat) and who did it on the kernel's word (netfilter), or inferred when no NAT state was read.",
+    &["kind", "mechanism"],
 );
 const PACKETS: Def = Def(
     "observer_packets_total",
@@ -197,6 +203,7 @@ impl Metrics {
             service_connections: r.counter_vec(SERVICE_CONNECTIONS),
             translations: r.counter_vec(TRANSLATIONS),
             translation_evidence: r.counter_vec(TRANSLATION_EVIDENCE),
+            nat: r.counter_vec(NAT),
             packets: r.counter_vec(PACKETS),
             bytes: r.counter_vec(BYTES),
             observations_active: r.gauge(OBSERVATIONS_ACTIVE),
@@ -307,6 +314,10 @@ impl Metrics {
         if let Some(t) = &rec.translation {
             self.translation_evidence
                 .with_label_values(&[t.evidence.as_str()])
+                .inc();
+            let mechanism = t.mechanism.as_deref().unwrap_or("inferred");
+            self.nat
+                .with_label_values(&[t.kind.as_str(), mechanism])
                 .inc();
         }
         if let (true, Some(pre), Some(post)) = (rec.translated, &rec.pre_dnat, &rec.post_dnat) {

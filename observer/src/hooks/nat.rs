@@ -1,5 +1,6 @@
 //! Where the tc programs find a packet's conntrack entry: `sk_buff._nfct` and, in `nf_conn`, the
-//! ORIGINAL direction's tuple (`tuplehash[IP_CT_DIR_ORIGINAL].tuple`, the first element), taken
+//! ORIGINAL direction's tuple (`tuplehash[IP_CT_DIR_ORIGINAL].tuple`, the first element) and its
+//! zone (`nf_conn.zone.id`, kernel `include/net/netfilter/nf_conntrack_zones.h`), taken
 //! from the running kernel's BTF and set as globals before loading. Without them the programs
 //! read nothing, and records say their pre/post-DNAT join was inferred.
 
@@ -20,8 +21,12 @@ impl NatOffsets {
         let orig = btf.offset_of("nf_conn", &["tuplehash"])?
             + btf.offset_of("nf_conntrack_tuple_hash", &["tuple"])?;
         let at = |path: &[&str]| btf.offset_of("nf_conntrack_tuple", path).map(|o| orig + o);
+        // `nf_conn.zone` exists with CONFIG_NF_CONNTRACK_ZONES; without it every entry is in
+        // zone 0, which is what the programs report when the offset is left at 0.
+        let zone = btf.offset_of("nf_conn", &["zone", "id"]).unwrap_or(0);
         Ok(NatOffsets {
             globals: vec![
+                ("OFF_CT_ZONE", zone),
                 ("OFF_SKB_NFCT", btf.offset_of("sk_buff", &["_nfct"])?),
                 ("OFF_CT_SRC_IP", at(&["src", "u3"])?),
                 ("OFF_CT_SRC_PORT", at(&["src", "u", "all"])?),
