@@ -893,3 +893,176 @@ fn one_udp_port_to_two_services_is_joined_by_conntrack() {
         Some(0.0)
     );
 }
+
+/// A NodePort reached from outside the cluster (`externalTrafficPolicy: Cluster`): node-a
+/// translates both addresses, so on the wire to node-b the source is node-a's IP and the
+/// destination the pod's targetPort. One record on node-a joins the two by conntrack, exactly as
+/// conntrack reports them; node-b sees node-a's IP as the client (what its policy and the
+/// firewall between the nodes evaluate).
+#[test]
+fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
+    let lab = lab_with_agents("nport", "2s");
+    apply(&lab, &scenario("firewall-nodeport"));
+    let out = lab
+        .exec(
+            "outside",
+            &["curl", "-sS", "-m", "5", "http://10.200.0.1:30443/"],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "pod-b",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_outside = |r: &serde_json::Value| {
+        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["src"] == "192.0.2.10"
+    };
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| rs.iter().any(from_outside))
+        .unwrap();
+    let recs = find(&a, from_outside);
+    assert_eq!(recs.len(), 1, "one record for the connection: {recs:#?}");
+    let r = recs[0];
+    assert_eq!(
+        r["observed_as"], "transit",
+        "neither client nor server is a pod of node-a"
+    );
+    assert_eq!(r["translation"]["kind"], "dnat_snat");
+    assert_eq!(r["translation"]["mechanism"], "netfilter");
+    assert_eq!(r["translation"]["after"], "uplink_ingress");
+    let pre = tuple_of(&r["pre_dnat"]).unwrap();
+    let post = tuple_of(&r["post_dnat"]).unwrap();
+    assert_eq!((pre.2.as_str(), pre.3), ("10.200.0.1", 30443));
+    assert_eq!(
+        (post.0.as_str(), post.2.as_str(), post.3),
+        ("10.200.0.1", "10.244.2.10", 8443)
+    );
+    assert_eq!(
+        r["wire_view"]["src"], "10.200.0.1",
+        "the wire carries node-a's IP"
+    );
+    let ct = lab.conntrack("node-a").unwrap();
+    let e = ct
+        .iter()
+        .find(|e| e.orig == pre)
+        .expect("conntrack entry of the NodePort connection");
+    assert_eq!(
+        (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1),
+        post,
+        "post_dnat is conntrack's reply tuple reversed, SNAT included"
+    );
+    let b = lab
+        .wait_records("node-b", WAIT, |rs| {
+            rs.iter()
+                .any(|x| x["final"] == true && tuple_of(&x["post_dnat"]) == Some(post.clone()))
+        })
+        .unwrap();
+    let rb = find(&b, |x| tuple_of(&x["post_dnat"]) == Some(post.clone()));
+    assert_eq!(rb[0]["observed_as"], "receiver");
+    assert_eq!(rb[0]["policy_view"]["tuple"]["src"], "10.200.0.1");
+    validate_schema(&a);
+}
+
+/// A pod calling a host outside the cluster: ip-masq-agent's rule masquerades it to node-a's IP.
+/// Only the source changed; one record joins both tuples by conntrack.
+#[test]
+fn pod_to_outside_is_masqueraded_and_joined_by_conntrack() {
+    let lab = lab_with_agents("egress", "2s");
+    let out = lab
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "5", "http://192.0.2.10:80/"],
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "outside",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let to_outside = |r: &serde_json::Value| {
+        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["dst"] == "192.0.2.10"
+    };
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| rs.iter().any(to_outside))
+        .unwrap();
+    let recs = find(&a, to_outside);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = recs[0];
+    assert_eq!(r["observed_as"], "sender");
+    assert_eq!(r["translated"], true);
+    assert_eq!(r["translation"]["kind"], "snat");
+    assert_eq!(r["translation"]["evidence"], "conntrack");
+    assert_eq!(r["pre_dnat"]["src"], "10.244.1.10");
+    assert_eq!(
+        r["post_dnat"]["src"], "10.200.0.1",
+        "masqueraded to node-a's IP"
+    );
+    assert_eq!(r["post_dnat"]["dst"], "192.0.2.10");
+    let pre = tuple_of(&r["pre_dnat"]).unwrap();
+    let ct = lab.conntrack("node-a").unwrap();
+    let e = ct.iter().find(|e| e.orig == pre).expect("conntrack entry");
+    assert_eq!(
+        Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+        tuple_of(&r["post_dnat"])
+    );
+    assert_eq!(r["socket"]["comm"], "curl");
+}
+
+/// A process of node-a itself (a hostNetwork client) calling the Service: no tc hook sees its
+/// tuple before NAT (it never enters the node), conntrack does. The record's `pre_dnat` is
+/// conntrack's original tuple, and node-b sees node-a's IP calling the pod's targetPort: the one
+/// case where "NodeA_IP -> PodB:8443" is what policy on node-b evaluates.
+#[test]
+fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
+    let lab = lab_with_agents("hostnet", "2s");
+    // The VPC firewall must let the node network reach the targetPort (as for a NodePort).
+    apply(&lab, &scenario("firewall-nodeport"));
+    let out = lab
+        .exec(
+            "node-a",
+            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-b");
+    let from_node = |r: &serde_json::Value| {
+        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["src"] == "10.200.0.1"
+    };
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| rs.iter().any(from_node))
+        .unwrap();
+    let recs = find(&a, from_node);
+    assert_eq!(recs.len(), 1, "{recs:#?}");
+    let r = recs[0];
+    assert_eq!(r["observed_as"], "sender");
+    assert_eq!(r["translation"]["after"], "socket");
+    assert_eq!(r["translation"]["evidence"], "conntrack");
+    let pre = tuple_of(&r["pre_dnat"]).unwrap();
+    let post = tuple_of(&r["post_dnat"]).unwrap();
+    assert_eq!((pre.2.as_str(), pre.3), ("100.64.0.10", 443));
+    assert_eq!(
+        (post.0.as_str(), post.2.as_str(), post.3),
+        ("10.200.0.1", "10.244.2.10", 8443)
+    );
+    let e = lab
+        .conntrack("node-a")
+        .unwrap()
+        .into_iter()
+        .find(|e| e.orig == pre)
+        .expect("conntrack entry");
+    assert_eq!(
+        (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1),
+        post
+    );
+    let b = lab
+        .wait_records("node-b", WAIT, |rs| {
+            rs.iter()
+                .any(|x| x["final"] == true && tuple_of(&x["post_dnat"]) == Some(post.clone()))
+        })
+        .unwrap();
+    let rb = find(&b, |x| tuple_of(&x["post_dnat"]) == Some(post.clone()));
+    assert_eq!(rb[0]["observed_as"], "receiver");
+    assert_eq!(rb[0]["policy_view"]["tuple"]["src"], "10.200.0.1");
+    assert_eq!(rb[0]["policy_view"]["tuple"]["dport"], 8443);
+}

@@ -40,6 +40,20 @@ pub struct LabConfig {
     /// between the nodes; GKE's default when absent). `observer-lab apply FILE` replaces them.
     #[serde(default)]
     pub policies: String,
+    /// A host outside the cluster, beyond the VPC (the Internet side).
+    pub outside: Option<Outside>,
+}
+
+/// A host outside the cluster: it reaches NodePorts on the node IPs, and pods reach it through
+/// their node's masquerade (ip-masq-agent's rules: everything not bound for the cluster, the
+/// Service range or the node network leaves with the node's address).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Outside {
+    pub ip: Ipv4Addr,
+    /// TCP ports it serves.
+    #[serde(default)]
+    pub tcp: Vec<u16>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -90,6 +104,9 @@ pub struct ServicePort {
     pub port: u16,
     pub target_port: u16,
     pub protocol: Protocol,
+    /// `type: NodePort` (with `externalTrafficPolicy: Cluster`): this port on every node's IP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -189,6 +206,28 @@ impl LabConfig {
                         s.namespace, s.name, ep.name
                     ));
                 }
+            }
+            for np in s.ports.iter().filter_map(|p| p.node_port) {
+                // kube-proxy's default --service-node-port-range.
+                if !(30000..=32767).contains(&np) || s.cluster_ip.is_ipv6() {
+                    return bad(format!(
+                        "service {}/{}: node_port {np} (30000-32767, IPv4 Services here)",
+                        s.namespace, s.name
+                    ));
+                }
+            }
+        }
+        if let Some(o) = &self.outside {
+            let ip = std::net::IpAddr::V4(o.ip);
+            let node_net = |n: &Node| (u32::from(n.ip) >> 8) == (u32::from(o.ip) >> 8);
+            if self.cluster_cidr.contains(ip)
+                || self.service_cidr.contains(ip)
+                || self.nodes.iter().any(node_net)
+            {
+                return bad(format!(
+                    "outside {}: must be outside the cluster, Service and node ranges",
+                    o.ip
+                ));
             }
         }
         Ok(())

@@ -103,6 +103,11 @@ pub fn nft_ruleset(fw: &Firewall) -> String {
     let mut s = String::from("table inet vpc\ndelete table inet vpc\ntable inet vpc {\n");
     s.push_str("  chain forward {\n    type filter hook forward priority 0; policy accept;\n");
     s.push_str("    ct state established,related accept comment \"stateful: replies of allowed connections\"\n");
+    let _ = writeln!(
+        s,
+        "    oifname \"{}\" accept comment \"implied allow egress: out of the VPC\"",
+        crate::outside::VPC_PORT
+    );
     for r in &fw.rules {
         let verdict = if r.action == "allow" {
             "accept"

@@ -150,6 +150,7 @@ pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
             }
         }
     }
+    node_ports(cfg, v6, &mut chains, r);
     let mut out = String::from("*nat\n");
     for c in chains {
         let _ = writeln!(out, ":{c} - [0:0]");
@@ -157,6 +158,40 @@ pub fn nat_table(cfg: &LabConfig, family: Family) -> String {
     out.push_str(&rules);
     out.push_str("COMMIT\n");
     out
+}
+
+/// NodePorts (`externalTrafficPolicy: Cluster`): on any local address, masquerade and then the
+/// Service's own chain. The jump to KUBE-NODEPORTS is the last rule of KUBE-SERVICES.
+fn node_ports(cfg: &LabConfig, v6: bool, chains: &mut Vec<String>, r: &mut String) {
+    let mut any = false;
+    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv6() == v6) {
+        for p in s.ports.iter().filter(|p| p.node_port.is_some()) {
+            if cfg.endpoint_ips(s, v6).is_empty() {
+                continue;
+            }
+            let (np, proto, name) = (
+                p.node_port.expect("filtered"),
+                p.protocol.lower(),
+                port_name(s, p),
+            );
+            let ext = format!("KUBE-EXT-{}", &svc_chain(s, p)["KUBE-SVC-".len()..]);
+            chains.push(ext.clone());
+            let _ = writeln!(
+                r,
+                "-A KUBE-NODEPORTS -p {proto} -m comment --comment \"{name}\" -m {proto} --dport {np} -j {ext}"
+            );
+            let _ = writeln!(
+                r,
+                "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+            );
+            let _ = writeln!(r, "-A {ext} -j {}", svc_chain(s, p));
+            any = true;
+        }
+    }
+    if any {
+        chains.push("KUBE-NODEPORTS".to_owned());
+        r.push_str("-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n");
+    }
 }
 
 /// The filter table's part of kube-proxy: a Service port without endpoints is rejected
@@ -234,6 +269,17 @@ mod tests {
         assert!(v6.contains("-d fd00:100:64::10/128"));
         assert!(v6.contains("--to-destination [fd00:10:244:2::10]:8443"));
         assert!(v4.ends_with("COMMIT\n"));
+        // The NodePort of payments/web: masquerade, then the Service chain; the jump to it last.
+        assert!(v4.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"payments/web:https\" -m tcp --dport 30443 -j KUBE-EXT-"), "{v4}");
+        let last_service_rule = v4
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
+            .last()
+            .unwrap();
+        assert!(
+            last_service_rule.ends_with("-j KUBE-NODEPORTS"),
+            "{last_service_rule}"
+        );
     }
 
     #[test]
@@ -244,7 +290,8 @@ mod tests {
             .iter()
             .flat_map(|s| s.ports.iter().map(move |p| svc_chain(s, p)))
             .collect();
-        assert_eq!(names.len(), cfg.services.len());
+        let ports: usize = cfg.services.iter().map(|s| s.ports.len()).sum();
+        assert_eq!(names.len(), ports);
         for n in &names {
             assert_eq!(n.len(), "KUBE-SVC-".len() + 16);
         }

@@ -96,6 +96,11 @@ pub fn ruleset(cfg: &LabConfig, family: Family) -> String {
         "nat-prerouting jump services".into(),
         "reject-chain reject".into(),
         format!("services {ip} daddr . meta l4proto . th dport vmap @service-ips"),
+        if v6 {
+            "services fib daddr type local meta l4proto . th dport vmap @service-nodeports".into()
+        } else {
+            "services fib daddr type local ip daddr != 127.0.0.0/8 meta l4proto . th dport vmap @service-nodeports".into()
+        },
         format!("service-endpoints-check {ip} daddr . meta l4proto . th dport vmap @no-endpoint-services"),
     ];
     for rule in base.iter().filter(|r| !r.is_empty()) {
@@ -136,6 +141,10 @@ fn declare(o: &mut String, t: &str, addr_type: &str) {
             "add map {t} {map} {{ type {addr_type} . inet_proto . inet_service : verdict ; comment \"{what}\" ; }}"
         );
     }
+    let _ = writeln!(
+        o,
+        "add map {t} service-nodeports {{ type inet_proto . inet_service : verdict ; comment \"NodePort traffic\" ; }}"
+    );
     for (chain, hook) in [
         // Before DNAT (dstnat - 10), so they see what the client asked for.
         ("filter-forward", Some("filter hook forward priority -110")),
@@ -230,6 +239,17 @@ fn service_port(
         );
     }
     let _ = writeln!(o, "add element {t} service-ips {{ {key} : goto {svc} }}");
+    if let Some(np) = p.node_port {
+        // externalTrafficPolicy: Cluster: masquerade, then any endpoint.
+        let ext = format!("external-{}", &svc["service-".len()..]);
+        let _ = writeln!(o, "add chain {t} {ext}");
+        let _ = writeln!(o, "add rule {t} {ext} jump mark-for-masquerade");
+        let _ = writeln!(o, "add rule {t} {ext} goto {svc}");
+        let _ = writeln!(
+            o,
+            "add element {t} service-nodeports {{ {proto} . {np} : goto {ext} }}"
+        );
+    }
 }
 
 #[cfg(test)]

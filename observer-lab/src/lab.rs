@@ -17,10 +17,10 @@ use log::info;
 use crate::{
     config::{self, LabConfig, Node, Pod},
     firewall, kubeproxy, kubeproxy_nft,
-    model::{Family, LoadBalancer, VPC, host_veth},
+    model::{Family, LoadBalancer, OUTSIDE, Protocol, VPC, host_veth},
     names,
     netns::{self, CmdError, ip},
-    policy,
+    outside, policy,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +151,9 @@ impl Lab {
             self.add_node(n)?;
         }
         self.add_wire(&cfg.nodes[0], &cfg.nodes[1])?;
+        if let Some(o) = &cfg.outside {
+            self.add_outside(cfg, o)?;
+        }
         for p in &cfg.pods {
             let node = cfg.node(&p.node).expect("validated");
             self.add_pod(node, p)?;
@@ -165,6 +168,9 @@ impl Lab {
                 &["route", "add", &cfg.service_cidr.to_string(), "dev", "eth0"],
             )?;
             self.program_services(cfg, &ns)?;
+            if cfg.outside.is_some() {
+                outside::program_ip_masq(cfg, &ns)?;
+            }
         }
         self.program_policies(cfg)?;
         self.program_firewall(cfg)?;
@@ -173,7 +179,7 @@ impl Lab {
         Ok(())
     }
 
-    fn new_ns(&self, member: &str) -> Result<String, LabError> {
+    pub(crate) fn new_ns(&self, member: &str) -> Result<String, LabError> {
         let ns = self.ns(member);
         netns::run(&["ip", "netns", "add", &ns])?;
         ip(&ns, &["link", "set", "lo", "up"])?;
@@ -393,53 +399,19 @@ impl Lab {
     }
 
     fn start_servers(&self, cfg: &LabConfig) -> Result<(), LabError> {
-        let exe = std::env::current_exe().map_err(|source| LabError::Io {
-            path: PathBuf::from("/proc/self/exe"),
-            source,
-        })?;
-        let dir = self.state_dir();
         let mut waiting = Vec::new();
         for p in &cfg.pods {
-            let listeners = cfg.listeners(p);
-            if listeners.is_empty() {
-                continue;
+            let listeners: Vec<(u16, Protocol)> = cfg.listeners(p).into_iter().collect();
+            if !listeners.is_empty() {
+                waiting.push((p.name.clone(), self.spawn_server(&p.name, &listeners)?));
             }
-            let ready = dir.join(format!("{}.ready", p.name));
-            let _ = std::fs::remove_file(&ready);
-            let log_path = dir.join(format!("{}.log", p.name));
-            let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
-                path: log_path.clone(),
-                source,
-            })?;
-            let mut cmd = Command::new("ip");
-            cmd.args(["netns", "exec", &self.ns(&p.name)])
-                .arg(&exe)
-                .args(["serve", "--name", &p.name, "--ready-file"])
-                .arg(&ready);
-            for (port, proto) in listeners {
-                cmd.arg(format!("--{}", proto.lower()))
-                    .arg(port.to_string());
-            }
-            cmd.stdin(Stdio::null())
-                .stdout(log.try_clone().map_err(|source| LabError::Io {
-                    path: log_path.clone(),
-                    source,
-                })?)
-                .stderr(log);
-            // Own session: the server outlives `lab up` and is not hit by the terminal's ^C.
-            // SAFETY: setsid is async-signal-safe.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                    libc::setsid();
-                    Ok(())
-                });
-            }
-            cmd.spawn().map_err(|source| LabError::Io {
-                path: exe.clone(),
-                source,
-            })?;
-            waiting.push((p.name.clone(), ready));
         }
+        if let Some(o) = &cfg.outside {
+            let listeners: Vec<(u16, Protocol)> =
+                o.tcp.iter().map(|p| (*p, Protocol::Tcp)).collect();
+            waiting.push((OUTSIDE.to_owned(), self.spawn_server(OUTSIDE, &listeners)?));
+        }
+        let dir = self.state_dir();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if waiting.iter().all(|(_, r)| r.exists()) {
@@ -453,6 +425,52 @@ impl Lab {
             .map(|(n, _)| format!("{n} (log: {})", dir.join(format!("{n}.log")).display()))
             .collect();
         Err(LabError::ServersNotReady(missing.join(", ")))
+    }
+
+    /// Start `observer-lab serve` in `member`'s namespace; returns the file it writes when ready.
+    fn spawn_server(
+        &self,
+        member: &str,
+        listeners: &[(u16, Protocol)],
+    ) -> Result<PathBuf, LabError> {
+        let exe = std::env::current_exe().map_err(|source| LabError::Io {
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+        let dir = self.state_dir();
+        let ready = dir.join(format!("{member}.ready"));
+        let _ = std::fs::remove_file(&ready);
+        let log_path = dir.join(format!("{member}.log"));
+        let log = std::fs::File::create(&log_path).map_err(|source| LabError::Io {
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns(member)])
+            .arg(&exe)
+            .args(["serve", "--name", member, "--ready-file"])
+            .arg(&ready);
+        for (port, proto) in listeners {
+            cmd.arg(format!("--{}", proto.lower()))
+                .arg(port.to_string());
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|source| LabError::Io {
+                path: log_path.clone(),
+                source,
+            })?)
+            .stderr(log);
+        // Own session: the server outlives `lab up` and is not hit by the terminal's ^C.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        cmd.spawn()
+            .map_err(|source| LabError::Io { path: exe, source })?;
+        Ok(ready)
     }
 
     fn save_config(&self, cfg: &LabConfig) -> Result<(), LabError> {
@@ -618,7 +636,10 @@ impl Lab {
 
     /// The namespace of a pod or node of this lab.
     pub fn target_ns(&self, cfg: &LabConfig, target: &str) -> Result<String, LabError> {
-        if cfg.nodes.iter().any(|n| n.name == target) || cfg.pods.iter().any(|p| p.name == target) {
+        if cfg.nodes.iter().any(|n| n.name == target)
+            || cfg.pods.iter().any(|p| p.name == target)
+            || (target == OUTSIDE && cfg.outside.is_some())
+        {
             Ok(self.ns(target))
         } else {
             Err(LabError::UnknownTarget {

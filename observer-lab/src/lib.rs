@@ -6,7 +6,8 @@
 //! - `config` (the description) and `model` (its vocabulary) say what the lab is;
 //! - `lab` builds it from namespaces and veths (`netns`), with `kubeproxy` rules, `policy`
 //!   chains and the `firewall`, and writes its `names` file; `kubeproxy` writes kube-proxy's
-//!   iptables mode, `kubeproxy_nft` its nftables mode;
+//!   iptables mode, `kubeproxy_nft` its nftables mode; `outside` is a host beyond the VPC and
+//!   the nodes' masquerade towards it;
 //! - `traffic` is the server in each backend pod and the client the tests use;
 //! - `drive` runs a lab and its agents from outside, for the demo, the benches and the tests.
 
@@ -21,6 +22,7 @@ pub mod lab;
 pub mod model;
 pub mod names;
 pub mod netns;
+pub mod outside;
 pub mod policy;
 pub mod traffic;
 

@@ -28,6 +28,8 @@ impl LoadBalancer {
 
 /// The VPC router namespace between the nodes (`<lab>-vpc`).
 pub const VPC: &str = "vpc";
+/// The host outside the cluster, beyond the VPC (`<lab>-outside`).
+pub const OUTSIDE: &str = "outside";
 
 #[derive(Copy, Clone, PartialEq, Eq, Debug)]
 pub enum Family {

@@ -52,7 +52,10 @@ pub enum Ct {
     Untracked,
     /// The ORIGINAL direction's tuple (what the client sent before any NAT) and the entry's
     /// conntrack zone.
-    Original { tuple: Tuple, zone: u16 },
+    Original {
+        tuple: Tuple,
+        zone: u16,
+    },
 }
 
 /// One address pair, oriented client -> server.
@@ -90,6 +93,15 @@ impl Leg<'_> {
         self.obs.iter().map(|o| o.c.last_ns).max().unwrap_or(0)
     }
 
+    /// A leg that left the stack without entering it was sent by a process of this node (a
+    /// hostNetwork client): no tc hook saw its tuple before NAT, conntrack did.
+    pub fn local_original(&self) -> Option<Tuple> {
+        if self.entered() || !self.left_stack() {
+            return None;
+        }
+        self.ct_original().filter(|t| *t != self.orig)
+    }
+
     /// What conntrack says the client sent, where this leg's own direction left the stack.
     fn ct_original(&self) -> Option<Tuple> {
         self.obs.iter().find_map(|o| match o.ct {
@@ -98,8 +110,21 @@ impl Leg<'_> {
         })
     }
 
+    /// Its client -> server direction entered this node's IP stack: from a local pod, or from
+    /// the wire (a client outside the node, e.g. of a NodePort).
+    pub fn entered(&self) -> bool {
+        self.orig_at(|p| p == Point::PodIngress || p == Point::UplinkIngress)
+    }
+
+    /// Where it entered: the pod's veth or the uplink.
+    pub fn entry_point(&self) -> Option<Point> {
+        [Point::PodIngress, Point::UplinkIngress]
+            .into_iter()
+            .find(|&p| self.orig_at(|q| q == p))
+    }
+
     fn is_pre_candidate(&self) -> bool {
-        self.sent_by_local_pod() && !self.left_stack()
+        self.entered() && !self.left_stack()
     }
 }
 
@@ -286,7 +311,9 @@ impl<'a> PreLegs<'a> {
     }
 }
 
-/// Pair each post-DNAT leg with the pre-DNAT leg its conntrack entry names; the rest is returned.
+/// Pair each post-DNAT leg (left the stack, never entered it) with the pre-DNAT leg (entered,
+/// never left) its conntrack entry names; the rest is returned. The pre leg may have entered
+/// from the wire: a NodePort reached from outside, DNAT-ed and masqueraded here.
 fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
     let (pre, others): (Vec<Leg<'_>>, Vec<Leg<'_>>) =
         legs.into_iter().partition(Leg::is_pre_candidate);
@@ -296,7 +323,7 @@ fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
     }
     let (mut conns, mut rest) = (Vec::new(), Vec::new());
     for leg in others {
-        let post_candidate = leg.left_stack() && !leg.sent_by_local_pod();
+        let post_candidate = leg.left_stack() && !leg.entered();
         match leg
             .ct_original()
             .filter(|_| post_candidate)

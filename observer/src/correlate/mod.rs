@@ -425,11 +425,9 @@ impl Correlator {
     ) -> FlowRecord {
         let any = c.pre.as_ref().or(c.post.as_ref()).expect("non-empty");
         let proto = any.orig.proto;
-        let pre = c
-            .pre
-            .as_ref()
-            .or(c.post.as_ref().filter(|l| l.sent_by_local_pod()))
-            .map(|l| l.orig);
+        let pre = client_tuple(c);
+        let local_process =
+            c.pre.is_none() && c.post.as_ref().and_then(Leg::local_original).is_some();
         let post_leg = c.post.as_ref().filter(|l| l.left_stack());
         let post = post_leg.map(|l| l.orig);
         let translated = matches!((pre, post), (Some(a), Some(b)) if a != b);
@@ -450,11 +448,15 @@ impl Correlator {
             node: self.cfg.node.clone(),
             proto: proto_name(proto),
             family: any.orig.family_name().to_owned(),
-            observed_as: self.observed_as(c, pre.is_some(), post_leg),
+            observed_as: self.observed_as(
+                c,
+                local_process || c.legs().any(Leg::sent_by_local_pod),
+                post_leg,
+            ),
             pre_dnat: pre.map(|t| t.view()),
             post_dnat: post.map(|t| t.view()),
             translated,
-            translation: translated.then(|| self.translation(post_leg, pre)),
+            translation: translated.then(|| self.translation(c, post_leg, pre)),
             socket,
             last_seen: crate::record::LastSeen {
                 node: self.cfg.node.clone(),
@@ -494,9 +496,21 @@ impl Correlator {
         }
     }
 
-    /// Where the rewrite happened: between the pod's veth ingress and the first egress point of
-    /// the translated tuple, i.e. inside this node's IP stack.
-    fn translation(&self, post_leg: Option<&Leg<'_>>, pre: Option<Tuple>) -> Translation {
+    /// Where the rewrite happened: between the point where the client's tuple entered (a pod's
+    /// veth, or the uplink for a client outside the node) and the first egress point of the
+    /// translated tuple, i.e. inside this node's IP stack.
+    fn translation(
+        &self,
+        c: &Conn<'_>,
+        post_leg: Option<&Leg<'_>>,
+        pre: Option<Tuple>,
+    ) -> Translation {
+        // A process of this node: its own socket is where the client's tuple was last seen.
+        let after = match c.pre.as_ref() {
+            Some(l) => l.entry_point().map_or("pod_ingress", Point::as_str),
+            None if c.post.as_ref().and_then(Leg::local_original).is_some() => "socket",
+            None => "pod_ingress",
+        };
         let before = post_leg
             .and_then(|l| {
                 l.obs
@@ -509,7 +523,7 @@ impl Correlator {
         let (evidence, zone) = evidence(post_leg, pre);
         Translation {
             node: self.cfg.node.clone(),
-            after: Point::PodIngress.as_str().to_owned(),
+            after: after.to_owned(),
             before: before.to_owned(),
             evidence: evidence.to_owned(),
             kind: match (pre, post_leg) {
@@ -652,9 +666,11 @@ impl<'a> Views<'a> {
                 .map(|(p, _)| *p)
                 .max_by_key(|p| path_order(p))
                 .unwrap_or("socket"),
-            wire: orig_points
+            // Where it left onto the wire, else where it came in from it (a NodePort's client
+            // came in from one wire and left on another: the next hop's firewall sees the latter).
+            wire: ["uplink_egress", "uplink_ingress"]
                 .iter()
-                .find(|(p, _)| *p == "uplink_egress" || *p == "uplink_ingress")
+                .find_map(|w| orig_points.iter().find(|(p, _)| p == w))
                 .map(|(_, t)| (*t).clone()),
             policy: policy_view(node, drop, &orig_points),
         }
@@ -752,12 +768,14 @@ fn conn_flags(c: &Conn<'_>) -> (u8, u8) {
     (o, r)
 }
 
-/// The tuple the client socket sent, if the client is on this node.
+/// What the client sent before any NAT on this node: the tuple that entered from a pod or the
+/// wire, or, for a process of this node, the original tuple of its conntrack entry.
 fn client_tuple(c: &Conn<'_>) -> Option<Tuple> {
     c.pre
         .as_ref()
         .or(c.post.as_ref().filter(|l| l.sent_by_local_pod()))
         .map(|l| l.orig)
+        .or_else(|| c.post.as_ref().and_then(Leg::local_original))
 }
 
 #[cfg(test)]

@@ -695,3 +695,113 @@ fn a_reused_4_tuple_is_a_new_connection() {
     assert_eq!(r.state, "syn_sent");
     assert!(r.translated);
 }
+
+/// A NodePort reached from outside: the client's tuple entered from the wire, the translated
+/// one (masqueraded to the node) left on it. Joined by conntrack; this node is only a transit.
+#[test]
+fn a_nodeport_from_outside_is_joined_where_it_entered_from_the_wire() {
+    let tcp = IPPROTO_TCP;
+    let mut c = correlator();
+    let at = |src, sport, dst, dport, point| key(tcp, src, sport, dst, dport, point, 2);
+    c.observe(
+        at(
+            "192.0.2.10",
+            50000,
+            "10.200.0.1",
+            30443,
+            Point::UplinkIngress,
+        ),
+        counters(S, S + 10 * MS, ALL, MARK_SYN_ONLY),
+    );
+    let post = at(
+        "10.200.0.1",
+        61000,
+        "10.244.2.10",
+        8443,
+        Point::UplinkEgress,
+    );
+    c.observe(post, counters(S + 1000, S + 10 * MS, ALL, MARK_SYN_ONLY));
+    c.observe(
+        at(
+            "10.244.2.10",
+            8443,
+            "10.200.0.1",
+            61000,
+            Point::UplinkIngress,
+        ),
+        counters(S + 2000, S + 10 * MS, ALL, 0),
+    );
+    c.observe(
+        at(
+            "10.200.0.1",
+            30443,
+            "192.0.2.10",
+            50000,
+            Point::UplinkEgress,
+        ),
+        counters(S + 3000, S + 10 * MS, ALL, 0),
+    );
+    c.set_ct(
+        &post,
+        Some(ct_orig("192.0.2.10", 50000, "10.200.0.1", 30443)),
+    );
+    let out = c.collect(5 * S, Flush::Due);
+    assert_eq!(out.records.len(), 1, "{:#?}", out.records);
+    let r = &out.records[0];
+    assert_eq!(r.observed_as, ObservedAs::Transit);
+    let t = r.translation.as_ref().unwrap();
+    assert_eq!(
+        (t.kind.as_str(), t.after.as_str()),
+        ("dnat_snat", "uplink_ingress")
+    );
+    assert_eq!(r.wire_view.as_ref().unwrap().src, "10.200.0.1");
+    assert_eq!(r.pre_dnat.as_ref().unwrap().src, "192.0.2.10");
+}
+
+/// A process of the node itself: no hook saw its tuple before NAT, conntrack names it.
+#[test]
+fn a_host_process_is_named_by_its_conntrack_original() {
+    let mut c = correlator();
+    let post = key(
+        IPPROTO_TCP,
+        "10.200.0.1",
+        45000,
+        "10.244.2.10",
+        8443,
+        Point::UplinkEgress,
+        2,
+    );
+    c.observe(post, counters(S, S + 10 * MS, ALL, MARK_SYN_ONLY));
+    c.observe(
+        key(
+            IPPROTO_TCP,
+            "10.244.2.10",
+            8443,
+            "10.200.0.1",
+            45000,
+            Point::UplinkIngress,
+            2,
+        ),
+        counters(S + 1000, S + 10 * MS, ALL, 0),
+    );
+    let out = c.collect(5 * S, Flush::Due);
+    assert!(
+        !out.records[0].translated,
+        "without NAT state nothing is claimed"
+    );
+    let mut c = correlator();
+    c.observe(post, counters(S, S + 10 * MS, ALL, MARK_SYN_ONLY));
+    c.set_ct(
+        &post,
+        Some(ct_orig("10.200.0.1", 45000, "100.64.0.10", 443)),
+    );
+    let out = c.collect(5 * S, Flush::All);
+    let r = &out.records[0];
+    assert_eq!(r.observed_as, ObservedAs::Sender);
+    assert_eq!(r.pre_dnat.as_ref().unwrap().dst, "100.64.0.10");
+    let t = r.translation.as_ref().unwrap();
+    assert_eq!(
+        (t.after.as_str(), t.evidence.as_str()),
+        ("socket", "conntrack")
+    );
+}
