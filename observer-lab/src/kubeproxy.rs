@@ -273,8 +273,7 @@ mod tests {
         assert!(v4.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"payments/web:https\" -m tcp --dport 30443 -j KUBE-EXT-"), "{v4}");
         let last_service_rule = v4
             .lines()
-            .filter(|l| l.starts_with("-A KUBE-SERVICES"))
-            .last()
+            .rfind(|l| l.starts_with("-A KUBE-SERVICES"))
             .unwrap();
         assert!(
             last_service_rule.ends_with("-j KUBE-NODEPORTS"),
