@@ -7,11 +7,11 @@ use anyhow::{Context as _, bail};
 use observer_lab::drive::{CtEntry, LabRun, stdout_of, tuple_of};
 use serde_json::Value;
 
-const LAB: &str = "demo";
+pub(crate) const LAB: &str = "demo";
 const VIP: &str = "100.64.0.10";
 
 fn step(n: u32, text: &str) {
-    println!("\n[{n}/7] {text}");
+    println!("\n[{n}/8] {text}");
 }
 
 pub fn run(keep: bool) -> anyhow::Result<()> {
@@ -66,6 +66,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
     step(
         6,
+        "where node-a's own IP is on the wire: NodePort from outside, hostNetwork client, egress SNAT",
+    );
+    print!("{}", crate::demo_node_ip::cases(&lab, &dir)?);
+
+    step(
+        7,
         "the two failures users meet, explained by `observer explain`, then fixed",
     );
     let mut explained = String::new();
@@ -83,12 +89,12 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
     }
     std::fs::write(dir.join("explain.txt"), &explained)?;
 
-    step(7, "stopping the agents (SIGTERM: flush, detach, exit)");
+    step(8, "stopping the agents (SIGTERM: flush, detach, exit)");
     for (node, code, took) in lab.stop_agents()? {
         println!("      {node}: exit code {code:?} after {took:.2?}");
     }
     println!(
-        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt, explain.txt",
+        "\nKept in {}: node-a.jsonl, node-b.jsonl (flow records), metrics-*.txt, conntrack-node-a.txt, iptables-nat-*.txt, story.txt, node-ip.txt, explain.txt",
         dir.display()
     );
     if keep {
@@ -271,7 +277,7 @@ fn observer(args: &[&str]) -> anyhow::Result<String> {
     stdout_of(&crate::bins().agent, args)
 }
 
-fn lab_cmd(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn lab_cmd(args: &[&str]) -> anyhow::Result<String> {
     stdout_of(&crate::bins().lab, args)
 }
 
@@ -385,7 +391,7 @@ fn ep(t: &Value) -> String {
     }
 }
 
-fn flow(t: &Value) -> String {
+pub(crate) fn flow(t: &Value) -> String {
     format!(
         "{}:{} -> {}",
         t["src"].as_str().unwrap_or("?"),

@@ -33,22 +33,37 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
                 format!("{} pid {} on {}", sock.comm, sock.pid, a.node),
             ));
         }
-        if let (Some(pre), Some(h)) = (&a.pre_dnat, hop(a, "pod_ingress")) {
+        let entered = hop(a, "pod_ingress").or_else(|| hop(a, "uplink_ingress"));
+        if let (Some(pre), Some(h)) = (&a.pre_dnat, entered) {
             v.push((
                 "pre-DNAT".into(),
                 t(pre),
                 format!(
-                    "pod_ingress {} on {}",
+                    "{} {} on {}",
+                    h.point,
                     h.iface.clone().unwrap_or_default(),
                     a.node
                 ),
             ));
         }
         if let (Some(tr), Some(post)) = (&a.translation, &a.post_dnat) {
+            let (label, to) = match tr.kind.as_str() {
+                "snat" => ("SNAT", format!("from {}:{}", post.src, post.sport)),
+                "dnat_snat" => ("DNAT+SNAT", format!("-> {}", t(post))),
+                _ => ("DNAT", format!("-> {}:{}", post.dst, post.dport)),
+            };
+            let by = match (&tr.mechanism, tr.ct_zone) {
+                (Some(m), Some(z)) => format!("by {m} (its conntrack entry, zone {z})"),
+                (Some(m), None) => format!("by {m}"),
+                _ => "by the stack (inferred: no NAT state read)".into(),
+            };
             v.push((
-                "DNAT".into(),
-                format!("-> {}:{}", post.dst, post.dport),
-                format!("on {}, between {} and {}", tr.node, tr.after, tr.before),
+                label.into(),
+                to,
+                format!(
+                    "{by} on {}, between {} and {}",
+                    tr.node, tr.after, tr.before
+                ),
             ));
         } else if let (Some(pre), Some(d)) = (&a.pre_dnat, &a.drop)
             && (pre.dst != d.tuple.dst || pre.dport != d.tuple.dport)
