@@ -95,6 +95,12 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_MAX_FLOWS", default_value_t = observer_common::FLOWS_MAX_ENTRIES)]
     pub max_flows: u32,
 
+    /// Do not read packets' conntrack entries: pre/post-NAT tuples are then joined by client
+    /// endpoint only, and records say so (`translation.evidence: client_endpoint`). For
+    /// measuring what the read costs (`cargo xtask bench`).
+    #[arg(long, env = "OBSERVER_NO_NAT_STATE")]
+    pub no_nat_state: bool,
+
     /// Name pods and Services in records from this names file (docs/names-file.md), where
     /// there is no Kubernetes API: bare metal, VMs, the lab (`observer-lab names`).
     #[arg(long, env = "OBSERVER_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]

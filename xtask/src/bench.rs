@@ -144,32 +144,30 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let reps = 2;
 
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
-    let mut base_tput = Vec::new();
-    let mut base_rate = Vec::new();
-    for _ in 0..reps {
-        base_tput.push(iperf(&lab, seconds)?);
-        base_rate.push(conn_rate(&lab)?);
-    }
+    let (base_tput, base_rate) = workloads(&lab, reps, seconds)?;
+
+    println!("==> with one agent per node, not reading conntrack entries (--no-nat-state)");
+    start_agents(&mut lab, &["--no-nat-state"])?;
+    let (_, plain_rate) = workloads(&lab, reps, 0)?;
+    let plain_progs = program_costs(&lab, 0)?;
+    lab.stop_agents()?;
 
     println!("==> with one agent per node");
-    for node in ["node-a", "node-b"] {
-        lab.start_agent(node, &["--idle-timeout", "5s"])?;
-    }
-    let mut obs_tput = Vec::new();
-    let mut obs_rate = Vec::new();
-    for _ in 0..reps {
-        obs_tput.push(iperf(&lab, seconds)?);
-        obs_rate.push(conn_rate(&lab)?);
-    }
-    // Kernel accounting costs a little itself, so it is on only for this separate run.
-    println!("==> per-program cost: one more run of each workload with kernel.bpf_stats_enabled=1");
-    let stats_before = bpf_stats_enabled();
-    sysctl("kernel.bpf_stats_enabled=1")?;
-    let measured = iperf(&lab, seconds).and_then(|_| conn_rate(&lab));
-    let progs = prog_stats();
-    sysctl(&format!("kernel.bpf_stats_enabled={stats_before}"))?;
-    measured?;
-    let progs = progs?;
+    start_agents(&mut lab, &[])?;
+    let (obs_tput, obs_rate) = workloads(&lab, reps, seconds)?;
+    // The kernel's counters add up while enabled: the second run's costs are the difference.
+    let conn_progs = program_costs(&lab, 0)?;
+    let both = program_costs(&lab, seconds)?;
+    let progs = both
+        .iter()
+        .map(|(name, (runs, ns))| {
+            let (r0, n0) = conn_progs.get(name).copied().unwrap_or((0, 0));
+            (
+                name.clone(),
+                (runs.saturating_sub(r0), ns.saturating_sub(n0)),
+            )
+        })
+        .collect();
     let rss: Vec<(String, u64)> = lab
         .agents
         .iter()
@@ -184,11 +182,54 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         base_rate,
         obs_tput,
         obs_rate,
+        plain_rate,
         progs,
+        conn_progs,
+        plain_progs,
         rss,
         maps,
         metrics,
     }))
+}
+
+fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
+    for node in ["node-a", "node-b"] {
+        let args: Vec<&str> = ["--idle-timeout", "5s"]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect();
+        lab.start_agent(node, &args)?;
+    }
+    Ok(())
+}
+
+/// `reps` runs of iperf3 (none when `seconds` is 0) and of the connection load.
+fn workloads(lab: &LabRun, reps: usize, seconds: u32) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut tput, mut rate) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        if seconds > 0 {
+            tput.push(iperf(lab, seconds)?);
+        }
+        rate.push(conn_rate(lab)?);
+    }
+    Ok((tput, rate))
+}
+
+/// Each program's run time from the kernel over one more run of the workloads. Kernel accounting
+/// costs a little itself, so it is on only for this separate run.
+fn program_costs(lab: &LabRun, seconds: u32) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+    println!("    per-program cost: one more run with kernel.bpf_stats_enabled=1");
+    let stats_before = bpf_stats_enabled();
+    sysctl("kernel.bpf_stats_enabled=1")?;
+    let measured = if seconds > 0 {
+        iperf(lab, seconds).and_then(|_| conn_rate(lab))
+    } else {
+        conn_rate(lab)
+    };
+    let progs = prog_stats();
+    sysctl(&format!("kernel.bpf_stats_enabled={stats_before}"))?;
+    measured?;
+    progs
 }
 
 /// What one datapath run measured.
@@ -197,7 +238,12 @@ struct Datapath {
     base_rate: Vec<f64>,
     obs_tput: Vec<f64>,
     obs_rate: Vec<f64>,
+    /// Connections/s with agents that do not read conntrack entries.
+    plain_rate: Vec<f64>,
     progs: BTreeMap<String, (u64, u64)>,
+    /// Program costs over the connection load only, agents reading conntrack and not.
+    conn_progs: BTreeMap<String, (u64, u64)>,
+    plain_progs: BTreeMap<String, (u64, u64)>,
     rss: Vec<(String, u64)>,
     maps: u64,
     metrics: String,
@@ -228,6 +274,31 @@ fn report(d: &Datapath) -> String {
         "  short TCP connections / s        {br:>7.0}       {or:>7.0}       {:>5.3}",
         or / br
     );
+    let pr = mean(&d.plain_rate);
+    let _ = writeln!(
+        out,
+        "  short TCP connections / s, agents not reading conntrack (--no-nat-state): {pr:.0} ({:.3} of no agent); reading it costs {:.1} %",
+        pr / br,
+        (1.0 - or / pr) * 100.0
+    );
+    let _ = writeln!(
+        out,
+        "\n  the conntrack read at the egress points, once per new key (connection load only, ns/run)"
+    );
+    let _ = writeln!(out, "  program              without read  with read");
+    for name in ["tc_pod_egress", "tc_uplink_egress"] {
+        let per = |m: &BTreeMap<String, (u64, u64)>| {
+            m.get(name)
+                .filter(|(runs, _)| *runs > 0)
+                .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
+        };
+        let _ = writeln!(
+            out,
+            "  {name:<20} {:>12.1}  {:>9.1}",
+            per(&d.plain_progs),
+            per(&d.conn_progs)
+        );
+    }
     let _ = writeln!(
         out,
         "\n  kernel program cost (kernel.bpf_stats_enabled, one run of each workload, both agents' copies)"

@@ -229,11 +229,18 @@ impl Pipeline {
         let drop_cfg = DropConfig::from_kernel()
             .inspect_err(|e| warn!("drop tracing is off: {e}"))
             .ok();
-        let nat = NatOffsets::from_kernel()
-            .inspect_err(|e| {
-                warn!("no conntrack offsets ({e}): pre/post-DNAT pairs are joined by client endpoint only, and records say so")
-            })
-            .ok();
+        let nat = if args.no_nat_state {
+            info!(
+                "--no-nat-state: conntrack entries are not read; pre/post-NAT pairs are joined by client endpoint only, and records say so"
+            );
+            None
+        } else {
+            NatOffsets::from_kernel()
+                .inspect_err(|e| {
+                    warn!("no conntrack offsets ({e}): pre/post-NAT pairs are joined by client endpoint only, and records say so")
+                })
+                .ok()
+        };
         let (mut hooks, maps) = Hooks::load(
             args.max_flows,
             args.tc_mode,
