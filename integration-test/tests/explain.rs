@@ -369,3 +369,76 @@ fn explain_answers_while_the_client_still_retries() {
     assert_eq!(v[0]["outcome"], "dropped", "{v:#}");
     assert_eq!(v[0]["layer"], "network_policy_egress");
 }
+
+/// A NodePort reached from outside, through a VPC firewall that admits the client to the
+/// NodePort but not the node network to the pod: kube-proxy masqueraded the connection, so the
+/// wire between the nodes carries node-a's IP, and a rule for the pod range (or for the client)
+/// would not help. explain names the source the firewall really saw, and its rule works.
+#[test]
+fn masqueraded_nodeport_blocked_between_nodes_gets_a_rule_for_the_node_network() {
+    let lab = lab_with_agents("xnport", "2s");
+    let fw = lab.dir.join("firewall.yaml");
+    let text = std::fs::read_to_string(scenario("firewall-nodeport")).unwrap();
+    let without_nodes = text
+        .split("  - name: allow-nodes-to-pods")
+        .next()
+        .unwrap()
+        .to_owned();
+    std::fs::write(&fw, without_nodes).unwrap();
+    apply(&lab, fw.to_str().unwrap());
+    let curl = |t: &str| {
+        lab.exec(
+            "outside",
+            &["curl", "-sS", "-m", t, "http://10.200.0.1:30443/"],
+        )
+        .unwrap()
+        .status
+        .success()
+    };
+    assert!(!curl("2"), "the firewall should stop it between the nodes");
+    lab.wait_records("node-a", WAIT, |rs| {
+        rs.iter()
+            .any(|r| r["final"] == true && r["pre_dnat"]["src"] == "192.0.2.10")
+    })
+    .unwrap();
+    let out = observer(&[
+        "explain",
+        lab.dir.join("node-a.jsonl").to_str().unwrap(),
+        lab.dir.join("node-b.jsonl").to_str().unwrap(),
+        "--client",
+        "192.0.2.10",
+        "--names",
+        &lab.names_file().to_string_lossy(),
+        "--format",
+        "json",
+    ]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let v = &v[0];
+    assert_eq!(v["outcome"], "lost_between_nodes", "{v:#}");
+    assert_eq!(v["wire_view"]["sender"]["src"], "10.200.0.1");
+    let fix = &v["fix"];
+    let gcloud = fix["gcloud"].as_str().unwrap();
+    assert!(
+        gcloud.contains("--rules=tcp:8443 --source-ranges=10.200.0.1/32,10.200.0.2/32"),
+        "{fix}"
+    );
+    assert!(
+        fix["summary"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("masqueraded")
+            || fix.to_string().contains("masqueraded"),
+        "{fix}"
+    );
+    let nft = fix["nft"].as_str().unwrap();
+    let vpc = lab.ns("vpc");
+    let mut args = vec!["netns", "exec", vpc.as_str()];
+    args.extend(nft.split_whitespace());
+    let out = Command::new("ip").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(curl("5"), "the fix works");
+}

@@ -24,6 +24,17 @@ pub struct NamesFile {
     pub pods: Vec<PodEntry>,
     #[serde(default)]
     pub services: Vec<ServiceEntry>,
+    /// The nodes' own addresses: what a masqueraded connection (a NodePort's client, a
+    /// hostNetwork pod) carries as its source, for fixes that must name them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<NodeEntry>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct NodeEntry {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -4,7 +4,9 @@
 
 use std::net::IpAddr;
 
-use observer_common::names::{NamesFile, NamespaceEntry, PodEntry, ServiceEntry, ServicePortEntry};
+use observer_common::names::{
+    NamesFile, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, ServicePortEntry,
+};
 
 use crate::{config::LabConfig, model::Protocol};
 
@@ -13,6 +15,16 @@ pub fn from_config(cfg: &LabConfig) -> NamesFile {
     f.pod_cidrs = std::iter::once(cfg.cluster_cidr)
         .chain(cfg.cluster_cidr6)
         .map(|c| c.to_string())
+        .collect();
+    f.nodes = cfg
+        .nodes
+        .iter()
+        .map(|n| NodeEntry {
+            name: n.name.clone(),
+            ips: std::iter::once(IpAddr::V4(n.ip))
+                .chain(n.ip6.map(IpAddr::V6))
+                .collect(),
+        })
         .collect();
     f.namespaces = cfg
         .namespaces
@@ -87,5 +99,6 @@ mod tests {
         let a = back.pods.iter().find(|p| p.name == "pod-a").expect("pod-a");
         assert!(a.ips.contains(&"10.244.1.10".parse().unwrap()), "{a:?}");
         assert_eq!(back.pod_cidrs[0], cfg.cluster_cidr.to_string());
+        assert_eq!(back.nodes[0].ips[0].to_string(), "10.200.0.1");
     }
 }

@@ -130,6 +130,8 @@ pub struct Names {
     pub pod_ranges: Vec<String>,
     /// Namespace -> its labels.
     pub namespaces: HashMap<String, BTreeMap<String, String>>,
+    /// Node address -> node name.
+    pub nodes: BTreeMap<IpAddr, String>,
 }
 
 impl Names {
@@ -170,6 +172,11 @@ impl Names {
         }
         for ns in f.namespaces {
             n.namespaces.insert(ns.name, ns.labels);
+        }
+        for node in f.nodes {
+            for ip in node.ips {
+                n.nodes.insert(ip, node.name.clone());
+            }
         }
         for s in f.services {
             for ip in &s.cluster_ips {
@@ -280,10 +287,26 @@ impl Names {
     }
 
     pub fn label(&self, ip: &str) -> String {
-        match self.pod(ip) {
-            Some(p) => format!("{}/{} ({ip})", p.namespace, p.name),
-            None => ip.to_owned(),
+        match (self.pod(ip), self.node(ip)) {
+            (Some(p), _) => format!("{}/{} ({ip})", p.namespace, p.name),
+            (None, Some(n)) => format!("node {n}'s IP ({ip})"),
+            (None, None) => ip.to_owned(),
         }
+    }
+
+    /// The node whose own address `ip` is.
+    pub fn node(&self, ip: &str) -> Option<&str> {
+        self.nodes.get(&ip.parse().ok()?).map(String::as_str)
+    }
+
+    /// The nodes' addresses of `ip`'s family as `/32` or `/128` ranges: the source a firewall
+    /// rule must admit for masqueraded traffic.
+    pub fn node_ranges(&self, v6: bool) -> Vec<String> {
+        self.nodes
+            .keys()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(|a| format!("{a}/{}", if v6 { 128 } else { 32 }))
+            .collect()
     }
 
     /// The Service port behind `ip:port`; `reached` is the port DNAT sent it to, if known.

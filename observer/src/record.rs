@@ -10,7 +10,7 @@ pub const SCHEMA: &str = "observer.flow/v2";
 /// Earlier versions this build still reads (`explain`, `suggest`).
 pub const SCHEMA_READ: &[&str] = &["observer.flow/v1", SCHEMA];
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TupleView {
     pub src: String,
     pub sport: u16,

@@ -141,10 +141,17 @@ pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -
         vec![peer(other, other_ip)],
         vec![(proto.clone(), saw.dport)],
     );
+    // A masqueraded source (a NodePort's client, a hostNetwork client) is the node's IP there.
+    let masqueraded = match names.node(other_ip) {
+        Some(node) if !egress => format!(
+            "; the source the filter saw is {node}'s IP: the client was masqueraded on {node}, so only an ipBlock on that address admits it (and every client masqueraded there)"
+        ),
+        _ => String::new(),
+    };
     let mut f = Fix::new(
         "network_policy",
         format!(
-            "allow {} of {}/{} {} {} on {}/{} (the targetPort; not the Service IP or port)",
+            "allow {} of {}/{} {} {} on {}/{} (the targetPort; not the Service IP or port){masqueraded}",
             if egress { "egress" } else { "ingress" },
             me.namespace,
             me.name,
@@ -158,29 +165,57 @@ pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -
     Some(f)
 }
 
-/// Admit the wire tuple's port from the pod range.
+/// Admit the wire tuple's port from the source the wire really carried: the pod range for a
+/// pod's connection, the nodes' addresses for one masqueraded to a node's IP (a NodePort's
+/// client, a hostNetwork client), else that address alone.
 pub fn firewall_fix(wire: &TupleView, proto: &str, names: &Names) -> Fix {
     let p = proto.to_ascii_lowercase();
-    let range = names.pod_range(&wire.src);
-    let fam = if wire.src.contains(':') { "ip6" } else { "ip" };
-    let name = format!("allow-pods-to-{p}-{}", wire.dport);
+    let v6 = wire.src.contains(':');
+    let host = format!("{}/{}", wire.src, if v6 { 128 } else { 32 });
+    let (ranges, from, name) = match names.node(&wire.src) {
+        Some(node) => {
+            let nodes = names.node_ranges(v6);
+            (
+                if nodes.is_empty() { vec![host] } else { nodes },
+                format!(
+                    "the nodes' addresses (the wire's source is {node}'s IP {}: the connection was masqueraded on {node}, so a rule for the pod range does not match it)",
+                    wire.src
+                ),
+                format!("allow-nodes-to-{p}-{}", wire.dport),
+            )
+        }
+        None => {
+            let range = names.pod_range(&wire.src);
+            (
+                vec![range.clone()],
+                format!("the pod range {range}"),
+                format!("allow-pods-to-{p}-{}", wire.dport),
+            )
+        }
+    };
+    let fam = if v6 { "ip6" } else { "ip" };
     let mut f = Fix::new(
         "firewall",
         format!(
-            "allow {p}:{} from the pod range {range} between the nodes (the wire carries the targetPort)",
+            "allow {p}:{} from {from} between the nodes (the wire carries the targetPort)",
             wire.dport
         ),
     );
     f.gcloud = Some(format!(
-        "gcloud compute firewall-rules create {name} --network=NETWORK --direction=INGRESS --action=ALLOW --rules={p}:{} --source-ranges={range} --target-tags=NODE_TAG",
-        wire.dport
+        "gcloud compute firewall-rules create {name} --network=NETWORK --direction=INGRESS --action=ALLOW --rules={p}:{} --source-ranges={} --target-tags=NODE_TAG",
+        wire.dport,
+        ranges.join(",")
     ));
+    let saddr = match ranges.as_slice() {
+        [one] => one.clone(),
+        many => format!("{{ {} }}", many.join(", ")),
+    };
     f.nft = Some(format!(
-        "nft insert rule inet vpc forward {fam} saddr {range} {p} dport {} accept",
+        "nft insert rule inet vpc forward {fam} saddr {saddr} {p} dport {} accept",
         wire.dport
     ));
     f.lab_firewall_rule = Some(
-        json!({"name": name, "sourceRanges": [range], "rules": [format!("{p}:{}", wire.dport)]}),
+        json!({"name": name, "sourceRanges": ranges, "rules": [format!("{p}:{}", wire.dport)]}),
     );
     f
 }

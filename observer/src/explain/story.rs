@@ -10,9 +10,10 @@ use serde::Serialize;
 use super::{Names, fix};
 use crate::record::{FlowRecord, ObservedAs, ServiceRef, TupleView};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Story {
-    /// Record of the node where the client pod lives (has `pre_dnat`).
+    /// Record of the node where the client lives (has `pre_dnat`), or where an outside
+    /// client's connection entered and was translated (a NodePort).
     pub sender: Option<FlowRecord>,
     /// Record of the node where the server pod lives (arrived already translated).
     pub receiver: Option<FlowRecord>,
@@ -111,32 +112,55 @@ fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
     Some((r.proto.clone(), t.src.clone(), t.sport))
 }
 
-/// Group the records of all nodes by connection (protocol and client endpoint, which DNAT
-/// keeps): one story per connection, the latest when a client port was reused. Each node's newest
-/// record counts, final or not: a connection still open (or open when its agent stopped) is
-/// told from its interim records.
+/// Group the records of all nodes by connection: one story per connection, the latest when a
+/// client port was reused. The client's side (its node, or the node where an outside client's
+/// connection entered and was translated) is keyed by the client endpoint; a receiving node's
+/// record joins the story whose client side sent exactly its tuple onto the wire (which also
+/// holds when the source was masqueraded on the way), else the client endpoint, which DNAT alone
+/// keeps. Each node's newest record counts, final or not: a connection still open (or open when
+/// its agent stopped) is told from its interim records.
 pub fn stitch(records: &[FlowRecord]) -> Vec<Story> {
+    let client_side = |r: &FlowRecord| match r.observed_as {
+        ObservedAs::Sender | ObservedAs::Local => true,
+        ObservedAs::Transit => r.translated,
+        ObservedAs::Receiver => false,
+    };
     let mut by_key: BTreeMap<(String, String, u16), Story> = BTreeMap::new();
-    for r in records {
+    let (senders, receivers): (Vec<&FlowRecord>, Vec<&FlowRecord>) =
+        records.iter().partition(|r| client_side(r));
+    for r in senders {
         let Some(key) = client_key(r) else { continue };
-        let s = by_key.entry(key).or_insert(Story {
-            sender: None,
-            receiver: None,
-        });
-        let slot = match r.observed_as {
-            ObservedAs::Sender | ObservedAs::Local => &mut s.sender,
-            ObservedAs::Receiver | ObservedAs::Transit => &mut s.receiver,
+        keep_newest(&mut by_key.entry(key).or_default().sender, r);
+    }
+    let on_wire: BTreeMap<(String, TupleView), (String, String, u16)> = by_key
+        .iter()
+        .filter_map(|(k, s)| {
+            let r = s.sender.as_ref()?;
+            Some(((r.proto.clone(), r.post_dnat.clone()?), k.clone()))
+        })
+        .collect();
+    for r in receivers {
+        let sent = r
+            .post_dnat
+            .clone()
+            .and_then(|t| on_wire.get(&(r.proto.clone(), t)).cloned());
+        let Some(key) = sent.or_else(|| client_key(r)) else {
+            continue;
         };
-        // Newest first by its last packet, then a final record over an interim one of the same
-        // moment (the final one is written last).
-        if slot
-            .as_ref()
-            .is_none_or(|old| (&old.end, old.is_final) <= (&r.end, r.is_final))
-        {
-            *slot = Some(r.clone());
-        }
+        keep_newest(&mut by_key.entry(key).or_default().receiver, r);
     }
     by_key.into_values().collect()
+}
+
+/// Newest first by its last packet, then a final record over an interim one of the same moment
+/// (the final one is written last).
+fn keep_newest(slot: &mut Option<FlowRecord>, r: &FlowRecord) {
+    if slot
+        .as_ref()
+        .is_none_or(|old| (&old.end, old.is_final) <= (&r.end, r.is_final))
+    {
+        *slot = Some(r.clone());
+    }
 }
 
 impl Story {
@@ -297,14 +321,21 @@ impl Story {
                     "lost_between_nodes",
                     Some("firewall_between_nodes"),
                     format!(
-                        "left {} on the wire as {}:{} -> {}:{} and never reached {}: something between the nodes (a VPC firewall) dropped it; it filters the wire tuple, so it must allow port {} from the pod range",
+                        "left {} on the wire as {}:{} -> {}:{} and never reached {}: something between the nodes (a VPC firewall) dropped it; it filters the wire tuple, so it must allow port {} from {}",
                         s.node,
                         w.src,
                         w.sport,
                         w.dst,
                         w.dport,
                         others.join(", "),
-                        w.dport
+                        w.dport,
+                        match names.node(&w.src) {
+                            Some(n) => format!(
+                                "{n}'s IP {}: the connection was masqueraded on {n}, so the pod range or the client's address would not match",
+                                w.src
+                            ),
+                            None => "the pod range".to_owned(),
+                        }
                     ),
                     Some(fix::firewall_fix(w, &s.proto, names)),
                 )

@@ -49,6 +49,18 @@ fn answered_through_the_service() {
     assert!(v["layer"].is_null());
 }
 
+/// A NodePort reached from outside: node-a translated and masqueraded it, so node-b's record has
+/// another client endpoint (node-a's IP). The two are one story, joined by the wire tuple.
+#[test]
+fn a_masqueraded_nodeport_is_one_story_across_the_nodes() {
+    let v = verdict(&args(fixture("nodeport", BOTH), None, Some("192.0.2.10")));
+    assert_eq!(v["outcome"], "answered", "{v:#}");
+    assert_eq!(v["asked"]["dport"], 30443);
+    assert_eq!(v["backend"]["src"], "10.200.0.1", "masqueraded");
+    assert_eq!(v["policy_view"]["receiver"]["node"], "node-b", "{v:#}");
+    assert_eq!(v["policy_view"]["receiver"]["tuple"]["src"], "10.200.0.1");
+}
+
 #[test]
 fn dropped_by_the_client_pods_egress_policy() {
     let v = verdict(&args(
