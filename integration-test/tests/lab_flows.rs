@@ -692,6 +692,22 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
         )
         .unwrap();
     assert_eq!(s["ok"], 20, "{s}");
+    let s = lab
+        .client(
+            "pod-a",
+            &["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"],
+        )
+        .unwrap();
+    assert_eq!(s["ok"], 3, "{s}");
+    // The NodePort from outside, through nftables mode's service-nodeports map.
+    apply(&lab, &scenario("firewall-nodeport"));
+    let np = lab
+        .exec(
+            "outside",
+            &["curl", "-sS", "-m", "5", "http://10.200.0.1:30443/"],
+        )
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&np.stdout).trim(), "pod-b");
     let v6 = lab
         .exec(
             "pod-a",
@@ -716,10 +732,19 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
     let a = lab
         .wait_records("node-a", WAIT, |rs| {
             rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 20
+                && rs.iter().filter(|r| asked(r, "100.64.0.53")).count() >= 3
                 && rs.iter().any(|r| asked(r, "100.64.0.10"))
+                && rs.iter().any(|r| asked(r, "10.200.0.1"))
                 && rs.iter().any(|r| asked(r, "fd00:100:64::10"))
         })
         .unwrap();
+    let nodeport = find(&a, |r| asked(r, "10.200.0.1"));
+    assert_eq!(
+        nodeport[0]["translation"]["kind"], "dnat_snat",
+        "{:#}",
+        nodeport[0]
+    );
+    assert_eq!(nodeport[0]["observed_as"], "transit");
     let ct = lab.conntrack("node-a").unwrap();
     let mut backends = std::collections::BTreeSet::new();
     for r in a
