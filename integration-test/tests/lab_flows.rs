@@ -1091,3 +1091,109 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
     assert_eq!(rb[0]["policy_view"]["tuple"]["src"], "10.200.0.1");
     assert_eq!(rb[0]["policy_view"]["tuple"]["dport"], 8443);
 }
+
+/// `--lb socket`: a socket-level load balancer (cgroup connect4/sendmsg4/recvmsg4, like Cilium's
+/// and Calico's kube-proxy replacements) picks the backend in connect()/sendmsg(). No packet ever
+/// carries the ClusterIP and conntrack knows nothing of it; the agent, whose cgroup hook runs
+/// first, still shows the pair. Oracles: the client's own getpeername() (the backend) and what it
+/// asked for, and conntrack's entries (backend tuples, no Service address).
+#[test]
+fn socket_load_balancer_is_shown_as_translated_in_connect() {
+    let lab = lab_with_agents_in("sock", "2s", Some(&story_with_load_balancer("socket")));
+    let tcp = lab
+        .client(
+            "pod-a",
+            &[
+                "--to",
+                "100.64.0.20:80",
+                "--count",
+                "200",
+                "--concurrency",
+                "200",
+                "--hold",
+                "300ms",
+                "--timeout",
+                "10s",
+            ],
+        )
+        .unwrap();
+    assert_eq!(tcp["ok"], 200, "{tcp}");
+    let peers: Vec<String> = tcp["peers"].as_object().unwrap().keys().cloned().collect();
+    assert_eq!(
+        peers,
+        ["10.244.1.20:8080", "10.244.2.20:8080"],
+        "getpeername() is the backend: the socket was connected to it"
+    );
+    let udp = lab
+        .client(
+            "pod-a",
+            &["--to", "100.64.0.53:53", "--proto", "udp", "--count", "3"],
+        )
+        .unwrap();
+    assert_eq!(udp["ok"], 3, "{udp}");
+    assert_eq!(
+        udp["peers"]["100.64.0.53:53"], 3,
+        "recvmsg() shows the reply as the Service's: {udp}"
+    );
+
+    // The client's side (pod-api-1 is on node-a too: those connections are `local`).
+    let asked = |r: &serde_json::Value, vip: &str| {
+        r["final"] == true && r["socket"].is_object() && r["pre_dnat"]["dst"] == vip
+    };
+    let a = lab
+        .wait_records("node-a", Duration::from_secs(40), |rs| {
+            rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 200
+                && rs.iter().filter(|r| asked(r, "100.64.0.53")).count() >= 3
+        })
+        .unwrap();
+    let ct = lab.conntrack("node-a").unwrap();
+    assert!(
+        !ct.iter()
+            .any(|e| e.orig.2.starts_with("100.64.") || e.reply.0.starts_with("100.64.")),
+        "conntrack knows nothing of the Service addresses"
+    );
+    let mut backends = std::collections::BTreeSet::new();
+    for r in a
+        .iter()
+        .filter(|r| asked(r, "100.64.0.20") || asked(r, "100.64.0.53"))
+    {
+        assert_eq!(r["translated"], true, "{r:#}");
+        let t = &r["translation"];
+        assert_eq!(
+            (&t["mechanism"], &t["evidence"], &t["after"]),
+            (&"socket".into(), &"socket".into(), &"socket".into()),
+            "{r:#}"
+        );
+        assert_eq!(
+            r["socket"]["asked"], r["pre_dnat"],
+            "what the app asked for"
+        );
+        let post = tuple_of(&r["post_dnat"]).unwrap();
+        if r["proto"] == "TCP" {
+            assert_eq!(post.3, 8080);
+            backends.insert(format!("{}:{}", post.2, post.3));
+        } else {
+            assert_eq!((post.2.as_str(), post.3), ("10.244.2.53", 5353));
+        }
+        // Whatever conntrack saw of it, it saw the backend tuple, untranslated.
+        if let Some(e) = ct.iter().find(|e| e.orig == post) {
+            assert_eq!((e.reply.2.clone(), e.reply.3), (post.0.clone(), post.1));
+        }
+    }
+    assert_eq!(
+        backends.into_iter().collect::<Vec<_>>(),
+        peers,
+        "the records' backends are the ones the client was connected to"
+    );
+    let m = lab.metrics("node-a").unwrap();
+    assert!(
+        metric(
+            &m,
+            "observer_nat_translations_total",
+            &[("kind", "dnat"), ("mechanism", "socket")]
+        )
+        .unwrap_or(0.0)
+            >= 203.0
+    );
+    validate_schema(&a);
+}

@@ -20,7 +20,7 @@ use crate::{
     model::{Family, LoadBalancer, OUTSIDE, Protocol, VPC, host_veth},
     names,
     netns::{self, CmdError, ip},
-    outside, policy,
+    outside, policy, socket_lb,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,8 @@ pub enum LabError {
     UnknownTarget { lab: String, target: String },
     #[error("servers in the lab did not start within 10 s: {0}")]
     ServersNotReady(String),
+    #[error(transparent)]
+    SocketLb(#[from] socket_lb::SocketLbError),
 }
 
 pub const STATE_ROOT: &str = "/run/observer-lab";
@@ -174,6 +176,9 @@ impl Lab {
         }
         self.program_policies(cfg)?;
         self.program_firewall(cfg)?;
+        if cfg.load_balancer == LoadBalancer::Socket {
+            socket_lb::up(&self.state_dir(), cfg, &self.pod_namespaces(cfg))?;
+        }
         self.start_servers(cfg)?;
         info!("lab {} is up", self.name);
         Ok(())
@@ -480,6 +485,18 @@ impl Lab {
         self.write_config(cfg, &text)
     }
 
+    fn pod_namespaces(&self, cfg: &LabConfig) -> Vec<String> {
+        cfg.pods.iter().map(|p| self.ns(&p.name)).collect()
+    }
+
+    /// The socket load balancer follows the pods (their namespaces, the Services' endpoints).
+    fn sync_socket_lb(&self, cfg: &LabConfig) -> Result<(), LabError> {
+        if cfg.load_balancer == LoadBalancer::Socket {
+            socket_lb::sync(&self.state_dir(), cfg, &self.pod_namespaces(cfg))?;
+        }
+        Ok(())
+    }
+
     /// Add a pod to a running lab and record it in the lab's description.
     pub fn add_pod_live(&self, pod: Pod) -> Result<(), LabError> {
         let mut cfg = self.load_config()?;
@@ -501,7 +518,7 @@ impl Lab {
             let _ = self.del_pod_live(&pod.name);
             return Err(e);
         }
-        Ok(())
+        self.sync_socket_lb(&cfg)
     }
 
     /// Delete a pod of a running lab (its veth goes with its namespace).
@@ -516,7 +533,8 @@ impl Lab {
             netns::run(&["ip", "netns", "del", &ns])?;
         }
         cfg.pods.retain(|p| p.name != name);
-        self.save_config(&cfg)
+        self.save_config(&cfg)?;
+        self.sync_socket_lb(&cfg)
     }
 
     /// kube-proxy's rules for every Service, in the lab's load-balancer mode, in node `ns`.
@@ -527,11 +545,11 @@ impl Lab {
         }
         for family in families {
             let (cmd, text) = match (cfg.load_balancer, family) {
-                (LoadBalancer::Iptables, Family::V4) => (
+                (LoadBalancer::Iptables | LoadBalancer::Socket, Family::V4) => (
                     vec!["iptables-restore", "--noflush"],
                     kubeproxy::tables(cfg, family),
                 ),
-                (LoadBalancer::Iptables, Family::V6) => (
+                (LoadBalancer::Iptables | LoadBalancer::Socket, Family::V6) => (
                     vec!["ip6tables-restore", "--noflush"],
                     kubeproxy::tables(cfg, family),
                 ),
@@ -625,6 +643,7 @@ impl Lab {
         for ns in &spaces {
             netns::run(&["ip", "netns", "del", ns])?;
         }
+        socket_lb::down(&self.state_dir());
         let _ = std::fs::remove_dir_all(self.state_dir());
         // Flow maps its agents pinned under the default root (per node namespace).
         remove_pins(
@@ -734,11 +753,17 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
             labels.join(",")
         );
     }
-    let _ = writeln!(
-        s,
-        "services (kube-proxy {} mode on every node):",
-        cfg.load_balancer.as_str()
-    );
+    let _ = match cfg.load_balancer {
+        LoadBalancer::Socket => writeln!(
+            s,
+            "services (a socket load balancer in the pods' connect()/sendmsg() for IPv4 ClusterIPs; kube-proxy iptables mode for the rest):"
+        ),
+        lb => writeln!(
+            s,
+            "services (kube-proxy {} mode on every node):",
+            lb.as_str()
+        ),
+    };
     for svc in &cfg.services {
         for port in &svc.ports {
             let eps: Vec<String> = cfg

@@ -7,7 +7,8 @@
 //! - `lab` builds it from namespaces and veths (`netns`), with `kubeproxy` rules, `policy`
 //!   chains and the `firewall`, and writes its `names` file; `kubeproxy` writes kube-proxy's
 //!   iptables mode, `kubeproxy_nft` its nftables mode; `outside` is a host beyond the VPC and
-//!   the nodes' masquerade towards it;
+//!   the nodes' masquerade towards it; `socket_lb` loads the socket-level load balancer
+//!   (`observer-lab-ebpf`) for `--lb socket`;
 //! - `traffic` is the server in each backend pod and the client the tests use;
 //! - `drive` runs a lab and its agents from outside, for the demo, the benches and the tests.
 
@@ -24,6 +25,7 @@ pub mod names;
 pub mod netns;
 pub mod outside;
 pub mod policy;
+pub mod socket_lb;
 pub mod traffic;
 
 pub use lab::{Lab, LabError};

@@ -15,6 +15,10 @@ pub enum LoadBalancer {
     /// kube-proxy's nftables mode (GA in Kubernetes 1.33): `table ip kube-proxy`, a
     /// `service-ips` verdict map, `numgen` endpoint choice, `dnat to`.
     Nftables,
+    /// A socket-level load balancer (cgroup connect/sendmsg/recvmsg programs, like Cilium's and
+    /// Calico's eBPF kube-proxy replacements) for the pods' IPv4 ClusterIPs; kube-proxy's
+    /// iptables rules for the rest (NodePorts, the nodes' own processes, IPv6).
+    Socket,
 }
 
 impl LoadBalancer {
@@ -22,6 +26,7 @@ impl LoadBalancer {
         match self {
             LoadBalancer::Iptables => "iptables",
             LoadBalancer::Nftables => "nftables",
+            LoadBalancer::Socket => "socket",
         }
     }
 }

@@ -119,14 +119,20 @@ async fn connect(args: &ClientArgs) -> std::io::Result<TcpStream> {
     }
 }
 
-/// Result of one exchange: the answering pod's name.
-async fn exchange(args: &ClientArgs) -> Result<String, String> {
+/// One exchange: the answering pod's name, and the peer as the socket API reports it
+/// (getpeername() for TCP, the reply's source for UDP): behind a socket load balancer, the
+/// backend it connected to, or the Service address it shows replies as coming from.
+async fn exchange(args: &ClientArgs) -> Result<(String, String), String> {
     match args.proto {
         L4::Tcp => {
             let mut s = timeout(args.timeout, connect(args))
                 .await
                 .map_err(|_| "connect timed out".to_owned())?
                 .map_err(|e| format!("connect: {e}"))?;
+            let peer = s
+                .peer_addr()
+                .map_err(|e| format!("getpeername: {e}"))?
+                .to_string();
             tokio::time::sleep(args.hold).await;
             s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nUser-Agent: observer-lab\r\n\r\n")
                 .await
@@ -139,7 +145,7 @@ async fn exchange(args: &ClientArgs) -> Result<String, String> {
             let text = String::from_utf8_lossy(&resp);
             text.split("\r\n\r\n")
                 .nth(1)
-                .map(|b| b.trim().to_owned())
+                .map(|b| (b.trim().to_owned(), peer))
                 .ok_or_else(|| "malformed answer".to_owned())
         }
         L4::Udp => {
@@ -157,11 +163,14 @@ async fn exchange(args: &ClientArgs) -> Result<String, String> {
                 .await
                 .map_err(|e| format!("send: {e}"))?;
             let mut buf = [0u8; 2048];
-            let n = timeout(args.timeout, sock.recv(&mut buf))
+            let (n, from) = timeout(args.timeout, sock.recv_from(&mut buf))
                 .await
                 .map_err(|_| "answer timed out".to_owned())?
                 .map_err(|e| format!("receive: {e}"))?;
-            Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            Ok((
+                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                from.to_string(),
+            ))
         }
     }
 }
@@ -187,10 +196,14 @@ pub async fn client(args: ClientArgs) -> bool {
         }));
     }
     let mut answers: BTreeMap<String, usize> = BTreeMap::new();
+    let mut peers: BTreeMap<String, usize> = BTreeMap::new();
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for t in tasks {
         match t.await {
-            Ok(Ok(name)) => *answers.entry(name).or_default() += 1,
+            Ok(Ok((name, peer))) => {
+                *answers.entry(name).or_default() += 1;
+                *peers.entry(peer).or_default() += 1;
+            }
             Ok(Err(e)) => *errors.entry(e).or_default() += 1,
             Err(e) => *errors.entry(e.to_string()).or_default() += 1,
         }
@@ -199,7 +212,7 @@ pub async fn client(args: ClientArgs) -> bool {
     let failed: usize = errors.values().sum();
     println!(
         "{}",
-        serde_json::json!({ "to": args.to.to_string(), "ok": ok, "failed": failed, "answers": answers, "errors": errors })
+        serde_json::json!({ "to": args.to.to_string(), "ok": ok, "failed": failed, "answers": answers, "peers": peers, "errors": errors })
     );
     failed == 0
 }

@@ -81,7 +81,8 @@ pub struct Translation {
     #[serde(default = "dnat")]
     pub kind: String,
     /// Who rewrote it, when the kernel said so: `netfilter` (a conntrack NAT entry, in
-    /// `ct_zone`). Absent when the join was inferred.
+    /// `ct_zone`) or `socket` (a socket load balancer, in connect()/sendmsg()). Absent when the
+    /// join was inferred.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mechanism: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

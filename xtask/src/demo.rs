@@ -14,7 +14,7 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}/8] {text}");
 }
 
-pub fn run(keep: bool) -> anyhow::Result<()> {
+pub fn run(keep: bool, lb: &str) -> anyhow::Result<()> {
     let bins = crate::bins();
     let stamp = Command::new("date")
         .arg("-u")
@@ -31,9 +31,15 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
 
     step(
         1,
-        "bringing up the lab: two nodes, five pods, kube-proxy iptables rules on both nodes",
+        &format!("bringing up the lab: two nodes, five pods, the Services' load balancer: {lb}"),
     );
-    let mut lab = LabRun::up(&bins, LAB, None, &dir)?;
+    let story = std::fs::read_to_string(crate::workspace_root().join("lab/story.toml"))?;
+    let config = story.replacen(
+        "load_balancer = \"iptables\"",
+        &format!("load_balancer = \"{lb}\""),
+        1,
+    );
+    let mut lab = LabRun::up(&bins, LAB, Some(&config), &dir)?;
     let status = Command::new(&bins.lab)
         .args(["status", "--name", LAB])
         .output()?;
@@ -226,9 +232,23 @@ fn checked_against(ct: &[CtEntry], pre: &Value, post: &Value, evidence: &str) ->
                 }
             );
         }
-        None => {
-            let _ = writeln!(s, "      conntrack on node-a: entry not found (expired?)");
-        }
+        None => match ct.iter().find(|e| Some(&e.orig) == tuple_of(post).as_ref()) {
+            // A socket load balancer: conntrack only ever saw the backend tuple.
+            Some(e) => {
+                let _ = writeln!(
+                    s,
+                    "      conntrack on node-a: no entry for {}; original {}:{} -> {}:{} (the backend: it never saw the Service address)",
+                    ep(pre),
+                    e.orig.0,
+                    e.orig.1,
+                    e.orig.2,
+                    e.orig.3
+                );
+            }
+            None => {
+                let _ = writeln!(s, "      conntrack on node-a: entry not found (expired?)");
+            }
+        },
     }
     s.push_str(evidence);
 
@@ -429,29 +449,48 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         sock["comm"].as_str().unwrap_or("?"),
         sock["pid"]
     );
-    let _ = writeln!(
-        s,
-        "  2. entered node-a         {:<44} tc ingress, node side of pod-a's veth {veth_a}",
-        flow(pre)
-    );
     let tr = &story["translation"];
-    let _ = writeln!(
-        s,
-        "  3. DNAT on {:<14} between {} and {}: inside node-a's IP stack (netfilter nat PREROUTING,",
-        tr["node"].as_str().unwrap_or("?"),
-        tr["after"].as_str().unwrap_or("?"),
-        tr["before"].as_str().unwrap_or("?")
-    );
-    let _ = writeln!(
-        s,
-        "                            kube-proxy's KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP chains)"
-    );
+    let entered = hop(story, "pod_ingress").map_or(pre, |h| &h["tuple"]);
+    if tr["mechanism"] == "socket" {
+        let _ = writeln!(
+            s,
+            "  2. rewritten in connect() on {}: a socket load balancer chose the backend before any packet existed;\n     no packet ever carried {}",
+            tr["node"].as_str().unwrap_or("?"),
+            ep(pre)
+        );
+        let _ = writeln!(
+            s,
+            "  3. entered node-a         {:<44} tc ingress, node side of pod-a's veth {veth_a}",
+            flow(entered)
+        );
+    } else {
+        let _ = writeln!(
+            s,
+            "  2. entered node-a         {:<44} tc ingress, node side of pod-a's veth {veth_a}",
+            flow(entered)
+        );
+        let _ = writeln!(
+            s,
+            "  3. DNAT on {:<14} between {} and {}: inside node-a's IP stack (netfilter nat PREROUTING,",
+            tr["node"].as_str().unwrap_or("?"),
+            tr["after"].as_str().unwrap_or("?"),
+            tr["before"].as_str().unwrap_or("?")
+        );
+        let _ = writeln!(
+            s,
+            "                            kube-proxy's Service rules, conntrack zone {})",
+            tr["ct_zone"]
+        );
+    }
     let _ = writeln!(
         s,
         "                            pre/post joined by: {}",
         match tr["evidence"].as_str() {
             Some("conntrack") => {
                 "the kernel's NAT state (the packet's conntrack entry names the pre-DNAT tuple as original)"
+            }
+            Some("socket") => {
+                "the socket (the address of the connect() call, seen by the agent's cgroup hook running first, against its first packet)"
             }
             Some("client_endpoint") => "the unchanged client IP:port (inferred: no NAT state read)",
             Some(other) => other,

@@ -41,6 +41,10 @@ enum Task {
         /// Keep the lab running afterwards (take it down with `observer-lab down --name demo`).
         #[arg(long)]
         keep: bool,
+        /// The Services' load balancer: kube-proxy's iptables or nftables mode, or a socket-level
+        /// balancer like Cilium's and Calico's kube-proxy replacements.
+        #[arg(long, default_value = "iptables", value_parser = ["iptables", "nftables", "socket"])]
+        lb: String,
     },
     /// Measure per-packet cost and throughput with and without the agent.
     Bench {
@@ -96,10 +100,10 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Task::Demo { keep } => {
+        Task::Demo { keep, lb } => {
             setup::ensure()?;
             build()?;
-            demo::run(keep)
+            demo::run(keep, &lb)
         }
         Task::Bench {
             seconds,
@@ -229,6 +233,8 @@ fn lint() -> anyhow::Result<()> {
             "clippy",
             "-p",
             "observer-ebpf",
+            "-p",
+            "observer-lab-ebpf",
             "--release",
             "--target",
             "bpfel-unknown-none",

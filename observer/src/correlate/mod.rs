@@ -425,11 +425,22 @@ impl Correlator {
     ) -> FlowRecord {
         let any = c.pre.as_ref().or(c.post.as_ref()).expect("non-empty");
         let proto = any.orig.proto;
-        let pre = client_tuple(c);
+        let sent = client_tuple(c);
+        // A socket load balancer rewrote the destination in connect()/sendmsg(): the app asked
+        // for another one than its packets carry (the agent's socket hooks run first).
+        let socket_nat = sock
+            .zip(sent)
+            .filter(|(s, t)| s.asked.port != 0 && s.asked != t.dst)
+            .map(|(s, t)| Tuple {
+                proto,
+                src: t.src,
+                dst: s.asked,
+            });
+        let pre = socket_nat.or(sent);
         let local_process =
             c.pre.is_none() && c.post.as_ref().and_then(Leg::local_original).is_some();
         let post_leg = c.post.as_ref().filter(|l| l.left_stack());
-        let post = post_leg.map(|l| l.orig);
+        let post = post_leg.map(|l| l.orig).or(socket_nat.and(sent));
         let translated = matches!((pre, post), (Some(a), Some(b)) if a != b);
 
         let (mut hops, totals) = self.hops_and_totals(c);
@@ -456,7 +467,10 @@ impl Correlator {
             pre_dnat: pre.map(|t| t.view()),
             post_dnat: post.map(|t| t.view()),
             translated,
-            translation: translated.then(|| self.translation(c, post_leg, pre)),
+            translation: translated.then(|| match socket_nat {
+                Some(asked) => self.socket_translation(c, &asked, post.unwrap_or(asked)),
+                None => self.translation(c, post_leg, pre),
+            }),
             socket,
             last_seen: crate::record::LastSeen {
                 node: self.cfg.node.clone(),
@@ -535,6 +549,27 @@ impl Correlator {
             // only infers that something in the stack did.
             mechanism: zone.map(|_| "netfilter".to_owned()),
             ct_zone: zone,
+        }
+    }
+
+    /// A socket load balancer chose the backend in connect()/sendmsg(): no packet carried what
+    /// the app asked for, and conntrack knows nothing of it. The evidence is the kernel's own:
+    /// the address of the call, seen by the agent's cgroup hook running first, and the socket's
+    /// first packet.
+    fn socket_translation(&self, c: &Conn<'_>, asked: &Tuple, sent: Tuple) -> Translation {
+        let first_seen = c
+            .legs()
+            .flat_map(|l| l.obs.iter().filter(|o| l.is_orig(o)))
+            .min_by_key(|o| o.c.first_ns)
+            .map_or(Point::PodIngress, |o| o.point);
+        Translation {
+            node: self.cfg.node.clone(),
+            after: "socket".into(),
+            before: first_seen.as_str().into(),
+            evidence: "socket".into(),
+            kind: nat_kind(asked, &sent).into(),
+            mechanism: Some("socket".into()),
+            ct_zone: None,
         }
     }
 

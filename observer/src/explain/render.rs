@@ -53,6 +53,10 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
                 _ => ("DNAT", format!("-> {}:{}", post.dst, post.dport)),
             };
             let by = match (&tr.mechanism, tr.ct_zone) {
+                (Some(m), _) if m == "socket" => {
+                    "by a socket load balancer in connect()/sendmsg(): no packet carried the address asked for,"
+                        .to_owned()
+                }
                 (Some(m), Some(z)) => format!("by {m} (its conntrack entry, zone {z})"),
                 (Some(m), None) => format!("by {m}"),
                 _ => "by the stack (inferred: no NAT state read)".into(),

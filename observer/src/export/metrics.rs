@@ -57,12 +57,12 @@ const TRANSLATIONS: Def = Def(
 );
 const TRANSLATION_EVIDENCE: Def = Def(
     "observer_translation_evidence_total",
-    "Translated connections that ended, by what joined their pre- and post-DNAT tuples: conntrack (the kernel's NAT state), conntrack_mismatch, or client_endpoint (no NAT state read: inferred).",
+    "Translated connections that ended, by what joined their pre- and post-DNAT tuples: conntrack (the kernel's NAT state), socket (the connect()/sendmsg() call against the socket's packets: a socket load balancer), conntrack_mismatch, or client_endpoint (no NAT state read: inferred).",
     &["evidence"],
 );
 const NAT: Def = Def(
     "observer_nat_translations_total",
-    "Translated connections that ended, by what was rewritten (dnat, snat, dnat_snat) and who did it on the kernel's word (netfilter), or inferred when no NAT state was read.",
+    "Translated connections that ended, by what was rewritten (dnat, snat, dnat_snat) and who did it on the kernel's word (netfilter, socket), or inferred when no NAT state was read.",
     &["kind", "mechanism"],
 );
 const PACKETS: Def = Def(
@@ -249,7 +249,12 @@ impl Metrics {
         for reason in ["exporter_gone", "writer_gone"] {
             self.records_lost.with_label_values(&[reason]);
         }
-        for e in ["conntrack", "conntrack_mismatch", "client_endpoint"] {
+        for e in [
+            "conntrack",
+            "conntrack_mismatch",
+            "client_endpoint",
+            "socket",
+        ] {
             self.translation_evidence.with_label_values(&[e]);
         }
     }

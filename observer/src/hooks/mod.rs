@@ -115,6 +115,8 @@ pub struct Hooks {
     tc_mode: TcMode,
     /// Attached interfaces by name.
     attached: BTreeMap<String, TcAttachment>,
+    /// cgroup links made outside aya (ordered first); closing them detaches.
+    cgroup_links: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Hooks {
@@ -147,6 +149,7 @@ impl Hooks {
                 ebpf,
                 tc_mode,
                 attached: BTreeMap::new(),
+                cgroup_links: Vec::new(),
             },
             maps,
         ))
@@ -155,7 +158,8 @@ impl Hooks {
     /// Attach the socket hooks to `cgroup` in multi-program mode, so several agents (one per lab
     /// node) and other tools can share the cgroup root.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), HookError> {
-        cgroup::attach(&mut self.ebpf, cgroup)
+        self.cgroup_links = cgroup::attach(&mut self.ebpf, cgroup)?;
+        Ok(())
     }
 
     /// Attach the drop tracepoint (`tp_btf/kfree_skb`); the object must have been loaded with a

@@ -1,0 +1,259 @@
+//! `--lb socket`: a socket-level load balancer like Cilium's and Calico's eBPF kube-proxy
+//! replacements. cgroup programs (`observer-lab-ebpf`) attached at the cgroup v2 root rewrite a
+//! ClusterIP:port to a backend in connect() and sendmsg() and show UDP replies as coming from the
+//! ClusterIP in recvmsg(), so no packet ever carries the ClusterIP and conntrack knows nothing of
+//! it. They act only in the lab's pod namespaces (by netns cookie). kube-proxy's iptables rules
+//! stay for what does not pass a pod's socket (a NodePort from outside, a node's own processes),
+//! as with Cilium's socket LB beside kube-proxy.
+//!
+//! The links and maps are pinned in a bpf filesystem of the lab's own, mounted in its state
+//! directory (`/run/observer-lab/<lab>/bpf`), so they outlive `observer-lab up`; `down` removes
+//! the pins, which detaches the programs, and unmounts it.
+
+use std::{
+    fs::File,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData},
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+
+#[path = "../../observer-lab-ebpf/src/types.rs"]
+#[allow(dead_code, reason = "the kernel side's sizes, shared by path")]
+mod types;
+
+use types::{LbAddr, LbBackendKey, LbService};
+
+use crate::{LabError, config::LabConfig, model::Protocol};
+
+// SAFETY: plain-old-data, repr(C), explicit padding.
+unsafe impl aya::Pod for LbAddr {}
+unsafe impl aya::Pod for LbService {}
+unsafe impl aya::Pod for LbBackendKey {}
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-lab-ebpf"));
+
+const PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
+const MAPS: [&str; 4] = ["LB_SERVICES", "LB_BACKENDS", "LB_REVERSE", "LB_NETNS"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SocketLbError {
+    #[error("loading the socket load balancer: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("socket load balancer program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("socket load balancer map {0}: {1}")]
+    Map(&'static str, aya::maps::MapError),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+    #[error("netns cookie of {0}: {1}")]
+    Cookie(String, std::io::Error),
+}
+
+fn pin_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("bpf")
+}
+
+/// The first cgroup v2 mount (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on a hybrid host).
+fn cgroup2_root() -> Result<PathBuf, SocketLbError> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| SocketLbError::Io("/proc/self/mountinfo".into(), e))?;
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            (post.split_whitespace().next()? == "cgroup2")
+                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+        })
+        .ok_or_else(|| {
+            SocketLbError::Io(
+                "/proc/self/mountinfo".into(),
+                std::io::Error::other("no cgroup v2 mount: the socket load balancer needs one"),
+            )
+        })
+}
+
+/// Load, fill and attach the balancer for the lab whose state lives in `state_dir`; pins
+/// everything in a bpf filesystem mounted there.
+pub fn up(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<(), LabError> {
+    let dir = pin_dir(state_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| SocketLbError::Io(dir.clone(), e))?;
+    crate::netns::run(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()])?;
+    let mut ebpf = Ebpf::load(OBJECT).map_err(SocketLbError::Load)?;
+    for name in MAPS {
+        let map = ebpf.map_mut(name).expect("in the object");
+        map.pin(dir.join(name))
+            .map_err(|e| SocketLbError::Io(dir.join(name), std::io::Error::other(e)))?;
+    }
+    sync(state_dir, cfg, namespaces)?;
+    let root = cgroup2_root()?;
+    let cgroup = File::open(&root).map_err(|e| SocketLbError::Io(root.clone(), e))?;
+    for name in PROGRAMS {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .expect("in the object")
+            .try_into()
+            .map_err(|e| SocketLbError::Program(name, e))?;
+        prog.load().map_err(|e| SocketLbError::Program(name, e))?;
+        let id = prog
+            .attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|e| SocketLbError::Program(name, e))?;
+        let link: FdLink = prog
+            .take_link(id)
+            .map_err(|e| SocketLbError::Program(name, e))?
+            .try_into()
+            .map_err(|e| SocketLbError::Io(dir.join(name), std::io::Error::other(e)))?;
+        link.pin(dir.join(name))
+            .map_err(|e| SocketLbError::Io(dir.join(name), std::io::Error::other(e)))?;
+    }
+    Ok(())
+}
+
+/// Rewrite the maps from the lab's description: every IPv4 Service port with endpoints, and
+/// the pod namespaces the balancer acts in.
+pub fn sync(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<(), LabError> {
+    let dir = pin_dir(state_dir);
+    let open = |name: &'static str| -> Result<Map, SocketLbError> {
+        let data = MapData::from_pin(dir.join(name)).map_err(|e| SocketLbError::Map(name, e))?;
+        Ok(Map::HashMap(data))
+    };
+    let mut services: HashMap<MapData, LbAddr, LbService> = HashMap::try_from(open("LB_SERVICES")?)
+        .map_err(|e| SocketLbError::Map("LB_SERVICES", e))?;
+    let mut backends: HashMap<MapData, LbBackendKey, LbAddr> =
+        HashMap::try_from(open("LB_BACKENDS")?)
+            .map_err(|e| SocketLbError::Map("LB_BACKENDS", e))?;
+    let mut reverse: HashMap<MapData, LbAddr, LbAddr> =
+        HashMap::try_from(open("LB_REVERSE")?).map_err(|e| SocketLbError::Map("LB_REVERSE", e))?;
+    let mut netns: HashMap<MapData, u64, u8> =
+        HashMap::try_from(open("LB_NETNS")?).map_err(|e| SocketLbError::Map("LB_NETNS", e))?;
+    clear(&mut services);
+    clear(&mut backends);
+    clear(&mut reverse);
+    clear(&mut netns);
+    let mut id = 0u32;
+    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv4()) {
+        let std::net::IpAddr::V4(vip) = s.cluster_ip else {
+            continue;
+        };
+        let eps = cfg.endpoint_ips(s, false);
+        for p in &s.ports {
+            let proto = match p.protocol {
+                Protocol::Tcp => 6,
+                Protocol::Udp => 17,
+            };
+            let front = addr(vip, p.port, proto);
+            for (index, ep) in eps.iter().enumerate() {
+                let std::net::IpAddr::V4(ep) = ep else {
+                    continue;
+                };
+                let back = addr(*ep, p.target_port, proto);
+                backends
+                    .insert(
+                        LbBackendKey {
+                            id,
+                            index: index as u32,
+                        },
+                        back,
+                        0,
+                    )
+                    .map_err(|e| SocketLbError::Map("LB_BACKENDS", e))?;
+                if proto == 17 {
+                    reverse
+                        .insert(back, front, 0)
+                        .map_err(|e| SocketLbError::Map("LB_REVERSE", e))?;
+                }
+            }
+            services
+                .insert(
+                    front,
+                    LbService {
+                        id,
+                        count: eps.len() as u32,
+                    },
+                    0,
+                )
+                .map_err(|e| SocketLbError::Map("LB_SERVICES", e))?;
+            id += 1;
+        }
+    }
+    for ns in namespaces {
+        netns
+            .insert(cookie(ns)?, 1, 0)
+            .map_err(|e| SocketLbError::Map("LB_NETNS", e))?;
+    }
+    Ok(())
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>) {
+    let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        let _ = m.remove(&k);
+    }
+}
+
+/// As `bpf_sock_addr` holds them: the address's bytes in memory order, the port in network
+/// order.
+fn addr(ip: std::net::Ipv4Addr, port: u16, proto: u8) -> LbAddr {
+    LbAddr {
+        ip: u32::from_ne_bytes(ip.octets()),
+        port: port.to_be(),
+        proto,
+        _pad: 0,
+    }
+}
+
+/// The kernel's cookie of network namespace `ns` (`SO_NETNS_COOKIE`, Linux 5.14), from a socket
+/// made inside it on a thread of its own (setns changes only the calling thread).
+fn cookie(ns: &str) -> Result<u64, SocketLbError> {
+    let path = Path::new("/run/netns").join(ns);
+    let err = |e: std::io::Error| SocketLbError::Cookie(ns.to_owned(), e);
+    let f = File::open(&path).map_err(err)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: plain syscalls on fds we own; the thread ends right after.
+            unsafe {
+                if libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0);
+                if sock < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let mut cookie = 0u64;
+                let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+                const SO_NETNS_COOKIE: libc::c_int = 71;
+                let r = libc::getsockopt(
+                    sock,
+                    libc::SOL_SOCKET,
+                    SO_NETNS_COOKIE,
+                    (&mut cookie as *mut u64).cast(),
+                    &mut len,
+                );
+                libc::close(sock);
+                if r != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(cookie)
+            }
+        })
+        .join()
+        .expect("the cookie thread does not panic")
+    })
+    .map_err(err)
+}
+
+/// Remove the pins (the links go, and with them the programs) and the lab's bpf filesystem.
+pub fn down(state_dir: &Path) {
+    let dir = pin_dir(state_dir);
+    if !dir.exists() {
+        return;
+    }
+    for name in PROGRAMS.iter().chain(MAPS.iter()) {
+        let _ = std::fs::remove_file(dir.join(name));
+    }
+    let _ = crate::netns::run(&["umount", &dir.to_string_lossy()]);
+    let _ = std::fs::remove_dir(&dir);
+}
