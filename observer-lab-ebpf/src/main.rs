@@ -60,7 +60,7 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
         proto: IPPROTO_UDP,
         _pad: 0,
     };
-    if let Some(svc) = unsafe { LB_REVERSE.get(&from) } {
+    if let Some(svc) = unsafe { LB_REVERSE.get(from) } {
         sa.user_ip4 = svc.ip;
         sa.user_port = svc.port as u32;
     }
@@ -71,7 +71,7 @@ pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
 fn in_lab(ctx: &SockAddrContext) -> bool {
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
-    unsafe { LB_NETNS.get(&cookie) }.is_some()
+    unsafe { LB_NETNS.get(cookie) }.is_some()
 }
 
 #[inline(always)]
@@ -91,7 +91,7 @@ fn to_backend(ctx: &SockAddrContext) {
         proto,
         _pad: 0,
     };
-    let Some(svc) = (unsafe { LB_SERVICES.get(&asked) }) else {
+    let Some(svc) = (unsafe { LB_SERVICES.get(asked) }) else {
         return;
     };
     if svc.count == 0 {
@@ -99,7 +99,7 @@ fn to_backend(ctx: &SockAddrContext) {
     }
     let index = unsafe { bpf_get_prandom_u32() } % svc.count;
     let key = LbBackendKey { id: svc.id, index };
-    if let Some(b) = unsafe { LB_BACKENDS.get(&key) } {
+    if let Some(b) = unsafe { LB_BACKENDS.get(key) } {
         sa.user_ip4 = b.ip;
         sa.user_port = b.port as u32;
     }

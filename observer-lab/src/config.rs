@@ -217,18 +217,23 @@ impl LabConfig {
                 }
             }
         }
-        if let Some(o) = &self.outside {
-            let ip = std::net::IpAddr::V4(o.ip);
-            let node_net = |n: &Node| (u32::from(n.ip) >> 8) == (u32::from(o.ip) >> 8);
-            if self.cluster_cidr.contains(ip)
-                || self.service_cidr.contains(ip)
-                || self.nodes.iter().any(node_net)
-            {
-                return bad(format!(
-                    "outside {}: must be outside the cluster, Service and node ranges",
-                    o.ip
-                ));
-            }
+        self.validate_outside()
+    }
+
+    fn validate_outside(&self) -> Result<(), ConfigError> {
+        let Some(o) = &self.outside else {
+            return Ok(());
+        };
+        let ip = std::net::IpAddr::V4(o.ip);
+        let node_net = |n: &Node| (u32::from(n.ip) >> 8) == (u32::from(o.ip) >> 8);
+        if self.cluster_cidr.contains(ip)
+            || self.service_cidr.contains(ip)
+            || self.nodes.iter().any(node_net)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "outside {}: must be outside the cluster, Service and node ranges",
+                o.ip
+            )));
         }
         Ok(())
     }

@@ -449,6 +449,46 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         sock["comm"].as_str().unwrap_or("?"),
         sock["pid"]
     );
+    s.push_str(&tell_translation(story, veth_a));
+    let _ = writeln!(
+        s,
+        "  4. on the wire            {:<44} tc egress of node-a's uplink: what a firewall between nodes sees",
+        flow(post)
+    );
+    let _ = writeln!(
+        s,
+        "  5. arrived on node-b      {:<44} tc ingress of node-b's uplink; node-b's record: observed_as={}, translated={}",
+        flow(&arrived["post_dnat"]),
+        arrived["observed_as"].as_str().unwrap_or("?"),
+        arrived["translated"]
+    );
+    let delivered = hop(arrived, "pod_egress")
+        .map(|h| flow(&h["tuple"]))
+        .unwrap_or_default();
+    let _ = writeln!(
+        s,
+        "  6. delivered to pod-b     {delivered:<44} tc egress, node side of pod-b's veth {veth_b}"
+    );
+    let _ = writeln!(
+        s,
+        "     answered: {} packets / {} bytes each way in {}, state {}",
+        story["totals"]["packets"],
+        story["totals"]["bytes"],
+        story["proto"].as_str().unwrap_or("?"),
+        story["state"].as_str().unwrap_or("?")
+    );
+
+    s.push_str(&checked_against(ct, pre, post, evidence));
+
+    s.push_str(&meaning(pre, post));
+    s
+}
+
+/// Steps 2 and 3 of the story: where the client's tuple entered and where it was rewritten, in
+/// netfilter or in connect() by a socket load balancer.
+fn tell_translation(story: &Value, veth_a: &str) -> String {
+    let mut s = String::new();
+    let pre = &story["pre_dnat"];
     let tr = &story["translation"];
     let entered = hop(story, "pod_ingress").map_or(pre, |h| &h["tuple"]);
     if tr["mechanism"] == "socket" {
@@ -497,36 +537,5 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
             None => "?",
         }
     );
-    let _ = writeln!(
-        s,
-        "  4. on the wire            {:<44} tc egress of node-a's uplink: what a firewall between nodes sees",
-        flow(post)
-    );
-    let _ = writeln!(
-        s,
-        "  5. arrived on node-b      {:<44} tc ingress of node-b's uplink; node-b's record: observed_as={}, translated={}",
-        flow(&arrived["post_dnat"]),
-        arrived["observed_as"].as_str().unwrap_or("?"),
-        arrived["translated"]
-    );
-    let delivered = hop(arrived, "pod_egress")
-        .map(|h| flow(&h["tuple"]))
-        .unwrap_or_default();
-    let _ = writeln!(
-        s,
-        "  6. delivered to pod-b     {delivered:<44} tc egress, node side of pod-b's veth {veth_b}"
-    );
-    let _ = writeln!(
-        s,
-        "     answered: {} packets / {} bytes each way in {}, state {}",
-        story["totals"]["packets"],
-        story["totals"]["bytes"],
-        story["proto"].as_str().unwrap_or("?"),
-        story["state"].as_str().unwrap_or("?")
-    );
-
-    s.push_str(&checked_against(ct, pre, post, evidence));
-
-    s.push_str(&meaning(pre, post));
     s
 }

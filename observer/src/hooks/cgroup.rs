@@ -98,7 +98,7 @@ enum Order {
     /// `BPF_F_BEFORE` only: first among the root's programs; one on a deeper cgroup runs before.
     First,
     /// Older kernels: after the programs attached before the agent.
-    AttachOrder,
+    Appended,
 }
 
 impl Order {
@@ -110,7 +110,7 @@ impl Order {
             Order::First => {
                 "first among this cgroup's programs (BPF_F_BEFORE); a program on a deeper cgroup runs before"
             }
-            Order::AttachOrder => {
+            Order::Appended => {
                 "in attach order (this kernel has no BPF_F_BEFORE for cgroups): a socket load balancer attached before the agent hides what apps asked for"
             }
         }
@@ -136,7 +136,7 @@ fn first(
         let flags = match order {
             Order::PreorderFirst => BPF_F_PREORDER | BPF_F_BEFORE,
             Order::First => BPF_F_BEFORE,
-            Order::AttachOrder => return None,
+            Order::Appended => return None,
         };
         // link_create: prog_fd, target_fd, attach_type, flags, then cgroup.{relative_fd,
         // expected_revision}; the rest zero.
@@ -160,7 +160,7 @@ fn first(
         }
         *order = match order {
             Order::PreorderFirst => Order::First,
-            _ => Order::AttachOrder,
+            _ => Order::Appended,
         };
     }
 }
