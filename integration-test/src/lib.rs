@@ -260,3 +260,53 @@ impl Drop for BpfFs {
         let _ = std::fs::remove_dir(&self.path);
     }
 }
+
+/// `curl -sS URL` from a lab member; it must succeed. Returns the answer (the serving pod's name).
+pub fn curl_answer(lab: &LabRun, member: &str, url: &str) -> String {
+    let out = lab
+        .exec(member, &["curl", "-sS", "-m", "5", url])
+        .expect("curl runs");
+    assert!(
+        out.status.success(),
+        "curl {url} from {member}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Wait for the one final record of `node` that `pred` selects; returns it and all records.
+pub fn one_final(lab: &LabRun, node: &str, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+    let is = |r: &Value| r["final"] == true && pred(r);
+    let all = lab
+        .wait_records(node, WAIT, |rs| rs.iter().any(is))
+        .unwrap_or_else(|e| panic!("{node}: {e:#}"));
+    let recs = find(&all, is);
+    assert_eq!(
+        recs.len(),
+        1,
+        "{node}: one record for the connection: {recs:#?}"
+    );
+    (recs[0].clone(), all.clone())
+}
+
+/// The record's `pre_dnat` is conntrack's original tuple on `node` and its `post_dnat` the reply
+/// tuple reversed (SNAT included).
+pub fn assert_conntrack_nat(lab: &LabRun, node: &str, r: &Value) {
+    let pre = tuple_of(&r["pre_dnat"]).expect("pre_dnat");
+    let ct = lab.conntrack(node).expect("conntrack -L");
+    let e = ct
+        .iter()
+        .find(|e| e.orig == pre)
+        .unwrap_or_else(|| panic!("no conntrack entry on {node} for {pre:?}"));
+    assert_eq!(
+        Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+        tuple_of(&r["post_dnat"]),
+        "post_dnat is conntrack's reply tuple reversed: {r:#}"
+    );
+}
+
+/// node-b's final record of the connection that left node-a as `post`.
+pub fn arrived_on_b(lab: &LabRun, post: &Value) -> Value {
+    let t = tuple_of(post);
+    one_final(lab, "node-b", |x| tuple_of(&x["post_dnat"]) == t).0
+}

@@ -22,6 +22,19 @@ fn explain(lab: &LabRun, format: &str) -> String {
     ])
 }
 
+/// Run an `nft` command explain suggested in the lab's VPC router.
+fn apply_in_vpc(lab: &LabRun, nft: &str) {
+    let vpc = lab.ns("vpc");
+    let mut args = vec!["netns", "exec", vpc.as_str()];
+    args.extend(nft.split_whitespace());
+    let out = Command::new("ip").args(&args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{nft}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Request the story's Service, expect failure, wait until both agents wrote its records,
 /// and return `explain --format json` for it.
 fn failing_request(lab: &LabRun) -> Value {
@@ -157,16 +170,7 @@ fn firewall_without_the_target_port_is_explained_and_fixed() {
     let nft = fix["nft"].as_str().unwrap();
     assert!(nft.contains("tcp dport 8443 accept"));
     // Closed loop: the suggested nft rule in the lab's VPC.
-    let mut args = vec!["netns", "exec"];
-    let vpc = lab.ns("vpc");
-    args.push(&vpc);
-    args.extend(nft.split_whitespace());
-    let out = Command::new("ip").args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_in_vpc(&lab, nft);
     assert!(curl_web(&lab, "pod-a", 5).status.success(), "the fix works");
 
     wait_answered(&lab);
@@ -430,15 +434,6 @@ fn masqueraded_nodeport_blocked_between_nodes_gets_a_rule_for_the_node_network()
             || fix.to_string().contains("masqueraded"),
         "{fix}"
     );
-    let nft = fix["nft"].as_str().unwrap();
-    let vpc = lab.ns("vpc");
-    let mut args = vec!["netns", "exec", vpc.as_str()];
-    args.extend(nft.split_whitespace());
-    let out = Command::new("ip").args(&args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    apply_in_vpc(&lab, fix["nft"].as_str().unwrap());
     assert!(curl("5"), "the fix works");
 }

@@ -8,6 +8,20 @@ use std::{
 
 use integration_test::*;
 
+/// 200 connections at once, each held 300 ms, to the Service with two endpoints.
+const CONCURRENT_200: [&str; 10] = [
+    "--to",
+    "100.64.0.20:80",
+    "--count",
+    "200",
+    "--concurrency",
+    "200",
+    "--hold",
+    "300ms",
+    "--timeout",
+    "10s",
+];
+
 #[test]
 fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     let lab = lab_with_agents("tcp", "2s");
@@ -268,23 +282,7 @@ fn udp_via_cluster_ip() {
 #[test]
 fn two_endpoints_200_concurrent_connections_match_conntrack() {
     let lab = lab_with_agents("cc", "2s");
-    let s = lab
-        .client(
-            "pod-a",
-            &[
-                "--to",
-                "100.64.0.20:80",
-                "--count",
-                "200",
-                "--concurrency",
-                "200",
-                "--hold",
-                "300ms",
-                "--timeout",
-                "10s",
-            ],
-        )
-        .unwrap();
+    let s = lab.client("pod-a", &CONCURRENT_200).unwrap();
     assert_eq!(s["ok"], 200, "{s}");
     assert!(
         s["answers"]["pod-api-1"].as_u64().unwrap_or(0) > 0
@@ -896,21 +894,11 @@ fn one_udp_port_to_two_services_is_joined_by_conntrack() {
     let a = lab
         .wait_records("node-a", WAIT, |rs| find(rs, from_port).len() >= 2)
         .unwrap();
-    let ct = lab.conntrack("node-a").unwrap();
     let recs = find(&a, from_port);
     assert_eq!(recs.len(), 2, "{recs:#?}");
     for r in recs {
         assert_eq!(r["translation"]["evidence"], "conntrack", "{r:#}");
-        let pre = tuple_of(&r["pre_dnat"]).unwrap();
-        let e = ct
-            .iter()
-            .find(|e| e.orig == pre)
-            .unwrap_or_else(|| panic!("no conntrack entry for {pre:?}"));
-        assert_eq!(
-            Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
-            tuple_of(&r["post_dnat"]),
-            "{r:#}"
-        );
+        assert_conntrack_nat(&lab, "node-a", r);
     }
     let m = lab.metrics("node-a").unwrap();
     assert_eq!(
@@ -928,27 +916,13 @@ fn one_udp_port_to_two_services_is_joined_by_conntrack() {
 fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
     let lab = lab_with_agents("nport", "2s");
     apply(&lab, &scenario("firewall-nodeport"));
-    let out = lab
-        .exec(
-            "outside",
-            &["curl", "-sS", "-m", "5", "http://10.200.0.1:30443/"],
-        )
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "pod-b",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        curl_answer(&lab, "outside", "http://10.200.0.1:30443/"),
+        "pod-b"
     );
-    let from_outside = |r: &serde_json::Value| {
-        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["src"] == "192.0.2.10"
-    };
-    let a = lab
-        .wait_records("node-a", WAIT, |rs| rs.iter().any(from_outside))
-        .unwrap();
-    let recs = find(&a, from_outside);
-    assert_eq!(recs.len(), 1, "one record for the connection: {recs:#?}");
-    let r = recs[0];
+    let (r, a) = one_final(&lab, "node-a", |r| {
+        r["proto"] == "TCP" && r["pre_dnat"]["src"] == "192.0.2.10"
+    });
     assert_eq!(
         r["observed_as"], "transit",
         "neither client nor server is a pod of node-a"
@@ -967,25 +941,10 @@ fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
         r["wire_view"]["src"], "10.200.0.1",
         "the wire carries node-a's IP"
     );
-    let ct = lab.conntrack("node-a").unwrap();
-    let e = ct
-        .iter()
-        .find(|e| e.orig == pre)
-        .expect("conntrack entry of the NodePort connection");
-    assert_eq!(
-        (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1),
-        post,
-        "post_dnat is conntrack's reply tuple reversed, SNAT included"
-    );
-    let b = lab
-        .wait_records("node-b", WAIT, |rs| {
-            rs.iter()
-                .any(|x| x["final"] == true && tuple_of(&x["post_dnat"]) == Some(post.clone()))
-        })
-        .unwrap();
-    let rb = find(&b, |x| tuple_of(&x["post_dnat"]) == Some(post.clone()));
-    assert_eq!(rb[0]["observed_as"], "receiver");
-    assert_eq!(rb[0]["policy_view"]["tuple"]["src"], "10.200.0.1");
+    assert_conntrack_nat(&lab, "node-a", &r);
+    let rb = arrived_on_b(&lab, &r["post_dnat"]);
+    assert_eq!(rb["observed_as"], "receiver");
+    assert_eq!(rb["policy_view"]["tuple"]["src"], "10.200.0.1");
     validate_schema(&a);
 }
 
@@ -994,27 +953,13 @@ fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
 #[test]
 fn pod_to_outside_is_masqueraded_and_joined_by_conntrack() {
     let lab = lab_with_agents("egress", "2s");
-    let out = lab
-        .exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "5", "http://192.0.2.10:80/"],
-        )
-        .unwrap();
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "outside",
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        curl_answer(&lab, "pod-a", "http://192.0.2.10:80/"),
+        "outside"
     );
-    let to_outside = |r: &serde_json::Value| {
-        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["dst"] == "192.0.2.10"
-    };
-    let a = lab
-        .wait_records("node-a", WAIT, |rs| rs.iter().any(to_outside))
-        .unwrap();
-    let recs = find(&a, to_outside);
-    assert_eq!(recs.len(), 1, "{recs:#?}");
-    let r = recs[0];
+    let (r, _) = one_final(&lab, "node-a", |r| {
+        r["proto"] == "TCP" && r["pre_dnat"]["dst"] == "192.0.2.10"
+    });
     assert_eq!(r["observed_as"], "sender");
     assert_eq!(r["translated"], true);
     assert_eq!(r["translation"]["kind"], "snat");
@@ -1025,13 +970,7 @@ fn pod_to_outside_is_masqueraded_and_joined_by_conntrack() {
         "masqueraded to node-a's IP"
     );
     assert_eq!(r["post_dnat"]["dst"], "192.0.2.10");
-    let pre = tuple_of(&r["pre_dnat"]).unwrap();
-    let ct = lab.conntrack("node-a").unwrap();
-    let e = ct.iter().find(|e| e.orig == pre).expect("conntrack entry");
-    assert_eq!(
-        Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
-        tuple_of(&r["post_dnat"])
-    );
+    assert_conntrack_nat(&lab, "node-a", &r);
     assert_eq!(r["socket"]["comm"], "curl");
 }
 
@@ -1044,22 +983,13 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
     let lab = lab_with_agents("hostnet", "2s");
     // The VPC firewall must let the node network reach the targetPort (as for a NodePort).
     apply(&lab, &scenario("firewall-nodeport"));
-    let out = lab
-        .exec(
-            "node-a",
-            &["curl", "-sS", "-m", "5", "http://100.64.0.10:443/"],
-        )
-        .unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod-b");
-    let from_node = |r: &serde_json::Value| {
-        r["final"] == true && r["proto"] == "TCP" && r["pre_dnat"]["src"] == "10.200.0.1"
-    };
-    let a = lab
-        .wait_records("node-a", WAIT, |rs| rs.iter().any(from_node))
-        .unwrap();
-    let recs = find(&a, from_node);
-    assert_eq!(recs.len(), 1, "{recs:#?}");
-    let r = recs[0];
+    assert_eq!(
+        curl_answer(&lab, "node-a", "http://100.64.0.10:443/"),
+        "pod-b"
+    );
+    let (r, _) = one_final(&lab, "node-a", |r| {
+        r["proto"] == "TCP" && r["pre_dnat"]["src"] == "10.200.0.1"
+    });
     assert_eq!(r["observed_as"], "sender");
     assert_eq!(r["translation"]["after"], "socket");
     assert_eq!(r["translation"]["evidence"], "conntrack");
@@ -1070,26 +1000,11 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
         (post.0.as_str(), post.2.as_str(), post.3),
         ("10.200.0.1", "10.244.2.10", 8443)
     );
-    let e = lab
-        .conntrack("node-a")
-        .unwrap()
-        .into_iter()
-        .find(|e| e.orig == pre)
-        .expect("conntrack entry");
-    assert_eq!(
-        (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1),
-        post
-    );
-    let b = lab
-        .wait_records("node-b", WAIT, |rs| {
-            rs.iter()
-                .any(|x| x["final"] == true && tuple_of(&x["post_dnat"]) == Some(post.clone()))
-        })
-        .unwrap();
-    let rb = find(&b, |x| tuple_of(&x["post_dnat"]) == Some(post.clone()));
-    assert_eq!(rb[0]["observed_as"], "receiver");
-    assert_eq!(rb[0]["policy_view"]["tuple"]["src"], "10.200.0.1");
-    assert_eq!(rb[0]["policy_view"]["tuple"]["dport"], 8443);
+    assert_conntrack_nat(&lab, "node-a", &r);
+    let rb = arrived_on_b(&lab, &r["post_dnat"]);
+    assert_eq!(rb["observed_as"], "receiver");
+    assert_eq!(rb["policy_view"]["tuple"]["src"], "10.200.0.1");
+    assert_eq!(rb["policy_view"]["tuple"]["dport"], 8443);
 }
 
 /// `--lb socket`: a socket-level load balancer (cgroup connect4/sendmsg4/recvmsg4, like Cilium's
@@ -1100,23 +1015,7 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
 #[test]
 fn socket_load_balancer_is_shown_as_translated_in_connect() {
     let lab = lab_with_agents_in("sock", "2s", Some(&story_with_load_balancer("socket")));
-    let tcp = lab
-        .client(
-            "pod-a",
-            &[
-                "--to",
-                "100.64.0.20:80",
-                "--count",
-                "200",
-                "--concurrency",
-                "200",
-                "--hold",
-                "300ms",
-                "--timeout",
-                "10s",
-            ],
-        )
-        .unwrap();
+    let tcp = lab.client("pod-a", &CONCURRENT_200).unwrap();
     assert_eq!(tcp["ok"], 200, "{tcp}");
     let peers: Vec<String> = tcp["peers"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(
