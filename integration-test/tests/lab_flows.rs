@@ -1034,6 +1034,10 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
         udp["peers"]["100.64.0.53:53"], 3,
         "recvmsg() shows the reply as the Service's: {udp}"
     );
+    let v6 = lab
+        .client("pod-a", &["--to", "[fd00:100:64::10]:443", "--count", "2"])
+        .unwrap();
+    assert_eq!(v6["peers"]["[fd00:10:244:2::10]:8443"], 2, "{v6}");
 
     // The client's side (pod-api-1 is on node-a too: those connections are `local`).
     let asked = |r: &serde_json::Value, vip: &str| {
@@ -1043,6 +1047,7 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
         .wait_records("node-a", Duration::from_secs(40), |rs| {
             rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 200
                 && rs.iter().filter(|r| asked(r, "100.64.0.53")).count() >= 3
+                && rs.iter().filter(|r| asked(r, "fd00:100:64::10")).count() >= 2
         })
         .unwrap();
     let ct = lab.conntrack("node-a").unwrap();
@@ -1052,10 +1057,9 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
         "conntrack knows nothing of the Service addresses"
     );
     let mut backends = std::collections::BTreeSet::new();
-    for r in a
-        .iter()
-        .filter(|r| asked(r, "100.64.0.20") || asked(r, "100.64.0.53"))
-    {
+    for r in a.iter().filter(|r| {
+        asked(r, "100.64.0.20") || asked(r, "100.64.0.53") || asked(r, "fd00:100:64::10")
+    }) {
         assert_eq!(r["translated"], true, "{r:#}");
         let t = &r["translation"];
         assert_eq!(
@@ -1068,11 +1072,13 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
             "what the app asked for"
         );
         let post = tuple_of(&r["post_dnat"]).unwrap();
-        if r["proto"] == "TCP" {
-            assert_eq!(post.3, 8080);
-            backends.insert(format!("{}:{}", post.2, post.3));
-        } else {
-            assert_eq!((post.2.as_str(), post.3), ("10.244.2.53", 5353));
+        match r["pre_dnat"]["dst"].as_str().unwrap() {
+            "100.64.0.20" => {
+                assert_eq!(post.3, 8080);
+                backends.insert(format!("{}:{}", post.2, post.3));
+            }
+            "100.64.0.53" => assert_eq!((post.2.as_str(), post.3), ("10.244.2.53", 5353)),
+            _ => assert_eq!((post.2.as_str(), post.3), ("fd00:10:244:2::10", 8443)),
         }
         // Whatever conntrack saw of it, it saw the backend tuple, untranslated.
         if let Some(e) = ct.iter().find(|e| e.orig == post) {
@@ -1092,7 +1098,7 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
             &[("kind", "dnat"), ("mechanism", "socket")]
         )
         .unwrap_or(0.0)
-            >= 203.0
+            >= 205.0
     );
     validate_schema(&a);
 }

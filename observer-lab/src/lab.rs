@@ -756,7 +756,7 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
     let _ = match cfg.load_balancer {
         LoadBalancer::Socket => writeln!(
             s,
-            "services (a socket load balancer in the pods' connect()/sendmsg() for IPv4 ClusterIPs; kube-proxy iptables mode for the rest):"
+            "services (a socket load balancer in the pods' connect()/sendmsg() for ClusterIPs; kube-proxy iptables mode for the rest):"
         ),
         lb => writeln!(
             s,

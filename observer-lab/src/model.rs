@@ -16,8 +16,8 @@ pub enum LoadBalancer {
     /// `service-ips` verdict map, `numgen` endpoint choice, `dnat to`.
     Nftables,
     /// A socket-level load balancer (cgroup connect/sendmsg/recvmsg programs, like Cilium's and
-    /// Calico's eBPF kube-proxy replacements) for the pods' IPv4 ClusterIPs; kube-proxy's
-    /// iptables rules for the rest (NodePorts, the nodes' own processes, IPv6).
+    /// Calico's eBPF kube-proxy replacements) for the pods' ClusterIPs; kube-proxy's iptables
+    /// rules for the rest (NodePorts, the nodes' own processes).
     Socket,
 }
 

@@ -1,5 +1,6 @@
 //! `--lb socket`: a socket-level load balancer like Cilium's and Calico's eBPF kube-proxy
-//! replacements. cgroup programs (`observer-lab-ebpf`) attached at the cgroup v2 root rewrite a
+//! replacements, IPv4 and IPv6. cgroup programs (`observer-lab-ebpf`) attached at the cgroup v2
+//! root rewrite a
 //! ClusterIP:port to a backend in connect() and sendmsg() and show UDP replies as coming from the
 //! ClusterIP in recvmsg(), so no packet ever carries the ClusterIP and conntrack knows nothing of
 //! it. They act only in the lab's pod namespaces (by netns cookie). kube-proxy's iptables rules
@@ -12,6 +13,7 @@
 
 use std::{
     fs::File,
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -37,7 +39,14 @@ unsafe impl aya::Pod for LbBackendKey {}
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-lab-ebpf"));
 
-const PROGRAMS: [&str; 3] = ["lb_connect4", "lb_sendmsg4", "lb_recvmsg4"];
+const PROGRAMS: [&str; 6] = [
+    "lb_connect4",
+    "lb_connect6",
+    "lb_sendmsg4",
+    "lb_sendmsg6",
+    "lb_recvmsg4",
+    "lb_recvmsg6",
+];
 const MAPS: [&str; 4] = ["LB_SERVICES", "LB_BACKENDS", "LB_REVERSE", "LB_NETNS"];
 
 #[derive(Debug, thiserror::Error)]
@@ -134,21 +143,15 @@ pub fn sync(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<
     clear(&mut reverse);
     clear(&mut netns);
     let mut id = 0u32;
-    for s in cfg.services.iter().filter(|s| s.cluster_ip.is_ipv4()) {
-        let std::net::IpAddr::V4(vip) = s.cluster_ip else {
-            continue;
-        };
-        let eps = cfg.endpoint_ips(s, false);
+    for s in &cfg.services {
+        let eps = cfg.endpoint_ips(s, s.cluster_ip.is_ipv6());
         for p in &s.ports {
             let proto = match p.protocol {
                 Protocol::Tcp => 6,
                 Protocol::Udp => 17,
             };
-            let front = addr(vip, p.port, proto);
+            let front = addr(s.cluster_ip, p.port, proto);
             for (index, ep) in eps.iter().enumerate() {
-                let std::net::IpAddr::V4(ep) = ep else {
-                    continue;
-                };
                 let back = addr(*ep, p.target_port, proto);
                 backends
                     .insert(
@@ -194,14 +197,30 @@ fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>) {
     }
 }
 
-/// As `bpf_sock_addr` holds them: the address's bytes in memory order, the port in network
-/// order.
-fn addr(ip: std::net::Ipv4Addr, port: u16, proto: u8) -> LbAddr {
+/// As `bpf_sock_addr` holds them: the address's bytes in memory order (`user_ip4`, or the four
+/// words of `user_ip6`), the port in network order.
+fn addr(ip: IpAddr, port: u16, proto: u8) -> LbAddr {
+    let word = |b: &[u8]| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]);
+    let (ip, family) = match ip {
+        IpAddr::V4(v) => ([word(&v.octets()), 0, 0, 0], 4),
+        IpAddr::V6(v) => {
+            let o = v.octets();
+            (
+                [
+                    word(&o[0..4]),
+                    word(&o[4..8]),
+                    word(&o[8..12]),
+                    word(&o[12..16]),
+                ],
+                6,
+            )
+        }
+    };
     LbAddr {
-        ip: u32::from_ne_bytes(ip.octets()),
+        ip,
         port: port.to_be(),
         proto,
-        _pad: 0,
+        family,
     }
 }
 

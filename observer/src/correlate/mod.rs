@@ -376,6 +376,10 @@ impl Correlator {
         for k in &out.finished {
             self.obs.remove(k);
         }
+        // An identity that no connection has any more (its start moved: an earlier key was read
+        // late) would otherwise stay for ever.
+        let live: std::collections::HashSet<ConnId> = conns.iter().map(Conn::id).collect();
+        self.emitted.retain(|id, _| live.contains(id));
         for t in used_sockets {
             self.sockets.remove(&t);
         }
