@@ -6,6 +6,7 @@
 #![no_std]
 #![no_main]
 
+mod account;
 mod cgroup;
 mod kmem;
 mod maps;

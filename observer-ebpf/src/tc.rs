@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
 use observer_common::{FlowKey, Point};
 
-use crate::{maps, nat, parse};
+use crate::{account, maps, nat, parse};
 
 #[classifier]
 pub fn tc_pod_ingress(ctx: TcContext) -> i32 {
@@ -57,7 +57,7 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
         point: point as u8,
         retired: 0,
     };
-    let new = maps::record(&key, ctx.len(), t.tcp_flags);
+    let new = account::record(&key, ctx.len(), t.tcp_flags);
     if new && point.is_egress() {
         nat::note_original(ctx, &key);
     }

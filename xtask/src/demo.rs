@@ -5,9 +5,10 @@ use std::{fmt::Write as _, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, bail};
 use observer_lab::drive::{CtEntry, LabRun, stdout_of, tuple_of};
+
+use crate::demo_lab::{LAB, ep, flow, lab_cmd};
 use serde_json::Value;
 
-pub(crate) const LAB: &str = "demo";
 const VIP: &str = "100.64.0.10";
 
 fn step(n: u32, text: &str) {
@@ -297,10 +298,6 @@ fn observer(args: &[&str]) -> anyhow::Result<String> {
     stdout_of(&crate::bins().agent, args)
 }
 
-pub(crate) fn lab_cmd(args: &[&str]) -> anyhow::Result<String> {
-    stdout_of(&crate::bins().lab, args)
-}
-
 fn curl_ok(lab: &LabRun, timeout: &str) -> anyhow::Result<bool> {
     Ok(lab
         .exec(
@@ -400,24 +397,6 @@ fn dnat_counter(save: &str, dest: &str) -> u64 {
             c.split(':').next()?.parse::<u64>().ok()
         })
         .sum()
-}
-
-fn ep(t: &Value) -> String {
-    let ip = t["dst"].as_str().unwrap_or("?");
-    if ip.contains(':') {
-        format!("[{ip}]:{}", t["dport"])
-    } else {
-        format!("{ip}:{}", t["dport"])
-    }
-}
-
-pub(crate) fn flow(t: &Value) -> String {
-    format!(
-        "{}:{} -> {}",
-        t["src"].as_str().unwrap_or("?"),
-        t["sport"],
-        ep(t)
-    )
 }
 
 fn hop<'a>(r: &'a Value, point: &str) -> Option<&'a Value> {

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use observer_lab::drive::{CtEntry, LabRun, tuple_of};
 use serde_json::Value;
 
-use crate::demo::{LAB, flow, lab_cmd};
+use crate::demo_lab::{LAB, flow, lab_cmd};
 
 struct Case {
     title: &'static str,

@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod demo_lab;
 mod demo_node_ip;
 mod image;
 mod kube_apiserver;

@@ -1,0 +1,84 @@
+//! Per-packet accounting: a packet's counters added to its flow key, a ring-buffer event for a new
+//! key or a FIN/RST, and a reused 4-tuple set apart (`reuse`).
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
+use observer_common::{
+    FLOW_EVENT_END, FLOW_EVENT_NEW, FlowCounters, FlowKey, MARK_SYN_ONLY, Stat, TCP_ACK, TCP_FIN,
+    TCP_RST, TCP_SYN,
+};
+
+use crate::{
+    maps::{FLOWS, count, emit_flow_event},
+    reuse,
+};
+
+const EEXIST: i32 = 17;
+
+#[inline(always)]
+fn add(c: *mut FlowCounters, len: u64, now: u64, tcp_flags: u8, marks: u8) {
+    // SAFETY: `c` points at this CPU's copy of a live map value.
+    unsafe {
+        (*c).packets += 1;
+        (*c).bytes += len;
+        if (*c).first_ns == 0 {
+            // The entry was created on another CPU; this CPU's copy starts zeroed.
+            (*c).first_ns = now;
+        }
+        (*c).last_ns = now;
+        (*c).tcp_flags |= tcp_flags;
+        (*c).marks |= marks;
+    }
+}
+
+/// Account one packet to `key`; emit a ring-buffer event for a new key or a FIN/RST. Returns
+/// whether this packet started the key (created it, or reopened it for a reused 4-tuple).
+#[inline(always)]
+pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let marks = if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        MARK_SYN_ONLY
+    } else {
+        0
+    };
+    let len = len as u64;
+    if let Some(c) = FLOWS.get_ptr_mut(key) {
+        if tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key, now) {
+            // Every CPU's copy is zero now: this packet is the new connection's first.
+            add(c, len, now, tcp_flags, marks);
+            return true;
+        }
+        add(c, len, now, tcp_flags, marks);
+    } else {
+        let init = FlowCounters {
+            packets: 1,
+            bytes: len,
+            first_ns: now,
+            last_ns: now,
+            tcp_flags,
+            marks,
+            _pad: [0; 6],
+        };
+        match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
+            Ok(()) => {
+                emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now);
+                if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
+                }
+                return true;
+            }
+            // Another CPU created it between our lookup and insert.
+            Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
+                Some(c) => add(c, len, now, tcp_flags, marks),
+                None => count(Stat::FlowMapFull),
+            },
+            Err(_) => {
+                count(Stat::FlowMapFull);
+                return false;
+            }
+        }
+    }
+    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
+    }
+    false
+}
