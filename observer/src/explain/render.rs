@@ -34,10 +34,16 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
             ));
         }
         let entered = hop(a, "pod_ingress").or_else(|| hop(a, "uplink_ingress"));
-        if let (Some(pre), Some(h)) = (&a.pre_dnat, entered) {
+        if let (Some(_), Some(h)) = (&a.pre_dnat, entered) {
+            // The packet as it entered: the pre-DNAT tuple, or already the backend when a socket
+            // load balancer rewrote it in connect().
+            let socket_lb = a
+                .translation
+                .as_ref()
+                .is_some_and(|t| t.mechanism.as_deref() == Some("socket"));
             v.push((
-                "pre-DNAT".into(),
-                t(pre),
+                if socket_lb { "entered" } else { "pre-DNAT" }.into(),
+                t(&h.tuple),
                 format!(
                     "{} {} on {}",
                     h.point,
