@@ -135,6 +135,9 @@ pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result
     Ok(())
 }
 
+/// Rounds of the alternating with/without-conntrack-read comparison.
+const NAT_ROUNDS: usize = 3;
+
 fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let bins = crate::bins();
     let _ = Command::new(&bins.lab)
@@ -146,11 +149,27 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
     let (base_tput, base_rate) = workloads(&lab, reps, seconds)?;
 
-    println!("==> with one agent per node, not reading conntrack entries (--no-nat-state)");
-    start_agents(&mut lab, &["--no-nat-state"])?;
-    let (_, plain_rate) = workloads(&lab, reps, 0)?;
-    let plain_progs = program_costs(&lab, 0)?;
-    lab.stop_agents()?;
+    // The conntrack read's cost: agents with and without it, alternating, so that drift of this
+    // shared machine falls on both alike.
+    println!(
+        "==> agents reading conntrack entries or not (--no-nat-state), alternating, {NAT_ROUNDS} rounds"
+    );
+    let (mut plain_rate, mut nat_rate) = (Vec::new(), Vec::new());
+    let mut plain_progs = BTreeMap::new();
+    for round in 0..NAT_ROUNDS {
+        for (extra, rates) in [
+            (&["--no-nat-state"][..], &mut plain_rate),
+            (&[][..], &mut nat_rate),
+        ] {
+            start_agents(&mut lab, extra)?;
+            rates.push(conn_rate(&lab)?);
+            if round == 0 && !extra.is_empty() {
+                plain_progs = program_costs(&lab, 0)?;
+            }
+            lab.stop_agents()?;
+            lab.agents.clear();
+        }
+    }
 
     println!("==> with one agent per node");
     start_agents(&mut lab, &[])?;
@@ -183,6 +202,7 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         obs_tput,
         obs_rate,
         plain_rate,
+        nat_rate,
         progs,
         conn_progs,
         plain_progs,
@@ -238,8 +258,9 @@ struct Datapath {
     base_rate: Vec<f64>,
     obs_tput: Vec<f64>,
     obs_rate: Vec<f64>,
-    /// Connections/s with agents that do not read conntrack entries.
+    /// Connections/s with agents that do not read conntrack entries, and that do (alternating).
     plain_rate: Vec<f64>,
+    nat_rate: Vec<f64>,
     progs: BTreeMap<String, (u64, u64)>,
     /// Program costs over the connection load only, agents reading conntrack and not.
     conn_progs: BTreeMap<String, (u64, u64)>,
@@ -274,12 +295,13 @@ fn report(d: &Datapath) -> String {
         "  short TCP connections / s        {br:>7.0}       {or:>7.0}       {:>5.3}",
         or / br
     );
-    let pr = mean(&d.plain_rate);
+    let (pr, nr) = (mean(&d.plain_rate), mean(&d.nat_rate));
     let _ = writeln!(
         out,
-        "  short TCP connections / s, agents not reading conntrack (--no-nat-state): {pr:.0} ({:.3} of no agent); reading it costs {:.1} %",
-        pr / br,
-        (1.0 - or / pr) * 100.0
+        "  short TCP connections / s, agents not reading / reading conntrack (alternating runs): {pr:.0} / {nr:.0}, ratio {:.3} (runs: {:?} / {:?})",
+        nr / pr,
+        d.plain_rate.iter().map(|r| r.round()).collect::<Vec<_>>(),
+        d.nat_rate.iter().map(|r| r.round()).collect::<Vec<_>>()
     );
     let _ = writeln!(
         out,
