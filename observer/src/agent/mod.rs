@@ -127,6 +127,10 @@ pub async fn run(
         recent,
     };
     let mut pipeline = Pipeline::start(&args, targets, pin.as_ref(), metrics, exporter, flow_log)?;
+    // Loading parsed the kernel's BTF (several MiB, for the drop tracer, the NAT offsets and
+    // aya's relocations) and freed it: give those pages back rather than hold them for ever.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
     // Every stage runs and every ring is registered: only now is the agent ready.
     health.ready.store(true, Ordering::Relaxed);
     let outcome = tokio::select! {
