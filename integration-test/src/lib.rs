@@ -310,3 +310,44 @@ pub fn arrived_on_b(lab: &LabRun, post: &Value) -> Value {
     let t = tuple_of(post);
     one_final(lab, "node-b", |x| tuple_of(&x["post_dnat"]) == t).0
 }
+
+/// tcpdump on a node's uplink: what the wire carried, independently of observer's programs.
+pub struct WireCapture {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl WireCapture {
+    /// Start capturing TCP on `node`'s eth0; gives tcpdump a moment to be ready.
+    pub fn start(lab: &LabRun, node: &str) -> WireCapture {
+        let path = lab.dir.join(format!("wire-{node}.txt"));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &lab.ns(node)])
+            .args(["tcpdump", "-i", "eth0", "-nn", "-l", "-c", "2000", "tcp"])
+            .stdout(std::fs::File::create(&path).expect("capture file"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(800));
+        WireCapture { child, path }
+    }
+
+    /// Stop and return tcpdump's lines.
+    pub fn stop(mut self) -> String {
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::fs::read_to_string(&self.path).unwrap_or_default()
+    }
+}
+
+/// tcpdump's text for a TCP tuple `src.sport > dst.dport` (IPv4).
+pub fn wire_text(t: &Value) -> String {
+    format!(
+        "{}.{} > {}.{}:",
+        t["src"].as_str().unwrap_or("?"),
+        t["sport"],
+        t["dst"].as_str().unwrap_or("?"),
+        t["dport"]
+    )
+}

@@ -1,10 +1,7 @@
 //! Real kernel, real traffic: flows through the lab's kube-proxy DNAT, checked against the
 //! records, conntrack and tcpdump.
 
-use std::{
-    process::{Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use integration_test::*;
 
@@ -26,26 +23,7 @@ const CONCURRENT_200: [&str; 10] = [
 fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     let lab = lab_with_agents("tcp", "2s");
     // tcpdump on node-a's uplink: the wire, independently of our programs.
-    let pcap_txt = lab.dir.join("wire.txt");
-    let mut tcpdump = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &lab.ns("node-a"),
-            "tcpdump",
-            "-i",
-            "eth0",
-            "-nn",
-            "-l",
-            "-c",
-            "200",
-            "tcp",
-        ])
-        .stdout(std::fs::File::create(&pcap_txt).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(800));
+    let capture = WireCapture::start(&lab, "node-a");
 
     let out = curl_web(&lab, "pod-a", 5);
     assert!(
@@ -152,10 +130,7 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     );
 
     // tcpdump saw the post-DNAT tuple on the wire, and never the Service address.
-    std::thread::sleep(Duration::from_millis(300));
-    let _ = tcpdump.kill();
-    let _ = tcpdump.wait();
-    let wire = std::fs::read_to_string(&pcap_txt).unwrap();
+    let wire = capture.stop();
     assert!(
         wire.contains(&format!("10.244.1.10.{sport} > 10.244.2.10.8443:")),
         "tcpdump on the wire did not show the post-DNAT tuple:\n{wire}"
@@ -676,20 +651,8 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
     );
 
     assert!(curl_web(&lab, "pod-a", 5).status.success());
-    let s = lab
-        .client(
-            "pod-a",
-            &[
-                "--to",
-                "100.64.0.20:80",
-                "--count",
-                "20",
-                "--concurrency",
-                "4",
-            ],
-        )
-        .unwrap();
-    assert_eq!(s["ok"], 20, "{s}");
+    let s = lab.client("pod-a", &CONCURRENT_200).unwrap();
+    assert_eq!(s["ok"], 200, "{s}");
     let s = lab
         .client(
             "pod-a",
@@ -729,7 +692,7 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
         |r: &serde_json::Value, dst: &str| r["final"] == true && r["pre_dnat"]["dst"] == dst;
     let a = lab
         .wait_records("node-a", WAIT, |rs| {
-            rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 20
+            rs.iter().filter(|r| asked(r, "100.64.0.20")).count() >= 200
                 && rs.iter().filter(|r| asked(r, "100.64.0.53")).count() >= 3
                 && rs.iter().any(|r| asked(r, "100.64.0.10"))
                 && rs.iter().any(|r| asked(r, "10.200.0.1"))
@@ -769,7 +732,7 @@ fn nftables_mode_translates_on_the_sending_node_as_conntrack_says() {
     assert_eq!(
         backends.len(),
         2,
-        "numgen spread 20 connections over both endpoints: {backends:?}"
+        "numgen spread 200 connections over both endpoints: {backends:?}"
     );
 }
 
@@ -916,6 +879,7 @@ fn one_udp_port_to_two_services_is_joined_by_conntrack() {
 fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
     let lab = lab_with_agents("nport", "2s");
     apply(&lab, &scenario("firewall-nodeport"));
+    let capture = WireCapture::start(&lab, "node-b");
     assert_eq!(
         curl_answer(&lab, "outside", "http://10.200.0.1:30443/"),
         "pod-b"
@@ -945,6 +909,13 @@ fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
     let rb = arrived_on_b(&lab, &r["post_dnat"]);
     assert_eq!(rb["observed_as"], "receiver");
     assert_eq!(rb["policy_view"]["tuple"]["src"], "10.200.0.1");
+    // tcpdump on node-b's uplink: node-a's IP to the pod's targetPort, never the client's.
+    let wire = capture.stop();
+    assert!(wire.contains(&wire_text(&r["post_dnat"])), "{wire}");
+    assert!(
+        !wire.contains("192.0.2.10"),
+        "the outside client on the wire:\n{wire}"
+    );
     validate_schema(&a);
 }
 
@@ -1015,6 +986,11 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
 #[test]
 fn socket_load_balancer_is_shown_as_translated_in_connect() {
     let lab = lab_with_agents_in("sock", "2s", Some(&story_with_load_balancer("socket")));
+    let capture = WireCapture::start(&lab, "node-a");
+    assert_eq!(
+        curl_answer(&lab, "pod-a", "http://100.64.0.10:443/"),
+        "pod-b"
+    );
     let tcp = lab.client("pod-a", &CONCURRENT_200).unwrap();
     assert_eq!(tcp["ok"], 200, "{tcp}");
     let peers: Vec<String> = tcp["peers"].as_object().unwrap().keys().cloned().collect();
@@ -1089,6 +1065,18 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
         backends.into_iter().collect::<Vec<_>>(),
         peers,
         "the records' backends are the ones the client was connected to"
+    );
+    // The story's connection: on the wire as the record's post_dnat, and no packet ever carried
+    // the ClusterIP.
+    let (story, _) = one_final(&lab, "node-a", |r| {
+        r["socket"]["comm"] == "curl" && r["pre_dnat"]["dst"] == "100.64.0.10"
+    });
+    assert_eq!(story["translation"]["mechanism"], "socket");
+    let wire = capture.stop();
+    assert!(wire.contains(&wire_text(&story["post_dnat"])), "{wire}");
+    assert!(
+        !wire.contains("100.64."),
+        "a Service address on the wire:\n{wire}"
     );
     let m = lab.metrics("node-a").unwrap();
     assert!(
