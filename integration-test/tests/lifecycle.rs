@@ -160,6 +160,10 @@ fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
     assert_eq!(checkpoint["final"], false, "{checkpoint}");
     let sport1 = checkpoint["pre_dnat"]["sport"].clone();
     assert!(pin.join("FLOWS").exists(), "the flow map stays pinned");
+    assert!(
+        pin.join("CT_ORIG").exists(),
+        "and its keys' conntrack tuples"
+    );
 
     // Agent 2 adopts it; connection 2 opens under agent 2, which then crashes.
     lab.start_agent("node-a", &args).unwrap();
@@ -224,6 +228,10 @@ fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
             "the final record starts where the kernel started counting ({how})"
         );
         assert_eq!(last["state"], "closed", "SYN seen before the {how}: {last}");
+        assert_eq!(
+            last["translation"]["evidence"], "conntrack",
+            "the adopted keys' conntrack tuples were pinned with them ({how}): {last}"
+        );
         let (p_then, p_now) = (
             earlier["totals"]["packets"].as_u64().unwrap(),
             last["totals"]["packets"].as_u64().unwrap(),

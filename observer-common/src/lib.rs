@@ -18,6 +18,8 @@ pub mod names;
 pub const PIN_ROOT: &str = "/sys/fs/bpf/observer";
 /// The pinned flow map's file name in a pin directory (the map's name in the object).
 pub const FLOWS_PIN: &str = "FLOWS";
+/// The pinned conntrack tuples of the flow keys, beside it.
+pub const CT_ORIG_PIN: &str = "CT_ORIG";
 
 /// Where in the node a packet was seen.
 ///

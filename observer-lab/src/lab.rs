@@ -695,7 +695,9 @@ fn remove_pins(root: &Path, prefix: &str) {
     for e in entries.flatten() {
         if e.file_name().to_string_lossy().starts_with(prefix) {
             // Unlinking a pin drops the kernel's reference; the map goes with its last user.
-            let _ = std::fs::remove_file(e.path().join(observer_common::FLOWS_PIN));
+            for pin in [observer_common::FLOWS_PIN, observer_common::CT_ORIG_PIN] {
+                let _ = std::fs::remove_file(e.path().join(pin));
+            }
             let _ = std::fs::remove_dir(e.path());
         }
     }

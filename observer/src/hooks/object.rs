@@ -20,6 +20,8 @@ pub fn load(
     if let Some(p) = pin {
         p.drop_incompatible_flows(max_flows);
         loader.map_pin_path("FLOWS", p.flows());
+        p.drop_incompatible_ct_orig();
+        loader.map_pin_path("CT_ORIG", p.ct_orig());
     }
     if let Some(d) = drops {
         d.apply(&mut loader);

@@ -21,12 +21,12 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use log::{info, warn};
-use observer_common::{FlowCounters, FlowKey};
+use observer_common::{CT_ORIG_MAX_ENTRIES, CtOrig, FlowCounters, FlowKey};
 
-/// The pinned map's file name (the map's own name, as libbpf pins by name).
-use observer_common::FLOWS_PIN as FLOWS;
 /// Where agents pin by default; one subdirectory per agent.
 pub use observer_common::PIN_ROOT as DEFAULT_ROOT;
+/// The pinned maps' file names (the maps' own names, as libbpf pins by name).
+use observer_common::{CT_ORIG_PIN as CT_ORIG, FLOWS_PIN as FLOWS};
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
@@ -121,28 +121,52 @@ impl PinDir {
         &self.dir
     }
 
+    /// The conntrack tuples noted for the pinned flows' keys, pinned beside them so a restarted
+    /// agent still joins what it adopts by the kernel's NAT state.
+    pub fn ct_orig(&self) -> PathBuf {
+        self.dir.join(CT_ORIG)
+    }
+
     /// Remove a pinned flow map this build cannot use as it is, so the loader creates a new one.
     pub fn drop_incompatible_flows(&self, max_entries: u32) {
-        let path = self.flows();
-        let Ok(info) = MapInfo::from_pin(&path) else {
+        self.drop_incompatible(
+            &self.flows(),
+            MapType::PerCpuHash,
+            (
+                size_of::<FlowKey>() as u32,
+                size_of::<FlowCounters>() as u32,
+                max_entries,
+            ),
+        );
+    }
+
+    /// The same for the pinned conntrack tuples.
+    pub fn drop_incompatible_ct_orig(&self) {
+        self.drop_incompatible(
+            &self.ct_orig(),
+            MapType::LruHash,
+            (
+                size_of::<FlowKey>() as u32,
+                size_of::<CtOrig>() as u32,
+                CT_ORIG_MAX_ENTRIES,
+            ),
+        );
+    }
+
+    fn drop_incompatible(&self, path: &Path, kind: MapType, want: (u32, u32, u32)) {
+        let Ok(info) = MapInfo::from_pin(path) else {
             return;
         };
-        let want = (
-            size_of::<FlowKey>() as u32,
-            size_of::<FlowCounters>() as u32,
-            max_entries,
-        );
         let have = (info.key_size(), info.value_size(), info.max_entries());
-        let per_cpu_hash = matches!(info.map_type(), Ok(MapType::PerCpuHash));
-        if per_cpu_hash && have == want {
+        if info.map_type().is_ok_and(|t| t == kind) && have == want {
             return;
         }
         warn!(
             "replacing {}: pinned with (key, value, entries) = {have:?}, this agent needs {want:?}; \
-             the counters in it are dropped",
+             what it held is dropped",
             path.display()
         );
-        if let Err(e) = std::fs::remove_file(&path) {
+        if let Err(e) = std::fs::remove_file(path) {
             warn!("removing {}: {e}", path.display());
         }
     }
