@@ -22,6 +22,32 @@ fn hop<'a>(r: &'a FlowRecord, point: &str) -> Option<&'a crate::record::Hop> {
         .find(|h| h.point == point && h.dir == crate::record::Direction::Orig)
 }
 
+/// The rewrite as a step: what changed, to what, and who did it on the kernel's word.
+fn rewrite(tr: &crate::record::Translation, post: &TupleView) -> (String, String, String) {
+    let (label, to) = match tr.kind.as_str() {
+        "snat" => ("SNAT", format!("from {}:{}", post.src, post.sport)),
+        "dnat_snat" => ("DNAT+SNAT", format!("-> {}", t(post))),
+        _ => ("DNAT", format!("-> {}:{}", post.dst, post.dport)),
+    };
+    let by = match (&tr.mechanism, tr.ct_zone) {
+        (Some(m), _) if m == "socket" => {
+            "by a socket load balancer in connect()/sendmsg(): no packet carried the address asked for,"
+                .to_owned()
+        }
+        (Some(m), Some(z)) => format!("by {m} (its conntrack entry, zone {z})"),
+        (Some(m), None) => format!("by {m}"),
+        _ => "by the stack (inferred: no NAT state read)".into(),
+    };
+    (
+        label.into(),
+        to,
+        format!(
+            "{by} on {}, between {} and {}",
+            tr.node, tr.after, tr.before
+        ),
+    )
+}
+
 /// (step, tuple or note, where) along the path, from both nodes' records.
 fn steps(s: &Story) -> Vec<(String, String, String)> {
     let mut v = Vec::new();
@@ -53,28 +79,7 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
             ));
         }
         if let (Some(tr), Some(post)) = (&a.translation, &a.post_dnat) {
-            let (label, to) = match tr.kind.as_str() {
-                "snat" => ("SNAT", format!("from {}:{}", post.src, post.sport)),
-                "dnat_snat" => ("DNAT+SNAT", format!("-> {}", t(post))),
-                _ => ("DNAT", format!("-> {}:{}", post.dst, post.dport)),
-            };
-            let by = match (&tr.mechanism, tr.ct_zone) {
-                (Some(m), _) if m == "socket" => {
-                    "by a socket load balancer in connect()/sendmsg(): no packet carried the address asked for,"
-                        .to_owned()
-                }
-                (Some(m), Some(z)) => format!("by {m} (its conntrack entry, zone {z})"),
-                (Some(m), None) => format!("by {m}"),
-                _ => "by the stack (inferred: no NAT state read)".into(),
-            };
-            v.push((
-                label.into(),
-                to,
-                format!(
-                    "{by} on {}, between {} and {}",
-                    tr.node, tr.after, tr.before
-                ),
-            ));
+            v.push(rewrite(tr, post));
         } else if let (Some(pre), Some(d)) = (&a.pre_dnat, &a.drop)
             && (pre.dst != d.tuple.dst || pre.dport != d.tuple.dport)
         {
