@@ -3,6 +3,7 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, BufWriter, Write},
+    os::unix::fs::OpenOptionsExt,
     path::PathBuf,
 };
 
@@ -26,7 +27,8 @@ pub enum FlowLog {
 }
 
 impl FlowLog {
-    /// `-` is stdout; anything else a file, created if needed and appended to.
+    /// `-` is stdout; anything else a file, created if needed (mode 0640: records name pods,
+    /// processes and peers, which are not for every local user) and appended to.
     pub fn open(target: &str) -> Result<FlowLog, JsonError> {
         if target == "-" {
             return Ok(FlowLog::Stdout(io::stdout()));
@@ -35,6 +37,7 @@ impl FlowLog {
         let file = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o640)
             .open(&path)
             .map_err(|source| JsonError::Open { path, source })?;
         Ok(FlowLog::File(BufWriter::new(file)))
@@ -52,5 +55,24 @@ impl FlowLog {
         }
         w.flush()?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn a_new_flow_log_is_not_readable_by_everyone() {
+        let dir = std::env::temp_dir().join(format!("observer-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("flows.jsonl");
+        let _ = std::fs::remove_file(&path);
+        FlowLog::open(path.to_str().unwrap()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o007, 0, "mode {mode:o}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
