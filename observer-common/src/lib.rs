@@ -129,6 +129,24 @@ pub struct FlowCounters {
     pub _pad: [u8; 6],
 }
 
+impl FlowCounters {
+    /// Add another CPU's copy (or another part of the same flow): sums, the earliest start that
+    /// is set, the latest end, OR-ed flags. How userspace and the kernel both sum per-CPU copies.
+    #[inline(always)]
+    pub fn merge(&mut self, o: &FlowCounters) {
+        self.packets += o.packets;
+        self.bytes += o.bytes;
+        if o.first_ns != 0 && (self.first_ns == 0 || o.first_ns < self.first_ns) {
+            self.first_ns = o.first_ns;
+        }
+        if o.last_ns > self.last_ns {
+            self.last_ns = o.last_ns;
+        }
+        self.tcp_flags |= o.tcp_flags;
+        self.marks |= o.marks;
+    }
+}
+
 /// The conntrack entry attached to a packet at an egress point, read once per new flow key:
 /// its ORIGINAL tuple (what the client sent, before any NAT). Comparing it with the observed
 /// tuple says what netfilter NAT rewrote (kernel `include/net/netfilter/nf_conntrack_tuple.h`,

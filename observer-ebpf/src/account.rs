@@ -42,12 +42,13 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
     };
     let len = len as u64;
     if let Some(c) = FLOWS.get_ptr_mut(key) {
-        if tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key, now) {
-            // Every CPU's copy is zero now: this packet is the new connection's first.
-            add(c, len, now, tcp_flags, marks);
+        // A reused 4-tuple: every CPU's copy is zero now, this packet is the new connection's
+        // first.
+        let reopened = tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key, now);
+        add(c, len, now, tcp_flags, marks);
+        if reopened {
             return true;
         }
-        add(c, len, now, tcp_flags, marks);
     } else {
         let init = FlowCounters {
             packets: 1,

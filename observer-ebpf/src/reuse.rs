@@ -17,12 +17,24 @@ use observer_common::{
 };
 
 use crate::{
+    kmem::global,
     maps::{FLOWS, count, emit_flow_event},
     nat,
 };
 
-/// Upper bound of the CPU loop (the helper returns NULL past the last possible CPU).
-const MAX_CPUS: u32 = 256;
+/// Upper bound of the CPU loops (the helper also returns NULL past the last possible CPU).
+const MAX_CPUS: u32 = 1024;
+
+/// Possible CPUs (`/sys/devices/system/cpu/possible`), patched in by the agent at load. A
+/// read-only global is a constant to the verifier, which then walks the loops below that many
+/// times rather than `MAX_CPUS` times (seconds of load time for four tc programs).
+#[unsafe(no_mangle)]
+static NR_CPUS: u32 = MAX_CPUS;
+
+#[inline(always)]
+fn nr_cpus() -> u32 {
+    global(&NR_CPUS).min(MAX_CPUS)
+}
 
 #[inline(always)]
 fn cpu_copy(key: &FlowKey, cpu: u32) -> *mut FlowCounters {
@@ -35,30 +47,20 @@ fn cpu_copy(key: &FlowKey, cpu: u32) -> *mut FlowCounters {
 #[inline(always)]
 fn sum(key: &FlowKey) -> FlowCounters {
     let mut s = FlowCounters::default();
-    for cpu in 0..MAX_CPUS {
+    for cpu in 0..nr_cpus() {
         let p = cpu_copy(key, cpu);
         if p.is_null() {
             break;
         }
         // SAFETY: non-null pointer to a live per-CPU map value.
-        let c = unsafe { *p };
-        s.packets += c.packets;
-        s.bytes += c.bytes;
-        if c.first_ns != 0 && (s.first_ns == 0 || c.first_ns < s.first_ns) {
-            s.first_ns = c.first_ns;
-        }
-        if c.last_ns > s.last_ns {
-            s.last_ns = c.last_ns;
-        }
-        s.tcp_flags |= c.tcp_flags;
-        s.marks |= c.marks;
+        s.merge(unsafe { &*p });
     }
     s
 }
 
 #[inline(always)]
 fn zero(key: &FlowKey) {
-    for cpu in 0..MAX_CPUS {
+    for cpu in 0..nr_cpus() {
         let p = cpu_copy(key, cpu);
         if p.is_null() {
             break;
@@ -82,13 +84,7 @@ fn set_aside(key: &FlowKey, old: &FlowCounters) -> FlowKey {
     }
     match FLOWS.get_ptr_mut(twin) {
         // SAFETY: pointer to this CPU's copy of a live map value.
-        Some(c) => unsafe {
-            (*c).packets += old.packets;
-            (*c).bytes += old.bytes;
-            (*c).last_ns = old.last_ns;
-            (*c).tcp_flags |= old.tcp_flags;
-            (*c).marks |= old.marks;
-        },
+        Some(c) => unsafe { (*c).merge(old) },
         None => count(Stat::FlowMapFull),
     }
     count(Stat::TupleReuseMerged);

@@ -15,7 +15,13 @@ pub fn load(
     nat: Option<&NatOffsets>,
     pin: Option<&PinDir>,
 ) -> Result<Ebpf, EbpfError> {
+    // The kernel's CPU loops (a reused 4-tuple's per-CPU counters) are verified for this many
+    // CPUs only; left unset they are verified for their upper bound, which takes seconds.
+    let nr_cpus = aya::util::nr_cpus().ok().map(|n| n as u32);
     let mut loader = EbpfLoader::new();
+    if let Some(n) = &nr_cpus {
+        loader.override_global("NR_CPUS", n, true);
+    }
     loader.map_max_entries("FLOWS", max_flows);
     if let Some(p) = pin {
         p.drop_incompatible_flows(max_flows);

@@ -73,14 +73,7 @@ impl FlowSource for KernelFlows {
 pub fn sum(values: &[FlowCounters]) -> Counters {
     let mut c = Counters::default();
     for v in values {
-        c.packets += v.packets;
-        c.bytes += v.bytes;
-        if v.first_ns != 0 && (c.first_ns == 0 || v.first_ns < c.first_ns) {
-            c.first_ns = v.first_ns;
-        }
-        c.last_ns = c.last_ns.max(v.last_ns);
-        c.tcp_flags |= v.tcp_flags;
-        c.marks |= v.marks;
+        c.merge(v);
     }
     c
 }
