@@ -164,20 +164,11 @@ impl Correlator {
     /// kernel moved the old one with the counters.
     pub fn observe(&mut self, key: FlowKey, c: Counters) -> Option<(Point, Delta)> {
         let point = Point::from_u8(key.point)?;
-        let mut fresh = Observation {
-            key,
-            tuple: Tuple::from_key(&key),
-            point,
-            ifindex: key.ifindex,
-            c: Counters::default(),
-            ct: Ct::Unknown,
-            ct_tries: 0,
-            before_reuse: None,
-        };
+        let mut baseline = Counters::default();
         if key.retired != 0 && !self.obs.contains_key(&key) {
             let live = FlowKey { retired: 0, ..key };
             if let Some(twin) = self.obs.get_mut(&live) {
-                fresh.c = match twin.before_reuse.take() {
+                baseline = match twin.before_reuse.take() {
                     Some(c) => c,
                     None => {
                         twin.ct = Ct::Unknown;
@@ -187,7 +178,16 @@ impl Correlator {
                 };
             }
         }
-        let entry = self.obs.entry(key).or_insert(fresh);
+        let entry = self.obs.entry(key).or_insert_with(|| Observation {
+            key,
+            tuple: Tuple::from_key(&key),
+            point,
+            ifindex: key.ifindex,
+            c: baseline,
+            ct: Ct::Unknown,
+            ct_tries: 0,
+            before_reuse: None,
+        });
         if key.retired == 0 && entry.c.packets > 0 && c.first_ns != entry.c.first_ns {
             // The live key started again before its retired twin was read.
             entry.before_reuse = Some(std::mem::take(&mut entry.c));
@@ -321,11 +321,13 @@ impl Correlator {
         let conns = conn::group(&observations);
         let mut used_sockets = Vec::new();
         let mut used_drops = Vec::new();
+        let mut live = std::collections::HashSet::with_capacity(conns.len());
         for c in &conns {
             if c.ambiguous {
                 out.ambiguous += 1;
             }
             let id = c.id();
+            live.insert(id);
             let last = c.last_ns();
             let (fo, fr) = conn_flags(c);
             let tcp_done = id.proto == IPPROTO_TCP
@@ -378,7 +380,6 @@ impl Correlator {
         }
         // An identity that no connection has any more (its start moved: an earlier key was read
         // late) would otherwise stay for ever.
-        let live: std::collections::HashSet<ConnId> = conns.iter().map(Conn::id).collect();
         self.emitted.retain(|id, _| live.contains(id));
         for t in used_sockets {
             self.sockets.remove(&t);
@@ -473,7 +474,7 @@ impl Correlator {
             translated,
             translation: translated.then(|| match socket_nat {
                 Some(asked) => self.socket_translation(c, &asked, post.unwrap_or(asked)),
-                None => self.translation(c, post_leg, pre),
+                None => self.translation(c, post_leg, pre, local_process),
             }),
             socket,
             last_seen: crate::record::LastSeen {
@@ -522,11 +523,12 @@ impl Correlator {
         c: &Conn<'_>,
         post_leg: Option<&Leg<'_>>,
         pre: Option<Tuple>,
+        local_process: bool,
     ) -> Translation {
         // A process of this node: its own socket is where the client's tuple was last seen.
         let after = match c.pre.as_ref() {
             Some(l) => l.entry_point().map_or("pod_ingress", Point::as_str),
-            None if c.post.as_ref().and_then(Leg::local_original).is_some() => "socket",
+            None if local_process => "socket",
             None => "pod_ingress",
         };
         let before = post_leg
