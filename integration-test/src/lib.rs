@@ -15,7 +15,7 @@ use std::{
 };
 
 pub use observer_lab::drive::{
-    Bins, LabRun, client_summary, parse_conntrack, stdout_of, tuple_of, unique_name,
+    Bins, CtEntry, LabRun, client_summary, parse_conntrack, stdout_of, tuple_of, unique_name,
 };
 use serde_json::Value;
 
@@ -289,20 +289,20 @@ pub fn one_final(lab: &LabRun, node: &str, pred: impl Fn(&Value) -> bool) -> (Va
     (recs[0].clone(), all.clone())
 }
 
-/// The record's `pre_dnat` is conntrack's original tuple on `node` and its `post_dnat` the reply
-/// tuple reversed (SNAT included).
-pub fn assert_conntrack_nat(lab: &LabRun, node: &str, r: &Value) {
+/// The record's `pre_dnat` is the original tuple of one of conntrack's entries `ct` and its
+/// `post_dnat` that entry's reply tuple reversed (SNAT included); returns the entry.
+pub fn assert_nat_matches<'a>(ct: &'a [CtEntry], r: &Value) -> &'a CtEntry {
     let pre = tuple_of(&r["pre_dnat"]).expect("pre_dnat");
-    let ct = lab.conntrack(node).expect("conntrack -L");
     let e = ct
         .iter()
         .find(|e| e.orig == pre)
-        .unwrap_or_else(|| panic!("no conntrack entry on {node} for {pre:?}"));
+        .unwrap_or_else(|| panic!("no conntrack entry for {pre:?}: {r}"));
     assert_eq!(
-        Some((e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1)),
+        Some(e.reply_reversed()),
         tuple_of(&r["post_dnat"]),
         "post_dnat is conntrack's reply tuple reversed: {r:#}"
     );
+    e
 }
 
 /// node-b's final record of the connection that left node-a as `post`.

@@ -7,8 +7,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::VPC;
 pub use crate::model::{Cidr, LoadBalancer, Protocol};
+use crate::model::{VPC, net24};
 
 pub const STORY: &str = include_str!("../../lab/story.toml");
 
@@ -225,7 +225,7 @@ impl LabConfig {
             return Ok(());
         };
         let ip = std::net::IpAddr::V4(o.ip);
-        let node_net = |n: &Node| (u32::from(n.ip) >> 8) == (u32::from(o.ip) >> 8);
+        let node_net = |n: &Node| net24(n.ip) == net24(o.ip);
         if self.cluster_cidr.contains(ip)
             || self.service_cidr.contains(ip)
             || self.nodes.iter().any(node_net)

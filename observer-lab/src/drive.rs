@@ -85,6 +85,14 @@ pub struct CtEntry {
     pub reply: (String, u16, String, u16),
 }
 
+impl CtEntry {
+    /// The reply tuple turned round: what left the node in the client's direction, NAT done.
+    pub fn reply_reversed(&self) -> (String, u16, String, u16) {
+        let r = &self.reply;
+        (r.2.clone(), r.3, r.0.clone(), r.1)
+    }
+}
+
 impl LabRun {
     /// `observer-lab up --name NAME [--config FILE]`; `dir` receives logs and records.
     pub fn up(bins: &Bins, name: &str, config: Option<&str>, dir: &Path) -> anyhow::Result<LabRun> {

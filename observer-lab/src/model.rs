@@ -33,6 +33,11 @@ impl LoadBalancer {
 
 /// The VPC router namespace between the nodes (`<lab>-vpc`).
 pub const VPC: &str = "vpc";
+/// The /24 network of `ip`: the lab's node network and the outside host's are /24s.
+pub fn net24(ip: std::net::Ipv4Addr) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(u32::from(ip) & !0xff)
+}
+
 /// The host outside the cluster, beyond the VPC (`<lab>-outside`).
 pub const OUTSIDE: &str = "outside";
 

@@ -14,7 +14,7 @@ use std::{fmt::Write as _, net::Ipv4Addr};
 use crate::{
     Lab, LabError,
     config::{LabConfig, Outside},
-    model::{OUTSIDE, VPC},
+    model::{OUTSIDE, VPC, net24},
     netns::{self, ip},
 };
 
@@ -23,7 +23,7 @@ pub const VPC_PORT: &str = "ext";
 
 /// The VPC's address on the outside host's /24 (`.1`, or `.254` if the host took `.1`).
 fn gateway(o: &Outside) -> Ipv4Addr {
-    let net = u32::from(o.ip) & !0xff;
+    let net = u32::from(net24(o.ip));
     let gw = Ipv4Addr::from(net | 1);
     if gw == o.ip {
         Ipv4Addr::from(net | 254)
@@ -33,7 +33,7 @@ fn gateway(o: &Outside) -> Ipv4Addr {
 }
 
 fn subnet(o: &Outside) -> String {
-    format!("{}/24", Ipv4Addr::from(u32::from(o.ip) & !0xff))
+    format!("{}/24", net24(o.ip))
 }
 
 impl Lab {
@@ -72,7 +72,7 @@ impl Lab {
 pub fn ip_masq_rules(cfg: &LabConfig) -> String {
     let mut out = String::from("*nat\n:IP-MASQ - [0:0]\n");
     out.push_str("-A POSTROUTING -m comment --comment \"ip-masq-agent: ensure nat POSTROUTING directs all non-LOCAL destination traffic to our custom IP-MASQ chain\" -m addrtype ! --dst-type LOCAL -j IP-MASQ\n");
-    let node_net = format!("{}/24", Ipv4Addr::from(u32::from(cfg.nodes[0].ip) & !0xff));
+    let node_net = format!("{}/24", net24(cfg.nodes[0].ip));
     for range in [
         cfg.cluster_cidr.to_string(),
         cfg.service_cidr.to_string(),

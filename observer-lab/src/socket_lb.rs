@@ -125,23 +125,10 @@ pub fn up(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<()
 /// the pod namespaces the balancer acts in.
 pub fn sync(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<(), LabError> {
     let dir = pin_dir(state_dir);
-    let open = |name: &'static str| -> Result<Map, SocketLbError> {
-        let data = MapData::from_pin(dir.join(name)).map_err(|e| SocketLbError::Map(name, e))?;
-        Ok(Map::HashMap(data))
-    };
-    let mut services: HashMap<MapData, LbAddr, LbService> = HashMap::try_from(open("LB_SERVICES")?)
-        .map_err(|e| SocketLbError::Map("LB_SERVICES", e))?;
-    let mut backends: HashMap<MapData, LbBackendKey, LbAddr> =
-        HashMap::try_from(open("LB_BACKENDS")?)
-            .map_err(|e| SocketLbError::Map("LB_BACKENDS", e))?;
-    let mut reverse: HashMap<MapData, LbAddr, LbAddr> =
-        HashMap::try_from(open("LB_REVERSE")?).map_err(|e| SocketLbError::Map("LB_REVERSE", e))?;
-    let mut netns: HashMap<MapData, u64, u8> =
-        HashMap::try_from(open("LB_NETNS")?).map_err(|e| SocketLbError::Map("LB_NETNS", e))?;
-    clear(&mut services);
-    clear(&mut backends);
-    clear(&mut reverse);
-    clear(&mut netns);
+    let mut services: HashMap<MapData, LbAddr, LbService> = emptied(&dir, "LB_SERVICES")?;
+    let mut backends: HashMap<MapData, LbBackendKey, LbAddr> = emptied(&dir, "LB_BACKENDS")?;
+    let mut reverse: HashMap<MapData, LbAddr, LbAddr> = emptied(&dir, "LB_REVERSE")?;
+    let mut netns: HashMap<MapData, u64, u8> = emptied(&dir, "LB_NETNS")?;
     let mut id = 0u32;
     for s in &cfg.services {
         let eps = cfg.endpoint_ips(s, s.cluster_ip.is_ipv6());
@@ -190,11 +177,19 @@ pub fn sync(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<
     Ok(())
 }
 
-fn clear<K: aya::Pod, V: aya::Pod>(m: &mut HashMap<MapData, K, V>) {
+/// The pinned hash map `name`, opened and emptied.
+fn emptied<K: aya::Pod, V: aya::Pod>(
+    dir: &Path,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, SocketLbError> {
+    let data = MapData::from_pin(dir.join(name)).map_err(|e| SocketLbError::Map(name, e))?;
+    let mut m: HashMap<MapData, K, V> =
+        HashMap::try_from(Map::HashMap(data)).map_err(|e| SocketLbError::Map(name, e))?;
     let keys: Vec<K> = m.keys().filter_map(Result::ok).collect();
     for k in keys {
         let _ = m.remove(&k);
     }
+    Ok(m)
 }
 
 /// As `bpf_sock_addr` holds them: the address's bytes in memory order (`user_ip4`, or the four

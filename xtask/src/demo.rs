@@ -213,7 +213,7 @@ fn checked_against(ct: &[CtEntry], pre: &Value, post: &Value, evidence: &str) ->
     let want = tuple_of(pre);
     match ct.iter().find(|e| Some(&e.orig) == want.as_ref()) {
         Some(e) => {
-            let reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
+            let reversed = e.reply_reversed();
             let ok = tuple_of(post) == Some(reversed);
             let _ = writeln!(
                 s,

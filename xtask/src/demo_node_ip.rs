@@ -125,7 +125,7 @@ fn conntrack_line(ct: &[CtEntry], r: &Value) -> String {
     let want = tuple_of(&r["pre_dnat"]);
     match ct.iter().find(|e| Some(&e.orig) == want.as_ref()) {
         Some(e) => {
-            let reversed = (e.reply.2.clone(), e.reply.3, e.reply.0.clone(), e.reply.1);
+            let reversed = e.reply_reversed();
             format!(
                 "  conntrack on node-a: reply {}:{} -> {}:{}  ({})\n",
                 e.reply.0,
