@@ -67,21 +67,29 @@ pub fn lab_with_agents(prefix: &str, idle: &str) -> LabRun {
 
 /// The same, from a lab description of the test's own.
 pub fn lab_with_agents_in(prefix: &str, idle: &str, config: Option<&str>) -> LabRun {
+    lab_with_agent_args(prefix, idle, config, &[])
+}
+
+/// The same, with more agent flags.
+pub fn lab_with_agent_args(
+    prefix: &str,
+    idle: &str,
+    config: Option<&str>,
+    extra: &[&str],
+) -> LabRun {
     let mut l = lab(prefix, config);
     for node in ["node-a", "node-b"] {
         let names = l.names_file().to_string_lossy().into_owned();
-        l.start_agent(
-            node,
-            &[
-                "--idle-timeout",
-                idle,
-                "--poll-interval",
-                "200ms",
-                "--names",
-                &names,
-            ],
-        )
-        .expect("agent starts");
+        let mut args = vec![
+            "--idle-timeout",
+            idle,
+            "--poll-interval",
+            "200ms",
+            "--names",
+            &names,
+        ];
+        args.extend_from_slice(extra);
+        l.start_agent(node, &args).expect("agent starts");
     }
     l
 }

@@ -90,8 +90,16 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     assert_eq!(rec["service"]["target_port"], 8443);
     assert_eq!(rec["last_seen"]["point"], "uplink_egress");
     assert_eq!(tuple_of(&rec["wire_view"]), Some(post.clone()));
-    assert_eq!(rec["policy_view"]["source"], "egress_hop");
-    assert_eq!(tuple_of(&rec["policy_view"]["tuple"]), Some(post.clone()));
+    // The filter table's view, measured where it evaluated the packets: after DNAT.
+    let pv = &rec["policy_view"];
+    assert_eq!(pv["source"], "filter_hook", "{pv}");
+    assert_eq!(pv["hook"], "forward");
+    assert_eq!(pv["verdict"], "passed");
+    assert_eq!(pv["passed"], pv["packets"]);
+    assert_eq!(tuple_of(&pv["tuple"]), Some(post.clone()));
+    let f = hop(rec, "filter_forward", "orig").expect("filter FORWARD hop");
+    assert_eq!(tuple_of(&f["tuple"]), Some(post.clone()));
+    assert_eq!(f["passed"], f["packets"]);
     assert_eq!(rec["socket"]["asked"]["dst"], "100.64.0.10");
     assert_eq!(rec["socket"]["asked"]["dport"], 443);
     assert!(rec["totals"]["reply_packets"].as_u64().unwrap() >= 3);
@@ -120,6 +128,8 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     );
     assert_eq!(tuple_of(&rb["wire_view"]), Some(post.clone()));
     assert_eq!(tuple_of(&rb["policy_view"]["tuple"]), Some(post.clone()));
+    assert_eq!(rb["policy_view"]["source"], "filter_hook");
+    assert_eq!(rb["policy_view"]["hook"], "forward");
     assert_eq!(
         tuple_of(&hop(rb, "uplink_ingress", "orig").unwrap()["tuple"]),
         Some(post.clone())
@@ -508,6 +518,14 @@ fn forward_filter_sees_the_target_port_not_the_service_port() {
     );
     assert_eq!(d["tuple"]["dport"], 8443, "and the targetPort");
     assert!(d["packets"].as_u64().unwrap() >= 1);
+    // Measured twice: the filter hooks saw it go in and not come out, the tracer saw the drop.
+    let pv = &r["policy_view"];
+    assert_eq!(pv["source"], "filter_hook", "{pv}");
+    assert_eq!(pv["verdict"], "dropped");
+    assert_eq!(pv["passed"], 0);
+    assert!(pv["packets"].as_u64().unwrap() >= 1);
+    assert_eq!(pv["tuple"], d["tuple"]);
+    assert_eq!(r["last_seen"]["point"], "filter_forward");
     let m = lab.metrics("node-a").unwrap();
     assert!(metric(&m, "observer_drops_total", &[("reason", "NETFILTER_DROP")]).unwrap() >= 1.0);
     assert!(
@@ -566,9 +584,10 @@ fn network_policy_sees_the_target_port_on_both_nodes() {
         r["drop"]["tuple"]["dport"], 8443,
         "the egress policy was evaluated on 8443, not 443"
     );
-    assert_eq!(r["policy_view"]["source"], "drop");
+    assert_eq!(r["policy_view"]["source"], "filter_hook");
+    assert_eq!(r["policy_view"]["verdict"], "dropped");
     assert_eq!(r["policy_view"]["tuple"]["dport"], 8443);
-    assert_eq!(r["last_seen"]["point"], "pod_ingress");
+    assert_eq!(r["last_seen"]["point"], "filter_forward");
     assert!(r["wire_view"].is_null());
 
     apply("egress-target-port");
@@ -591,7 +610,8 @@ fn network_policy_sees_the_target_port_on_both_nodes() {
     );
     assert_eq!(rb["policy_view"]["node"], "node-b");
     assert_eq!(rb["policy_view"]["tuple"]["dport"], 8443);
-    assert_eq!(rb["last_seen"]["point"], "uplink_ingress");
+    assert_eq!(rb["policy_view"]["verdict"], "dropped");
+    assert_eq!(rb["last_seen"]["point"], "filter_forward");
     assert_eq!(
         tuple_of(&hop(&rb, "uplink_ingress", "orig").unwrap()["tuple"]),
         tuple_of(&rb["drop"]["tuple"])
@@ -874,9 +894,20 @@ fn nodeport_from_outside_is_translated_and_masqueraded_on_the_entry_node() {
         "the wire carries node-a's IP"
     );
     assert_nat_matches(&lab.conntrack("node-a").unwrap(), &r);
+    // node-a's filter table saw a tuple that neither entered nor left the node: after DNAT,
+    // before SNAT, the outside client's own address to the backend (joined by conntrack).
+    let pv = &r["policy_view"];
+    assert_eq!(pv["source"], "filter_hook", "{pv}");
+    assert_eq!(pv["hook"], "forward");
+    assert_eq!(
+        tuple_of(&pv["tuple"]),
+        Some((pre.0.clone(), pre.1, post.2.clone(), post.3)),
+        "client 192.0.2.10 to pod-b:8443"
+    );
     let rb = arrived_on_b(&lab, &r["post_dnat"]);
     assert_eq!(rb["observed_as"], "receiver");
     assert_eq!(rb["policy_view"]["tuple"]["src"], "10.200.0.1");
+    assert_eq!(rb["policy_view"]["source"], "filter_hook");
     // tcpdump on node-b's uplink: node-a's IP to the pod's targetPort, never the client's.
     let wire = capture.stop();
     assert!(wire.contains(&wire_text(&r["post_dnat"])), "{wire}");
@@ -911,6 +942,9 @@ fn pod_to_outside_is_masqueraded_and_joined_by_conntrack() {
     assert_eq!(r["post_dnat"]["dst"], "192.0.2.10");
     assert_nat_matches(&lab.conntrack("node-a").unwrap(), &r);
     assert_eq!(r["socket"]["comm"], "curl");
+    // Egress policy is evaluated before the masquerade: the pod's own address.
+    assert_eq!(r["policy_view"]["source"], "filter_hook");
+    assert_eq!(r["policy_view"]["tuple"], r["pre_dnat"]);
 }
 
 /// A process of node-a itself (a hostNetwork client) calling the Service: no tc hook sees its
@@ -940,6 +974,16 @@ fn host_network_client_is_named_by_conntrack_and_seen_as_the_node_ip() {
         ("10.200.0.1", "10.244.2.10", 8443)
     );
     assert_nat_matches(&lab.conntrack("node-a").unwrap(), &r);
+    // A process's packets meet the filter table at OUTPUT: after nat OUTPUT's DNAT, before
+    // POSTROUTING's masquerade (which may rewrite the source port).
+    let pv = &r["policy_view"];
+    assert_eq!(pv["source"], "filter_hook", "{r:#}");
+    assert_eq!(pv["hook"], "output");
+    assert_eq!(pv["verdict"], "passed");
+    assert_eq!(
+        tuple_of(&pv["tuple"]),
+        Some((pre.0.clone(), pre.1, post.2.clone(), post.3))
+    );
     let rb = arrived_on_b(&lab, &r["post_dnat"]);
     assert_eq!(rb["observed_as"], "receiver");
     assert_eq!(rb["policy_view"]["tuple"]["src"], "10.200.0.1");

@@ -35,14 +35,31 @@ pub enum Point {
     UplinkIngress = 2,
     /// tc egress on a node uplink: leaving onto the node-to-node wire (what a VPC firewall sees).
     UplinkEgress = 3,
+    /// netfilter FORWARD just before the filter table (priority -1): what filter evaluates for a
+    /// routed packet (a pod's, after DNAT, before SNAT).
+    FilterForward = 4,
+    /// netfilter LOCAL_IN just before the filter table: for a process of the node.
+    FilterInput = 5,
+    /// netfilter LOCAL_OUT just before the filter table: from a process of the node, after DNAT.
+    FilterOutput = 6,
+    /// The same three hooks just after the filter table (priority +1): what filter let through.
+    FilterForwardPassed = 7,
+    FilterInputPassed = 8,
+    FilterOutputPassed = 9,
 }
 
 impl Point {
-    pub const ALL: [Point; 4] = [
+    pub const ALL: [Point; 10] = [
         Point::PodIngress,
         Point::PodEgress,
         Point::UplinkIngress,
         Point::UplinkEgress,
+        Point::FilterForward,
+        Point::FilterInput,
+        Point::FilterOutput,
+        Point::FilterForwardPassed,
+        Point::FilterInputPassed,
+        Point::FilterOutputPassed,
     ];
 
     pub const fn from_u8(v: u8) -> Option<Point> {
@@ -51,6 +68,12 @@ impl Point {
             1 => Some(Point::PodEgress),
             2 => Some(Point::UplinkIngress),
             3 => Some(Point::UplinkEgress),
+            4 => Some(Point::FilterForward),
+            5 => Some(Point::FilterInput),
+            6 => Some(Point::FilterOutput),
+            7 => Some(Point::FilterForwardPassed),
+            8 => Some(Point::FilterInputPassed),
+            9 => Some(Point::FilterOutputPassed),
             _ => None,
         }
     }
@@ -62,6 +85,43 @@ impl Point {
             Point::PodEgress => "pod_egress",
             Point::UplinkIngress => "uplink_ingress",
             Point::UplinkEgress => "uplink_egress",
+            Point::FilterForward => "filter_forward",
+            Point::FilterInput => "filter_input",
+            Point::FilterOutput => "filter_output",
+            Point::FilterForwardPassed => "filter_forward_passed",
+            Point::FilterInputPassed => "filter_input_passed",
+            Point::FilterOutputPassed => "filter_output_passed",
+        }
+    }
+
+    /// Where the kernel notes the packet's conntrack entry for a new key: where the tuple left
+    /// the IP stack, and around the filter table.
+    pub const fn notes_ct(self) -> bool {
+        self.is_egress() || self.is_filter()
+    }
+
+    /// Seen by a netfilter program around the filter table (before or after it).
+    pub const fn is_filter(self) -> bool {
+        self as u8 >= Point::FilterForward as u8
+    }
+
+    /// The point just after the filter table at the same hook as this one just before it.
+    pub const fn filter_passed(self) -> Option<Point> {
+        match self {
+            Point::FilterForward => Some(Point::FilterForwardPassed),
+            Point::FilterInput => Some(Point::FilterInputPassed),
+            Point::FilterOutput => Some(Point::FilterOutputPassed),
+            _ => None,
+        }
+    }
+
+    /// The netfilter hook of a filter point: `forward`, `input` or `output`.
+    pub const fn filter_hook(self) -> Option<&'static str> {
+        match self {
+            Point::FilterForward | Point::FilterForwardPassed => Some("forward"),
+            Point::FilterInput | Point::FilterInputPassed => Some("input"),
+            Point::FilterOutput | Point::FilterOutputPassed => Some("output"),
+            _ => None,
         }
     }
 
@@ -279,9 +339,11 @@ pub enum Stat {
     /// As `TupleReused`, but every retired slot still held an unfinished earlier connection: the
     /// old connection's counters were added to the last one (one record for both).
     TupleReuseMerged = 12,
+    /// A netfilter program could not read the packet or its device from kernel memory.
+    KernelRead = 13,
 }
 
-pub const STATS_LEN: u32 = 13;
+pub const STATS_LEN: u32 = 14;
 
 impl Stat {
     pub const ALL: [Stat; STATS_LEN as usize] = [
@@ -298,6 +360,7 @@ impl Stat {
         Stat::DropEventsLost,
         Stat::TupleReused,
         Stat::TupleReuseMerged,
+        Stat::KernelRead,
     ];
 }
 

@@ -8,6 +8,7 @@
 
 mod account;
 mod cgroup;
+mod filter;
 mod kmem;
 mod maps;
 mod nat;

@@ -5,7 +5,7 @@
 //! objects carry no CO-RE relocations); left at 0, nothing is read and records say the join was
 //! inferred.
 
-use aya_ebpf::{macros::map, maps::LruHashMap, programs::TcContext};
+use aya_ebpf::{macros::map, maps::LruHashMap};
 use observer_common::{CT_ORIG_MAX_ENTRIES, CT_UNTRACKED, CtOrig, FlowKey};
 
 use crate::kmem::{global, read};
@@ -29,15 +29,15 @@ static OFF_CT_DST_PORT: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_CT_ZONE: u32 = 0;
 
-/// Remember the conntrack original tuple of the packet that created `key`.
+/// Remember the conntrack original tuple of the packet (the kernel's `sk_buff` at `skb`) that
+/// created `key`.
 #[inline(always)]
-pub fn note_original(ctx: &TcContext, key: &FlowKey) {
+pub fn note_original(skb: u64, key: &FlowKey) {
     let off = global(&OFF_SKB_NFCT);
     if off == 0 {
         return;
     }
-    // The context pointer is the kernel's sk_buff.
-    let Ok(nfct) = read::<u64>(ctx.skb.skb as u64, off) else {
+    let Ok(nfct) = read::<u64>(skb, off) else {
         return;
     };
     let ctinfo = (nfct & 7) as u8;

@@ -59,7 +59,8 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
     };
     let new = account::record(&key, ctx.len(), t.tcp_flags);
     if new && point.is_egress() {
-        nat::note_original(ctx, &key);
+        // The context pointer is the kernel's sk_buff.
+        nat::note_original(ctx.skb.skb as u64, &key);
     }
     Ok(())
 }

@@ -101,6 +101,12 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_NO_NAT_STATE")]
     pub no_nat_state: bool,
 
+    /// Do not link the netfilter programs around the filter table: `policy_view` is then
+    /// derived from the tc points around it, and records say so (`policy_view.source: derived`).
+    /// For kernels without BPF netfilter links (before 6.4), and for measuring what they cost.
+    #[arg(long, env = "OBSERVER_NO_FILTER_HOOK")]
+    pub no_filter_hook: bool,
+
     /// Name pods and Services in records from this names file (docs/names-file.md), where
     /// there is no Kubernetes API: bare metal, VMs, the lab (`observer-lab names`).
     #[arg(long, env = "OBSERVER_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]

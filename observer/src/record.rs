@@ -6,9 +6,9 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const SCHEMA: &str = "observer.flow/v2";
+pub const SCHEMA: &str = "observer.flow/v3";
 /// Earlier versions this build still reads (`explain`, `suggest`).
-pub const SCHEMA_READ: &[&str] = &["observer.flow/v1", SCHEMA];
+pub const SCHEMA_READ: &[&str] = &["observer.flow/v1", "observer.flow/v2", SCHEMA];
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TupleView {
@@ -42,7 +42,9 @@ pub enum Direction {
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Hop {
-    /// `socket`, `pod_ingress`, `pod_egress`, `uplink_ingress` or `uplink_egress`.
+    /// `socket`, `pod_ingress`, `pod_egress`, `uplink_ingress`, `uplink_egress`, or where the
+    /// filter table evaluated it: `filter_forward`, `filter_input`, `filter_output` (and
+    /// `filter_*_passed` for packets seen only after the table).
     pub point: String,
     pub iface: Option<String>,
     pub node: String,
@@ -57,6 +59,10 @@ pub struct Hop {
     /// TCP flags seen at this hop, e.g. "SYN|ACK|FIN".
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub tcp_flags: Option<String>,
+    /// Filter points (`filter_forward`, `filter_input`, `filter_output`): how many of `packets`
+    /// the filter table let through.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub passed: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -118,11 +124,32 @@ pub struct LastSeen {
 pub struct PolicyView {
     pub node: String,
     pub tuple: TupleView,
-    /// `drop`: the packet the filter dropped, read from the kernel at the drop. `egress_hop`: the
-    /// client's source as it entered (pod_ingress or uplink_ingress) and the destination as it
-    /// left (uplink_egress or pod_egress): DNAT happens before filter FORWARD and nothing after
-    /// it rewrites the destination. `ingress_hop`: it never left and was not dropped by a filter.
+    /// `filter_hook`: measured by the agent's netfilter programs just before the filter table
+    /// (and just after it, for `passed`). `drop`: the packet netfilter dropped, read at the drop.
+    /// `derived`: inferred without those programs, from the client's source as it entered
+    /// (pod_ingress or uplink_ingress) and the destination as it left (uplink_egress or
+    /// pod_egress): DNAT happens before the filter table, SNAT after it. Records of schema v1 and
+    /// v2 call the derived view `egress_hop` or `ingress_hop`.
     pub source: String,
+    /// `filter_hook` only: the netfilter hook, `forward` (routed: a pod's traffic), `input` (to a
+    /// process of the node) or `output` (from one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+    /// `filter_hook` only: client packets that reached the filter table, and those it let through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packets: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passed: Option<u64>,
+    /// `filter_hook` only: `passed`, `dropped` or `partly_dropped`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+}
+
+impl PolicyView {
+    /// Measured by the filter hooks or read at a drop, as opposed to derived.
+    pub fn is_measured(&self) -> bool {
+        matches!(self.source.as_str(), "filter_hook" | "drop")
+    }
 }
 
 /// Where and why the kernel dropped packets of this connection.

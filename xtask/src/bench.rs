@@ -5,6 +5,9 @@
 //!   lab client) without agents, then with one agent per node; the ratio is the cost.
 //! - Per-packet cost of each kernel program from the kernel's own accounting
 //!   (`kernel.bpf_stats_enabled`: run time and run count per program).
+//! - What two features cost, each against itself switched off in alternating runs: reading
+//!   conntrack entries (`--no-nat-state`) and the netfilter hooks around the filter table
+//!   (`--no-filter-hook`).
 //! - Agent resident memory and kernel map memory.
 //! - The agent's memory for a large cluster's names (`kube_scale.rs`).
 //!
@@ -89,7 +92,7 @@ fn prog_stats() -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
     let mut m: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     for p in v.as_array().into_iter().flatten() {
         let name = p["name"].as_str().unwrap_or_default();
-        if !(name.starts_with("tc_") || name.starts_with("sock_")) {
+        if !["tc_", "sock_", "nf_"].iter().any(|p| name.starts_with(p)) {
             continue;
         }
         let e = m.entry(name.to_owned()).or_default();
@@ -135,8 +138,60 @@ pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result
     Ok(())
 }
 
-/// Rounds of the alternating with/without-conntrack-read comparison.
-const NAT_ROUNDS: usize = 3;
+/// Rounds of each alternating with/without comparison.
+const AB_ROUNDS: usize = 3;
+
+/// Agents with a feature switched off (`off_flag`) and on, in alternating runs.
+struct Alternating {
+    off_flag: &'static str,
+    off_rate: Vec<f64>,
+    on_rate: Vec<f64>,
+    off_tput: Vec<f64>,
+    on_tput: Vec<f64>,
+    /// Program costs over the first run without the feature (connection load only).
+    off_progs: BTreeMap<String, (u64, u64)>,
+}
+
+/// [`AB_ROUNDS`] rounds of the connection load (and `seconds` of iperf3, unless 0) with agents
+/// started with `off_flag`, then without it.
+fn alternate(
+    lab: &mut LabRun,
+    off_flag: &'static str,
+    seconds: u32,
+) -> anyhow::Result<Alternating> {
+    let mut a = Alternating {
+        off_flag,
+        off_rate: Vec::new(),
+        on_rate: Vec::new(),
+        off_tput: Vec::new(),
+        on_tput: Vec::new(),
+        off_progs: BTreeMap::new(),
+    };
+    for round in 0..AB_ROUNDS {
+        for off in [true, false] {
+            let flags: &[&str] = if off {
+                std::slice::from_ref(&off_flag)
+            } else {
+                &[]
+            };
+            start_agents(lab, flags)?;
+            let (tput, rate) = workloads(lab, 1, seconds)?;
+            if off {
+                a.off_rate.extend(rate);
+                a.off_tput.extend(tput);
+                if round == 0 {
+                    a.off_progs = program_costs(lab, 0)?;
+                }
+            } else {
+                a.on_rate.extend(rate);
+                a.on_tput.extend(tput);
+            }
+            lab.stop_agents()?;
+            lab.agents.clear();
+        }
+    }
+    Ok(a)
+}
 
 fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     let bins = crate::bins();
@@ -149,27 +204,16 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
     let (base_tput, base_rate) = workloads(&lab, reps, seconds)?;
 
-    // The conntrack read's cost: agents with and without it, alternating, so that drift of this
+    // What a feature costs: agents with and without it, alternating, so that drift of this
     // shared machine falls on both alike.
     println!(
-        "==> agents reading conntrack entries or not (--no-nat-state), alternating, {NAT_ROUNDS} rounds"
+        "==> agents reading conntrack entries or not (--no-nat-state), alternating, {AB_ROUNDS} rounds"
     );
-    let (mut plain_rate, mut nat_rate) = (Vec::new(), Vec::new());
-    let mut plain_progs = BTreeMap::new();
-    for round in 0..NAT_ROUNDS {
-        for (extra, rates) in [
-            (&["--no-nat-state"][..], &mut plain_rate),
-            (&[][..], &mut nat_rate),
-        ] {
-            start_agents(&mut lab, extra)?;
-            rates.push(conn_rate(&lab)?);
-            if round == 0 && !extra.is_empty() {
-                plain_progs = program_costs(&lab, 0)?;
-            }
-            lab.stop_agents()?;
-            lab.agents.clear();
-        }
-    }
+    let nat = alternate(&mut lab, "--no-nat-state", 0)?;
+    println!(
+        "==> agents with and without the filter hooks (--no-filter-hook), alternating, {AB_ROUNDS} rounds"
+    );
+    let filter = alternate(&mut lab, "--no-filter-hook", seconds)?;
 
     println!("==> with one agent per node");
     start_agents(&mut lab, &[])?;
@@ -201,11 +245,10 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         base_rate,
         obs_tput,
         obs_rate,
-        plain_rate,
-        nat_rate,
+        nat,
+        filter,
         progs,
         conn_progs,
-        plain_progs,
         rss,
         maps,
         metrics,
@@ -258,13 +301,12 @@ struct Datapath {
     base_rate: Vec<f64>,
     obs_tput: Vec<f64>,
     obs_rate: Vec<f64>,
-    /// Connections/s with agents that do not read conntrack entries, and that do (alternating).
-    plain_rate: Vec<f64>,
-    nat_rate: Vec<f64>,
+    /// Agents reading conntrack entries or not, and with the filter hooks or not.
+    nat: Alternating,
+    filter: Alternating,
     progs: BTreeMap<String, (u64, u64)>,
-    /// Program costs over the connection load only, agents reading conntrack and not.
+    /// Program costs over the connection load only.
     conn_progs: BTreeMap<String, (u64, u64)>,
-    plain_progs: BTreeMap<String, (u64, u64)>,
     rss: Vec<(String, u64)>,
     maps: u64,
     metrics: String,
@@ -295,14 +337,29 @@ fn report(d: &Datapath) -> String {
         "  short TCP connections / s        {br:>7.0}       {or:>7.0}       {:>5.3}",
         or / br
     );
-    let (pr, nr) = (mean(&d.plain_rate), mean(&d.nat_rate));
-    let _ = writeln!(
-        out,
-        "  short TCP connections / s, agents not reading / reading conntrack (alternating runs): {pr:.0} / {nr:.0}, ratio {:.3} (runs: {:?} / {:?})",
-        nr / pr,
-        d.plain_rate.iter().map(|r| r.round()).collect::<Vec<_>>(),
-        d.nat_rate.iter().map(|r| r.round()).collect::<Vec<_>>()
-    );
+    for (what, a) in [
+        ("reading conntrack", &d.nat),
+        ("with the filter hooks", &d.filter),
+    ] {
+        let rounds = |v: &[f64]| v.iter().map(|r| r.round()).collect::<Vec<_>>();
+        let (off, on) = (mean(&a.off_rate), mean(&a.on_rate));
+        let _ = writeln!(
+            out,
+            "  short TCP connections / s, agents {what} or not ({}; alternating runs): {on:.0} / {off:.0}, ratio {:.3} (runs: {:?} / {:?})",
+            a.off_flag,
+            on / off,
+            rounds(&a.on_rate),
+            rounds(&a.off_rate)
+        );
+        if !a.on_tput.is_empty() {
+            let (off, on) = (mean(&a.off_tput), mean(&a.on_tput));
+            let _ = writeln!(
+                out,
+                "  iperf3 Gb/s, agents {what} or not: {on:.2} / {off:.2}, ratio {:.3}",
+                on / off
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "\n  the conntrack read at the egress points, once per new key (connection load only, ns/run)"
@@ -317,7 +374,7 @@ fn report(d: &Datapath) -> String {
         let _ = writeln!(
             out,
             "  {name:<20} {:>12.1}  {:>9.1}",
-            per(&d.plain_progs),
+            per(&d.nat.off_progs),
             per(&d.conn_progs)
         );
     }
@@ -334,6 +391,18 @@ fn report(d: &Datapath) -> String {
         };
         let _ = writeln!(out, "  {name:<20} {runs:>12}  {per:>8.1}");
     }
+    let per = |name: &str| {
+        d.progs
+            .get(name)
+            .filter(|(runs, _)| *runs > 0)
+            .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
+    };
+    let nf = per("nf_forward") + per("nf_forward_passed");
+    let _ = writeln!(
+        out,
+        "  filter hooks per routed packet (nf_forward + nf_forward_passed): {nf:.1} ns, {:.2}x tc_pod_ingress",
+        nf / per("tc_pod_ingress")
+    );
     let _ = writeln!(out, "\n  memory");
     for (node, kib) in &d.rss {
         let _ = writeln!(

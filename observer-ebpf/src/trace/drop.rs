@@ -14,7 +14,7 @@ use observer_common::{
 };
 
 use crate::{
-    kmem::{global, read},
+    kmem::{OFF_DEV_IFINDEX, OFF_SKB_HEAD, OFF_SKB_NETWORK_HEADER, global, read},
     maps::count,
 };
 
@@ -23,17 +23,17 @@ static DROP_EVENTS: RingBuf = RingBuf::with_byte_size(DROP_EVENTS_BYTES, 0);
 
 // Set by the agent from BTF at load time (see observer/src/hooks/drop.rs).
 #[unsafe(no_mangle)]
-static OFF_SKB_HEAD: u32 = 0;
-#[unsafe(no_mangle)]
-static OFF_SKB_NETWORK_HEADER: u32 = 0;
-#[unsafe(no_mangle)]
 static OFF_SKB_TRANSPORT_HEADER: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_SKB_DEV: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_DEV_NET: u32 = 0;
+/// `sk_buff.sk` and `sock.__sk_common.skc_net`: the namespace of a local process's packet that
+/// has no device yet (dropped at LOCAL_OUT, before routing set one).
 #[unsafe(no_mangle)]
-static OFF_DEV_IFINDEX: u32 = 0;
+static OFF_SKB_SK: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_NET: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NET_INUM: u32 = 0;
 /// Inode of the agent's network namespace: drops elsewhere are another node's.
@@ -58,10 +58,15 @@ fn try_drop(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let dev: u64 = read(skb, global(&OFF_SKB_DEV))?;
-    if dev == 0 {
-        return Ok(());
-    }
-    let net: u64 = read(dev, global(&OFF_DEV_NET))?;
+    let net: u64 = if dev != 0 {
+        read(dev, global(&OFF_DEV_NET))?
+    } else {
+        let sk: u64 = read(skb, global(&OFF_SKB_SK))?;
+        if sk == 0 {
+            return Ok(());
+        }
+        read(sk, global(&OFF_SK_NET))?
+    };
     let inum: u32 = read(net, global(&OFF_NET_INUM))?;
     if inum != global(&NETNS_INO) {
         return Ok(());
@@ -75,7 +80,11 @@ fn try_drop(ctx: &BtfTracePointContext) -> Result<(), i32> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         location,
         reason,
-        ifindex: read(dev, global(&OFF_DEV_IFINDEX))?,
+        ifindex: if dev != 0 {
+            read(dev, global(&OFF_DEV_IFINDEX))?
+        } else {
+            0
+        },
         src: [0; 16],
         dst: [0; 16],
         sport: 0,

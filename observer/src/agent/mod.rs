@@ -42,8 +42,9 @@ use crate::{
         stage::Exporter,
     },
     hooks::{
-        HookError, Hooks, KernelMaps, Role,
+        FilterStatus, HookError, Hooks, KernelMaps, Role,
         drop::{DropConfig, Kallsyms},
+        filter::{FilterHooks, FilterOffsets},
         follow::{Follower, Interfaces},
         nat::NatOffsets,
         pin::{PinDir, PinError},
@@ -108,6 +109,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(&args.node));
     let health = Arc::new(Health {
         ready: false.into(),
+        hooks: Default::default(),
     });
     let recent = Arc::new(RecentFlows::new(RECENT_FLOWS));
     tokio::spawn(http::serve(
@@ -126,7 +128,9 @@ pub async fn run(
         metrics: metrics.clone(),
         recent,
     };
-    let mut pipeline = Pipeline::start(&args, targets, pin.as_ref(), metrics, exporter, flow_log)?;
+    let (mut pipeline, hooks) =
+        Pipeline::start(&args, targets, pin.as_ref(), metrics, exporter, flow_log)?;
+    let _ = health.hooks.set(hooks);
     // Loading parsed the kernel's BTF (several MiB, for the drop tracer, the NAT offsets and
     // aya's relocations) and freed it: give those pages back rather than hold them for ever.
     // SAFETY: malloc_trim only releases free memory.
@@ -229,7 +233,7 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         exporter: Exporter,
         flow_log: FlowLog,
-    ) -> Result<Pipeline, AgentError> {
+    ) -> Result<(Pipeline, String), AgentError> {
         let drop_cfg = DropConfig::from_kernel()
             .inspect_err(|e| warn!("drop tracing is off: {e}"))
             .ok();
@@ -245,11 +249,19 @@ impl Pipeline {
                 })
                 .ok()
         };
-        let (mut hooks, maps) = Hooks::load(
+        let filter = if args.no_filter_hook {
+            None
+        } else {
+            FilterOffsets::from_kernel()
+                .inspect_err(|e| warn!("no offsets for the netfilter programs: {e}"))
+                .ok()
+        };
+        let (mut hooks, maps, mut filter_status) = Hooks::load(
             args.max_flows,
             args.tc_mode,
             drop_cfg.as_ref(),
             nat.as_ref(),
+            filter.as_ref(),
             pin,
         )?;
         let KernelMaps {
@@ -276,6 +288,19 @@ impl Pipeline {
             info!("adopted {adopted} pinned flow entries from the previous agent");
         }
         attach(&mut hooks, &targets, drop_cfg.is_some())?;
+        hooks.attach_filter(&mut filter_status);
+        correlation
+            .corr
+            .set_filter_measured(filter_status.measured());
+        match &filter_status {
+            FilterStatus::Measured => info!("filter view measured: {}", FilterHooks::describe()),
+            FilterStatus::Derived(_) if args.no_filter_hook => info!(
+                "--no-filter-hook: policy_view is derived from the tc points around the filter table, and records say so"
+            ),
+            FilterStatus::Derived(why) => warn!(
+                "netfilter programs not linked ({why}): policy_view is derived from the tc points around the filter table, and records say so"
+            ),
+        }
         let rings = Rings::register(flow_events, socket_events, drop_events)
             .map_err(AgentError::RingBuf)?;
         let mut follower = Follower {
@@ -290,7 +315,8 @@ impl Pipeline {
             "ready: uplinks {:?}, pod interfaces matching {:?}",
             targets.uplinks, args.pod_iface
         );
-        Ok(Self::spawn(
+        let status = hook_status(&targets, drop_cfg.is_some(), &filter_status);
+        let pipeline = Self::spawn(
             follower,
             first,
             rings,
@@ -299,7 +325,8 @@ impl Pipeline {
             exporter,
             flow_log,
             metrics,
-        ))
+        );
+        Ok((pipeline, status))
     }
 
     #[expect(
@@ -451,6 +478,27 @@ fn attach(hooks: &mut Hooks, targets: &setup::Targets, drops: bool) -> Result<()
     Ok(())
 }
 
+/// What runs, for /readyz: one line per hook, and whether the filter view is measured.
+fn hook_status(targets: &setup::Targets, drops: bool, filter: &FilterStatus) -> String {
+    let mut lines = vec![format!(
+        "tc: uplinks {:?} and pod interfaces as they appear",
+        targets.uplinks
+    )];
+    if let Some(cg) = &targets.cgroup {
+        lines.push(format!("cgroup socket hooks: {}", cg.display()));
+    }
+    lines.push(if drops {
+        "drops: tp_btf/kfree_skb".to_owned()
+    } else {
+        "drops: off (no drop reasons)".to_owned()
+    });
+    lines.push(match filter {
+        FilterStatus::Measured => format!("filter view: measured ({})", FilterHooks::describe()),
+        FilterStatus::Derived(why) => format!("filter view: derived ({why})"),
+    });
+    lines.join("\n")
+}
+
 fn correlation_config(args: &AgentArgs) -> correlate::Config {
     correlate::Config {
         node: args.node.clone(),
@@ -460,5 +508,6 @@ fn correlation_config(args: &AgentArgs) -> correlate::Config {
         linger_ns: Duration::from_secs(1).as_nanos() as u64,
         socket_ttl_ns: Duration::from_secs(120).as_nanos() as u64,
         pending_max: 65_536,
+        filter_measured: false,
     }
 }

@@ -93,19 +93,21 @@ impl Leg<'_> {
         self.obs.iter().map(|o| o.c.last_ns).max().unwrap_or(0)
     }
 
-    /// A leg that left the stack without entering it was sent by a process of this node (a
-    /// hostNetwork client): no tc hook saw its tuple before NAT, conntrack did.
+    /// A leg that left the stack (or met the filter table at OUTPUT) without entering it was
+    /// sent by a process of this node (a hostNetwork client): no tc hook saw its tuple before
+    /// NAT, conntrack did.
     pub fn local_original(&self) -> Option<Tuple> {
-        if self.entered() || !self.left_stack() {
+        if self.entered() || !(self.left_stack() || self.orig_at(|p| p == Point::FilterOutput)) {
             return None;
         }
         self.ct_original().filter(|t| *t != self.orig)
     }
 
-    /// What conntrack says the client sent, where this leg's own direction left the stack.
+    /// What conntrack says the client sent, where this leg's own direction left the stack (or,
+    /// for a leg only the filter table saw, where it met the table).
     fn ct_original(&self) -> Option<Tuple> {
         self.obs.iter().find_map(|o| match o.ct {
-            Ct::Original { tuple, .. } if self.is_orig(o) && o.point.is_egress() => Some(tuple),
+            Ct::Original { tuple, .. } if self.is_orig(o) && o.point.notes_ct() => Some(tuple),
             _ => None,
         })
     }
@@ -135,6 +137,9 @@ pub struct Conn<'a> {
     pub post: Option<Leg<'a>>,
     /// The pairing had more than one candidate (see [`group`]).
     pub ambiguous: bool,
+    /// What the netfilter programs around the filter table saw of it, both directions
+    /// ([`attach_filter`]).
+    pub filter: Vec<&'a Observation>,
 }
 
 impl<'a> Conn<'a> {
@@ -158,6 +163,26 @@ impl<'a> Conn<'a> {
 
     pub fn first_ns(&self) -> u64 {
         self.legs().map(Leg::first_ns).min().unwrap_or(0)
+    }
+
+    /// What the client sent as conntrack knows it: a pre-DNAT leg's tuple, the post leg's, and
+    /// the original its conntrack entry names.
+    fn client_tuples(&self) -> impl Iterator<Item = Tuple> + '_ {
+        self.legs()
+            .map(|l| l.orig)
+            .chain(self.post.as_ref().and_then(Leg::ct_original))
+    }
+
+    /// Whether a filter observation of this connection is of the client's direction: sent from
+    /// the client's endpoint as it sent it, or as a leg carried it (a source NAT after the filter
+    /// table changes the former, one on another node the latter).
+    pub fn is_filter_orig(&self, o: &Observation) -> bool {
+        self.client_tuples().any(|t| t.src == o.tuple.src)
+    }
+
+    /// The client's side: the filter observations of its direction (the others are replies).
+    pub fn filter_orig(&self) -> impl Iterator<Item = &&'a Observation> + '_ {
+        self.filter.iter().filter(|o| self.is_filter_orig(o))
     }
 }
 
@@ -212,10 +237,21 @@ fn orient<'a>(obs: Vec<&'a Observation>) -> Leg<'a> {
 /// rewritten source port). The rest are joined by client endpoint, which DNAT alone keeps: one
 /// of each pair up; several of each (a UDP socket talking to several Services from one port at
 /// once) are paired in time order and flagged ambiguous.
+///
+/// The filter table's observations are not legs: under DNAT and SNAT together (a NodePort) the
+/// filter saw a tuple that neither entered nor left the node. They join afterwards
+/// ([`attach_filter`]); those that join none are connections of their own, which no tc point
+/// saw: a process of the node whose packets the filter table dropped at OUTPUT, or traffic on
+/// interfaces the agent does not watch.
 pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
     let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
+    let mut filter = Vec::new();
     for o in observations {
-        pairs.entry(leg_key(&o.tuple)).or_default().push(o);
+        if o.point.is_filter() {
+            filter.push(o);
+        } else {
+            pairs.entry(leg_key(&o.tuple)).or_default().push(o);
+        }
     }
     let legs = pairs
         .into_values()
@@ -247,6 +283,7 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
                 pre: Some(p),
                 post: q,
                 ambiguous,
+                filter: Vec::new(),
             });
         }
         for q in post {
@@ -254,6 +291,7 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
                 pre: None,
                 post: Some(q),
                 ambiguous,
+                filter: Vec::new(),
             });
         }
         for w in whole {
@@ -262,10 +300,65 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
                 pre: None,
                 post: Some(w),
                 ambiguous: false,
+                filter: Vec::new(),
             });
         }
     }
+    let unattached = attach_filter(&mut conns, filter);
+    conns.extend(filter_only(unattached));
     conns
+}
+
+/// Connections only the filter table saw, one per address pair (and reuse of it).
+fn filter_only(obs: Vec<&Observation>) -> impl Iterator<Item = Conn<'_>> {
+    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
+    for o in obs {
+        pairs.entry(leg_key(&o.tuple)).or_default().push(o);
+    }
+    pairs
+        .into_values()
+        .flat_map(instances)
+        .map(orient)
+        .map(|leg| Conn {
+            filter: leg.obs.clone(),
+            pre: None,
+            post: Some(leg),
+            ambiguous: false,
+        })
+}
+
+/// Give each filter observation to its connection. Exactly by conntrack where the kernel read the
+/// packet's entry: the entry's original tuple is what the client sent, before any NAT, in both
+/// directions. Otherwise by the observation's own tuple, which the filter table sees after DNAT
+/// and before SNAT, as a leg of the connection did. Among connections on the same tuple (a
+/// reused 4-tuple), the one that started nearest in time.
+fn attach_filter<'a>(conns: &mut [Conn<'a>], filter: Vec<&'a Observation>) -> Vec<&'a Observation> {
+    if filter.is_empty() {
+        return filter;
+    }
+    let mut by_tuple: HashMap<Tuple, Vec<usize>> = HashMap::new();
+    for (i, c) in conns.iter().enumerate() {
+        for t in c.client_tuples() {
+            by_tuple.entry(t).or_default().push(i);
+        }
+    }
+    let mut unattached = Vec::new();
+    for o in filter {
+        let keys = match o.ct {
+            Ct::Original { tuple, .. } => vec![tuple],
+            _ => vec![o.tuple, o.tuple.reversed()],
+        };
+        let nearest = keys
+            .iter()
+            .filter_map(|k| by_tuple.get(k))
+            .flatten()
+            .min_by_key(|&&i| conns[i].first_ns().abs_diff(o.c.first_ns));
+        match nearest {
+            Some(&i) => conns[i].filter.push(o),
+            None => unattached.push(o),
+        }
+    }
+    unattached
 }
 
 /// One address pair's observations, split into the connections that used it one after the
@@ -333,6 +426,7 @@ fn pair_by_conntrack(legs: Vec<Leg<'_>>) -> (Vec<Conn<'_>>, Vec<Leg<'_>>) {
                 pre: Some(p),
                 post: Some(leg),
                 ambiguous: false,
+                filter: Vec::new(),
             }),
             None => rest.push(leg),
         }

@@ -5,6 +5,7 @@
 //! builds its [`FlowRecord`].
 
 pub mod conn;
+mod policy;
 pub mod stage;
 pub mod tuple;
 
@@ -44,6 +45,9 @@ pub struct Config {
     /// At most this many pending socket events and drops are kept; beyond it new ones are
     /// refused and counted, so a connection storm on other nodes cannot grow the agent.
     pub pending_max: usize,
+    /// The netfilter programs around the filter table are linked: `policy_view` is what they saw.
+    /// Otherwise it is derived from the tc points, and says so.
+    pub filter_measured: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -143,6 +147,10 @@ impl Correlator {
         self.ifnames.insert(ifindex, name.to_owned());
     }
 
+    pub fn set_filter_measured(&mut self, yes: bool) {
+        self.cfg.filter_measured = yes;
+    }
+
     pub fn set_local_pods(&mut self, ips: impl IntoIterator<Item = std::net::IpAddr>) {
         self.local_pods = ips.into_iter().collect();
     }
@@ -215,7 +223,7 @@ impl Correlator {
     pub fn wants_ct(&self) -> Vec<FlowKey> {
         self.obs
             .values()
-            .filter(|o| o.point.is_egress() && o.ct == Ct::Unknown && o.ct_tries < CT_TRIES)
+            .filter(|o| o.point.notes_ct() && o.ct == Ct::Unknown && o.ct_tries < CT_TRIES)
             .map(|o| o.key)
             .collect()
     }
@@ -360,11 +368,13 @@ impl Correlator {
                 self.emitted.remove(&id);
                 used_sockets.extend(sock_key);
                 used_drops.extend(self.drop_of(c).map(|(t, _)| *t));
+                // A connection only the filter table saw has them in its leg too: once each.
                 for leg in c.legs() {
-                    for o in &leg.obs {
+                    for o in leg.obs.iter().filter(|o| !o.point.is_filter()) {
                         out.finished.push(o.key);
                     }
                 }
+                out.finished.extend(c.filter.iter().map(|o| o.key));
             } else {
                 self.emitted.insert(
                     id,
@@ -398,6 +408,10 @@ impl Correlator {
     }
 
     fn hop(&self, leg: &Leg<'_>, o: &Observation) -> Hop {
+        self.obs_hop(o, !leg.is_orig(o))
+    }
+
+    fn obs_hop(&self, o: &Observation, reply: bool) -> Hop {
         Hop {
             point: o.point.as_str().to_owned(),
             iface: Some(
@@ -407,10 +421,10 @@ impl Correlator {
                     .unwrap_or_else(|| format!("if{}", o.ifindex)),
             ),
             node: self.cfg.node.clone(),
-            dir: if leg.is_orig(o) {
-                Direction::Orig
-            } else {
+            dir: if reply {
                 Direction::Reply
+            } else {
+                Direction::Orig
             },
             tuple: o.tuple.view(),
             packets: Some(o.c.packets),
@@ -418,6 +432,7 @@ impl Correlator {
             first_seen: self.clock.rfc3339(o.c.first_ns),
             last_seen: self.clock.rfc3339(o.c.last_ns),
             tcp_flags: (o.tuple.proto == IPPROTO_TCP).then(|| tcp_flags_string(o.c.tcp_flags)),
+            passed: None,
         }
     }
 
@@ -457,7 +472,8 @@ impl Correlator {
         hops.sort_by_key(|(reply, first, h)| (*reply, *first, point_order(&h.point)));
         let hops: Vec<Hop> = hops.into_iter().map(|(_, _, h)| h).collect();
         let drop = self.record_drop(c);
-        let views = Views::of(&self.cfg.node, &hops, &drop);
+        let policy = self.policy_view(c, &drop, &hops);
+        let views = Views::of(&hops);
         FlowRecord {
             schema: SCHEMA.to_owned(),
             time: self.clock.rfc3339(now_ns),
@@ -482,7 +498,7 @@ impl Correlator {
                 point: views.last_point.to_owned(),
             },
             wire_view: views.wire,
-            policy_view: views.policy,
+            policy_view: policy,
             hops,
             drop,
             state: state(proto, conn_flags(c), &totals, is_final).to_owned(),
@@ -506,7 +522,11 @@ impl Correlator {
                 .any(|o| l.is_orig(o) && o.point == Point::PodEgress)
         }) || c
             .legs()
-            .any(|l| !l.sent_by_local_pod() && self.local_pods.contains(&l.orig.dst.ip));
+            .any(|l| !l.sent_by_local_pod() && self.local_pods.contains(&l.orig.dst.ip))
+            // Where the filter table saw it addressed, after DNAT (it may have stopped it there).
+            || c
+                .filter_orig()
+                .any(|o| self.local_pods.contains(&o.tuple.dst.ip));
         match (from_pod, to_pod) {
             (true, true) => ObservedAs::Local,
             (true, false) => ObservedAs::Sender,
@@ -579,24 +599,59 @@ impl Correlator {
         }
     }
 
-    /// Every observation as a hop (reply?, first seen, hop), and the totals of both directions.
+    /// Every observation as a hop (reply?, first seen, hop), and the totals of both directions:
+    /// the largest count of any hop in each.
     fn hops_and_totals(&self, c: &Conn<'_>) -> (Vec<(bool, u64, Hop)>, Totals) {
         let mut hops = Vec::new();
-        let mut totals = Totals::default();
         for leg in c.legs() {
-            for o in &leg.obs {
-                let orig = leg.is_orig(o);
-                if orig {
-                    totals.packets = totals.packets.max(o.c.packets);
-                    totals.bytes = totals.bytes.max(o.c.bytes);
-                } else {
-                    totals.reply_packets = totals.reply_packets.max(o.c.packets);
-                    totals.reply_bytes = totals.reply_bytes.max(o.c.bytes);
-                }
-                hops.push((!orig, o.c.first_ns, self.hop(leg, o)));
+            // Filter points are hops of their own (`filter_hops`), with what passed the table.
+            for o in leg.obs.iter().filter(|o| !o.point.is_filter()) {
+                hops.push((!leg.is_orig(o), o.c.first_ns, self.hop(leg, o)));
+            }
+        }
+        hops.extend(self.filter_hops(c));
+        let mut totals = Totals::default();
+        for (reply, _, h) in &hops {
+            let (p, b) = (h.packets.unwrap_or(0), h.bytes.unwrap_or(0));
+            if *reply {
+                totals.reply_packets = totals.reply_packets.max(p);
+                totals.reply_bytes = totals.reply_bytes.max(b);
+            } else {
+                totals.packets = totals.packets.max(p);
+                totals.bytes = totals.bytes.max(b);
             }
         }
         (hops, totals)
+    }
+
+    /// The filter table's observations as hops: one per hook and tuple, with how many of its
+    /// packets came out of the table (`passed`).
+    fn filter_hops(&self, c: &Conn<'_>) -> Vec<(bool, u64, Hop)> {
+        let passed_of = |before: &Observation| {
+            let p = before.point.filter_passed();
+            c.filter
+                .iter()
+                .filter(|o| Some(o.point) == p && o.tuple == before.tuple)
+                .map(|o| o.c.packets)
+                .sum::<u64>()
+        };
+        let has_before = |after: &Observation| {
+            c.filter
+                .iter()
+                .any(|o| o.point.filter_passed() == Some(after.point) && o.tuple == after.tuple)
+        };
+        c.filter
+            .iter()
+            .filter(|o| o.point.filter_passed().is_some() || !has_before(o))
+            .map(|o| {
+                let reply = !c.is_filter_orig(o);
+                let mut hop = self.obs_hop(o, reply);
+                if o.point.filter_passed().is_some() {
+                    hop.passed = Some(passed_of(o));
+                }
+                (reply, o.c.first_ns, hop)
+            })
+            .collect()
     }
 
     /// The socket as a hop (what the application asked for) and the process behind it.
@@ -617,6 +672,7 @@ impl Correlator {
             first_seen: self.clock.rfc3339(s.ts_ns),
             last_seen: self.clock.rfc3339(s.ts_ns),
             tcp_flags: None,
+            passed: None,
         };
         let info = SocketInfo {
             pid: s.pid,
@@ -686,16 +742,15 @@ fn state(proto: u8, (fo, fr): (u8, u8), totals: &Totals, is_final: bool) -> &'st
     }
 }
 
-/// What the client's direction looked like along this node: the last point it reached, the
-/// wire tuple, and the filter's view.
+/// What the client's direction looked like along this node: the last point it reached and the
+/// wire tuple.
 struct Views<'a> {
     last_point: &'a str,
     wire: Option<TupleView>,
-    policy: Option<crate::record::PolicyView>,
 }
 
 impl<'a> Views<'a> {
-    fn of(node: &str, hops: &'a [Hop], drop: &Option<crate::record::Drop>) -> Views<'a> {
+    fn of(hops: &'a [Hop]) -> Views<'a> {
         let orig_points: Vec<(&str, &TupleView)> = hops
             .iter()
             .filter(|h| h.dir == Direction::Orig)
@@ -713,56 +768,18 @@ impl<'a> Views<'a> {
                 .iter()
                 .find_map(|w| orig_points.iter().find(|(p, _)| p == w))
                 .map(|(_, t)| (*t).clone()),
-            policy: policy_view(node, drop, &orig_points),
         }
     }
 }
 
 /// Position along a connection's path through one node: entering (socket, pod veth or uplink
-/// ingress), then leaving (uplink egress or pod veth egress).
+/// ingress), the filter table, then leaving (uplink egress or pod veth egress).
 fn path_order(p: &str) -> u8 {
     match p {
         "socket" => 0,
         "pod_ingress" | "uplink_ingress" => 1,
-        _ => 2,
-    }
-}
-
-/// What the filter table evaluated: the dropped packet if netfilter dropped it, else the
-/// entering source with the leaving destination.
-fn policy_view(
-    node: &str,
-    drop: &Option<crate::record::Drop>,
-    orig: &[(&str, &TupleView)],
-) -> Option<crate::record::PolicyView> {
-    let view = |tuple: TupleView, source: &str| crate::record::PolicyView {
-        node: node.to_owned(),
-        tuple,
-        source: source.to_owned(),
-    };
-    if let Some(d) = drop
-        && d.reason.starts_with("NETFILTER")
-    {
-        return Some(view(d.tuple.clone(), "drop"));
-    }
-    let entered = orig
-        .iter()
-        .find(|(p, _)| *p == "pod_ingress" || *p == "uplink_ingress")
-        .map(|(_, t)| *t)?;
-    match orig
-        .iter()
-        .find(|(p, _)| *p == "uplink_egress" || *p == "pod_egress")
-    {
-        Some((_, left)) => Some(view(
-            TupleView {
-                src: entered.src.clone(),
-                sport: entered.sport,
-                dst: left.dst.clone(),
-                dport: left.dport,
-            },
-            "egress_hop",
-        )),
-        None => Some(view(entered.clone(), "ingress_hop")),
+        p if p.starts_with("filter_") => 2,
+        _ => 3,
     }
 }
 

@@ -63,6 +63,7 @@ pub(super) fn correlator() -> Correlator {
             linger_ns: S,
             socket_ttl_ns: 120 * S,
             pending_max: 3,
+            filter_measured: false,
         },
         Clock::new(),
     );
@@ -436,7 +437,7 @@ fn record_serialises_to_the_documented_shape() {
     ] {
         assert!(v.get(field).is_some(), "missing {field}");
     }
-    assert_eq!(v["schema"], "observer.flow/v2");
+    assert_eq!(v["schema"], "observer.flow/v3");
     assert_eq!(v["hops"][0]["tcp_flags"], "SYN|ACK|FIN");
     assert!(v["time"].as_str().unwrap().ends_with('Z'));
 }
@@ -453,7 +454,7 @@ fn pending_socket_events_are_bounded_and_refusals_counted() {
 }
 
 /// conntrack's original tuple as the tc program notes it (addresses as stored, ports big-endian).
-fn ct_orig(src: &str, sport: u16, dst: &str, dport: u16) -> observer_common::CtOrig {
+pub(super) fn ct_orig(src: &str, sport: u16, dst: &str, dport: u16) -> observer_common::CtOrig {
     let k = key(IPPROTO_TCP, src, sport, dst, dport, Point::UplinkEgress, 0);
     observer_common::CtOrig {
         src: k.src,

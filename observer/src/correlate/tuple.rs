@@ -78,6 +78,15 @@ impl Tuple {
         Tuple::from_raw(e.proto, e.family, &e.src, e.sport, &e.dst, e.dport)
     }
 
+    /// The other direction.
+    pub fn reversed(&self) -> Tuple {
+        Tuple {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+
     /// TCP and UDP identify a connection by ports; other protocols have none.
     pub fn has_ports(&self) -> bool {
         matches!(self.proto, IPPROTO_TCP | IPPROTO_UDP)

@@ -30,6 +30,9 @@ pub struct Fix {
     /// What to look at with kubectl.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kubectl: Option<String>,
+    /// Commands that list the rules on the node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inspect: Option<String>,
 }
 
 impl Fix {
@@ -42,6 +45,7 @@ impl Fix {
             nft: None,
             lab_firewall_rule: None,
             kubectl: None,
+            inspect: None,
         }
     }
 }
@@ -163,6 +167,52 @@ pub fn policy_fix(story: &Story, egress: bool, saw: &TupleView, names: &Names) -
     );
     f.network_policy = Some(yaml);
     Some(f)
+}
+
+/// Both pods on one node: their egress and ingress policies are evaluated in the same FORWARD
+/// pass, so either may have dropped it; both rules, the one that is missing suffices.
+pub fn policy_fix_either(story: &Story, saw: &TupleView, names: &Names) -> Option<Fix> {
+    let egress = policy_fix(story, true, saw, names);
+    let ingress = policy_fix(story, false, saw, names);
+    match (egress, ingress) {
+        (Some(e), Some(i)) => {
+            let mut f = Fix::new(
+                "network_policy",
+                format!(
+                    "{}; or {} (both pods are on one node, where either policy may have dropped it: add the one whose namespace has a policy selecting its pod)",
+                    e.summary, i.summary
+                ),
+            );
+            f.network_policy = Some(format!(
+                "{}---\n{}",
+                e.network_policy.unwrap_or_default(),
+                i.network_policy.unwrap_or_default()
+            ));
+            Some(f)
+        }
+        (e, i) => e.or(i),
+    }
+}
+
+/// The node's own filtering (filter OUTPUT or INPUT) dropped it: a host firewall or a
+/// host-endpoint policy, which no NetworkPolicy changes. Which rule, its chain says.
+pub fn host_firewall_fix(hook: &str, saw: &TupleView, proto: &str) -> Fix {
+    let chain = hook.to_uppercase();
+    let mut f = Fix::new(
+        "host_firewall",
+        format!(
+            "allow {proto} from {} to {}:{} in the node's filter {chain} (host firewall, or a host-endpoint policy such as Calico's HostEndpoint): it matches the backend and targetPort, not the Service",
+            saw.src, saw.dst, saw.dport
+        ),
+    );
+    f.inspect = Some(format!(
+        "iptables -L {chain} -v -n --line-numbers\nnft list ruleset | grep -B2 -A20 'hook {}'",
+        match hook {
+            "input" => "input",
+            _ => "output",
+        }
+    ));
+    f
 }
 
 /// Admit the wire tuple's port from the source the wire really carried: the pod range for a

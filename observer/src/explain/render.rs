@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use super::{Names, Story, story::Verdict};
-use crate::record::{FlowRecord, TupleView};
+use crate::record::{FlowRecord, ObservedAs, PolicyView, TupleView};
 
 fn t(v: &TupleView) -> String {
     let ep = |ip: &str, port: u16| {
@@ -45,6 +45,24 @@ fn rewrite(tr: &crate::record::Translation, post: &TupleView) -> (String, String
             "{by} on {}, between {} and {}",
             tr.node, tr.after, tr.before
         ),
+    )
+}
+
+/// What the filter table saw, and whether that was measured or inferred.
+fn policy_step(p: &PolicyView, side: &str) -> (String, String, String) {
+    let hook = match p.hook.as_deref() {
+        Some(h) => format!("filter {}", h.to_uppercase()),
+        None => "the filter table".to_owned(),
+    };
+    let how = match (p.packets, p.passed) {
+        _ if !p.is_measured() => "inferred from the hops around it, not measured".to_owned(),
+        (Some(n), Some(passed)) => format!("measured there: {n} packets in, {passed} let through"),
+        _ => "measured: the packet it dropped".to_owned(),
+    };
+    (
+        format!("policy{side} saw"),
+        t(&p.tuple),
+        format!("{hook} on {} ({how})", p.node),
     )
 }
 
@@ -91,11 +109,13 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
             ));
         }
         if let Some(p) = &a.policy_view {
-            v.push((
-                "policy egress saw".into(),
-                t(&p.tuple),
-                format!("filter FORWARD on {} ({})", p.node, p.source),
-            ));
+            // Both pods here: one pass through the table evaluates both pods' policies.
+            let side = if a.observed_as == ObservedAs::Local {
+                ""
+            } else {
+                " egress"
+            };
+            v.push(policy_step(p, side));
         }
         if let Some(w) = &a.wire_view {
             v.push((
@@ -114,11 +134,7 @@ fn steps(s: &Story) -> Vec<(String, String, String)> {
             ));
         }
         if let Some(p) = &b.policy_view {
-            v.push((
-                "policy ingress saw".into(),
-                t(&p.tuple),
-                format!("filter FORWARD on {} ({})", p.node, p.source),
-            ));
+            v.push(policy_step(p, " ingress"));
         }
         if let Some(h) = hop(b, "pod_egress") {
             v.push((
@@ -205,6 +221,7 @@ pub fn text(s: &Story, v: &Verdict, names: &Names) -> String {
             ("gcloud", &f.gcloud),
             ("lab (nft)", &f.nft),
             ("kubectl", &f.kubectl),
+            ("on the node", &f.inspect),
         ] {
             if let Some(b) = body {
                 let _ = writeln!(out, "  {label}:");

@@ -25,7 +25,9 @@ pub struct Verdict {
     pub outcome: String,
     pub last_seen: crate::record::LastSeen,
     /// The layer that stopped it: `service` (kube-proxy: no endpoints), `network_policy_egress`,
-    /// `network_policy_ingress`, `firewall_between_nodes`, `kernel` (another drop reason),
+    /// `network_policy_ingress`, `network_policy` (both pods on one node: either),
+    /// `host_firewall_egress`/`_ingress` (filter OUTPUT/INPUT), `netfilter` (a netfilter drop
+    /// outside the filter table), `firewall_between_nodes`, `kernel` (another drop reason),
     /// `application`.
     pub layer: Option<String>,
     pub explanation: String,
@@ -278,19 +280,69 @@ impl Story {
                 Some(fix::service_fix(&svc)),
             );
         }
-        let (layer, dir) = if egress {
-            ("network_policy_egress", "egress of the client pod")
-        } else {
-            ("network_policy_ingress", "ingress of the server pod")
+        let filter = r.policy_view.as_ref().filter(|p| p.source == "filter_hook");
+        let hooks_saw_it_pass = filter.is_some_and(|p| p.verdict.as_deref() == Some("passed"));
+        if hooks_saw_it_pass || (r.policy_view.is_none() && r.schema != "observer.flow/v1") {
+            return v.say(
+                "dropped",
+                Some("netfilter"),
+                format!(
+                    "dropped on {} by netfilter ({} at {}) outside the filter table: the agent's hooks around that table {} it; a raw, mangle or nat rule, or a chain at another priority (kube-proxy's nftables chains run at -110), dropped {seen}",
+                    d.node,
+                    d.reason,
+                    d.location,
+                    if hooks_saw_it_pass { "let it through" } else { "never saw" }
+                ),
+                None,
+            );
+        }
+        let hook = filter.and_then(|p| p.hook.as_deref()).unwrap_or("forward");
+        let local = r.observed_as == ObservedAs::Local;
+        let (layer, dir) = match hook {
+            "output" => (
+                "host_firewall_egress",
+                "filter OUTPUT, where the node's own traffic is filtered (a host firewall or a host-endpoint policy; NetworkPolicy does not select hostNetwork pods)",
+            ),
+            "input" => (
+                "host_firewall_ingress",
+                "filter INPUT, where traffic to the node's own processes is filtered (a host firewall or a host-endpoint policy)",
+            ),
+            _ if local => (
+                "network_policy",
+                "filter FORWARD, where both the client pod's egress policy and the server pod's ingress policy are evaluated on this node (the hook does not tell which of the two)",
+            ),
+            _ if egress => (
+                "network_policy_egress",
+                "filter FORWARD, the NetworkPolicy egress of the client pod",
+            ),
+            _ => (
+                "network_policy_ingress",
+                "filter FORWARD, the NetworkPolicy ingress of the server pod",
+            ),
+        };
+        let measured = match filter {
+            Some(p) => format!(
+                " (measured: {} packets reached the table, {} came out)",
+                p.packets.unwrap_or(0),
+                p.passed.unwrap_or(0)
+            ),
+            None => String::new(),
+        };
+        let fix = match layer {
+            "network_policy" => fix::policy_fix_either(self, &d.tuple, names),
+            "network_policy_egress" | "network_policy_ingress" => {
+                fix::policy_fix(self, egress, &d.tuple, names)
+            }
+            _ => Some(fix::host_firewall_fix(hook, &d.tuple, &r.proto)),
         };
         v.say(
             "dropped",
             Some(layer),
             format!(
-                "dropped on {} by netfilter ({} at {}), the filter table's NetworkPolicy {dir}; it evaluated {seen}: the backend pod and targetPort {}, not the Service",
+                "dropped on {} by netfilter ({} at {}) in {dir}{measured}; it evaluated {seen}: the backend and targetPort {}, not the Service",
                 d.node, d.reason, d.location, d.tuple.dport
             ),
-            fix::policy_fix(self, egress, &d.tuple, names),
+            fix,
         )
     }
 

@@ -385,3 +385,50 @@ mod fuzz {
         }
     }
 }
+
+/// Recorded with the filter hooks (schema v3): pod-a -> pod-api-1 on the same node, dropped by
+/// pod-api-1's ingress policy (lab/scenarios/api-ingress-deny.yaml), and node-a itself calling
+/// the Service with an OUTPUT rule dropping the backend. The hook, not the drop reason alone,
+/// decides the layer.
+#[test]
+fn a_same_node_policy_drop_names_both_policies() {
+    let v = verdict(&args(
+        fixture("filter-hooks", BOTH),
+        None,
+        Some("10.244.1.10"),
+    ));
+    assert_eq!(v["outcome"], "dropped", "{v:#}");
+    assert_eq!(
+        v["layer"], "network_policy",
+        "the hook cannot tell egress from ingress"
+    );
+    assert_eq!(v["last_seen"]["point"], "filter_forward");
+    let yaml = v["fix"]["network_policy"].as_str().unwrap();
+    assert!(
+        yaml.contains("Egress") && yaml.contains("Ingress"),
+        "{yaml}"
+    );
+    assert!(v["explanation"].as_str().unwrap().contains("measured"));
+}
+
+#[test]
+fn a_drop_at_filter_output_is_the_hosts_firewall() {
+    let v = verdict(&args(
+        fixture("filter-hooks", BOTH),
+        None,
+        Some("10.200.0.1"),
+    ));
+    assert_eq!(v["outcome"], "dropped", "{v:#}");
+    assert_eq!(v["layer"], "host_firewall_egress");
+    assert_eq!(
+        v["asked"]["dport"], 443,
+        "conntrack's original: the Service"
+    );
+    assert_eq!(v["fix"]["kind"], "host_firewall");
+    assert!(
+        v["fix"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("10.244.2.10:8443")
+    );
+}

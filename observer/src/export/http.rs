@@ -31,6 +31,8 @@ pub struct BindError {
 pub struct Health {
     /// Set once every hook is attached.
     pub ready: AtomicBool,
+    /// Which hooks run (and whether the filter view is measured), one per line.
+    pub hooks: std::sync::OnceLock<String>,
 }
 
 /// What /flows serves for `observer explain http://NODE:9464/flows`: the last final records, and
@@ -137,9 +139,11 @@ async fn handle(
         ),
         "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
         "/flows" => ("200 OK", "application/x-ndjson", flows.body()),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => {
-            ("200 OK", "text/plain", "ready\n".to_owned())
-        }
+        "/readyz" if health.ready.load(Ordering::Relaxed) => (
+            "200 OK",
+            "text/plain",
+            format!("ready\n{}\n", health.hooks.get().map_or("", String::as_str)),
+        ),
         "/readyz" => (
             "503 Service Unavailable",
             "text/plain",

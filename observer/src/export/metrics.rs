@@ -269,6 +269,7 @@ impl Metrics {
             Stat::SockMapFull => self.map_full.with_label_values(&["socks"]),
             Stat::Truncated => self.parse_errors.with_label_values(&["truncated"]),
             Stat::Malformed => self.parse_errors.with_label_values(&["malformed"]),
+            Stat::KernelRead => self.parse_errors.with_label_values(&["kernel_read"]),
             Stat::NonIp => self.packets_untracked.with_label_values(&["non_ip"]),
             Stat::Fragment => self.packets_portless.with_label_values(&["fragment"]),
             Stat::Icmp => self.packets_portless.with_label_values(&["icmp"]),

@@ -8,6 +8,7 @@
 mod btf;
 mod cgroup;
 pub mod drop;
+pub mod filter;
 pub mod follow;
 pub mod ifaces;
 pub mod nat;
@@ -85,6 +86,21 @@ pub struct KernelMaps {
     pub ct_orig: aya::maps::HashMap<MapData, FlowKey, observer_common::CtOrig>,
 }
 
+/// Whether the filter table's own view is measured (netfilter programs linked) or, when they
+/// could not be, derived from the tc points around it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FilterStatus {
+    Measured,
+    /// Why not.
+    Derived(String),
+}
+
+impl FilterStatus {
+    pub fn measured(&self) -> bool {
+        *self == FilterStatus::Measured
+    }
+}
+
 /// What an interface is to us.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -117,6 +133,8 @@ pub struct Hooks {
     attached: BTreeMap<String, TcAttachment>,
     /// cgroup links made outside aya (ordered first); closing them detaches.
     cgroup_links: Vec<std::os::fd::OwnedFd>,
+    /// The netfilter programs around the filter table, when they could be linked.
+    filter: Option<filter::FilterHooks>,
 }
 
 impl Hooks {
@@ -126,10 +144,19 @@ impl Hooks {
         tc_mode: TcMode,
         drops: Option<&drop::DropConfig>,
         nat: Option<&nat::NatOffsets>,
+        filter_offsets: Option<&filter::FilterOffsets>,
         pin: Option<&pin::PinDir>,
-    ) -> Result<(Hooks, KernelMaps), HookError> {
-        let mut ebpf = object::load(max_flows, drops, nat, pin)?;
+    ) -> Result<(Hooks, KernelMaps, FilterStatus), HookError> {
+        let mut ebpf = object::load(max_flows, drops, nat, filter_offsets, pin)?;
         tc::load_all(&mut ebpf)?;
+        // Loaded now, while every map is still in the object to relocate against.
+        let (filter, filter_status) = match filter_offsets {
+            None => (None, FilterStatus::Derived("no kernel offsets".into())),
+            Some(_) => match filter::load(object::OBJECT, &ebpf) {
+                Ok(f) => (Some(f), FilterStatus::Measured),
+                Err(e) => (None, FilterStatus::Derived(e.to_string())),
+            },
+        };
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,
             stats: take_map(&mut ebpf, "STATS")?,
@@ -150,8 +177,10 @@ impl Hooks {
                 tc_mode,
                 attached: BTreeMap::new(),
                 cgroup_links: Vec::new(),
+                filter,
             },
             maps,
+            filter_status,
         ))
     }
 
@@ -160,6 +189,17 @@ impl Hooks {
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), HookError> {
         self.cgroup_links = cgroup::attach(&mut self.ebpf, cgroup)?;
         Ok(())
+    }
+
+    /// Link the netfilter programs around the filter table, if they were loaded. On failure
+    /// they are unloaded and the status says why.
+    pub fn attach_filter(&mut self, status: &mut FilterStatus) {
+        if let Some(f) = &mut self.filter
+            && let Err(e) = f.link()
+        {
+            *status = FilterStatus::Derived(e.to_string());
+            self.filter = None;
+        }
     }
 
     /// Attach the drop tracepoint (`tp_btf/kfree_skb`); the object must have been loaded with a

@@ -2,17 +2,19 @@
 
 use aya::{Ebpf, EbpfError, EbpfLoader};
 
-use super::{drop::DropConfig, nat::NatOffsets, pin::PinDir};
+use super::{drop::DropConfig, filter::FilterOffsets, nat::NatOffsets, pin::PinDir};
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/observer-ebpf"));
 
 /// Create the maps, with the flow map sized by the operator (reused from `pin` if pinned there
-/// before) and the kernel offsets of the drop tracepoint and of the conntrack entry patched in;
+/// before) and the kernel offsets of the drop tracepoint, the conntrack entry and the netfilter
+/// programs patched in;
 /// programs are loaded by the hooks that attach them.
 pub fn load(
     max_flows: u32,
     drops: Option<&DropConfig>,
     nat: Option<&NatOffsets>,
+    filter: Option<&FilterOffsets>,
     pin: Option<&PinDir>,
 ) -> Result<Ebpf, EbpfError> {
     // The kernel's CPU loops (a reused 4-tuple's per-CPU counters) are verified for this many
@@ -34,6 +36,9 @@ pub fn load(
     }
     if let Some(n) = nat {
         n.apply(&mut loader);
+    }
+    if let Some(f) = filter {
+        f.apply(&mut loader);
     }
     loader.load(OBJECT)
 }

@@ -34,7 +34,7 @@ impl DropConfig {
                 source,
             })?;
         // The program dereferences these; a layout where they are not pointers is not one we know.
-        for field in ["head", "dev"] {
+        for field in ["head", "dev", "sk"] {
             if !btf.is_pointer("sk_buff", field) {
                 return Err(BtfError::Missing(format!("pointer sk_buff.{field}")));
             }
@@ -59,6 +59,11 @@ impl DropConfig {
                 btf.offset_of("net_device", &["ifindex"])?,
             ),
             ("OFF_NET_INUM", btf.offset_of("net", &["ns", "inum"])?),
+            ("OFF_SKB_SK", btf.offset_of("sk_buff", &["sk"])?),
+            (
+                "OFF_SK_NET",
+                btf.offset_of("sock", &["__sk_common", "skc_net", "net"])?,
+            ),
             ("NETNS_INO", netns_ino),
             ("REASON_MIN", not_specified),
         ];
