@@ -233,11 +233,13 @@ pub const CT_UNTRACKED: u8 = 7;
 pub const CT_ORIG_MAX_ENTRIES: u32 = 16_384;
 
 pub const FLOW_EVENT_NEW: u8 = 1;
-pub const FLOW_EVENT_END: u8 = 2;
+// 2 was "FIN/RST seen", no longer sent: userspace reads every key it knows each poll, so only
+// keys it does not know yet need an event.
 /// A key's earlier connection was set aside under a retired key (the event's key).
 pub const FLOW_EVENT_RETIRED: u8 = 3;
 
-/// Ring-buffer event: a flow key was created, or a FIN/RST was seen on it.
+/// Ring-buffer event: a flow key was created (or a reused one set aside). Only for keys userspace
+/// cannot find otherwise: the "passed" twin of a filter key is read with it.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct FlowEvent {

@@ -1,10 +1,9 @@
 //! Per-packet accounting: a packet's counters added to its flow key, a ring-buffer event for a new
-//! key or a FIN/RST, and a reused 4-tuple set apart (`reuse`).
+//! key, and a reused 4-tuple set apart (`reuse`).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
 use observer_common::{
-    FLOW_EVENT_END, FLOW_EVENT_NEW, FlowCounters, FlowKey, MARK_SYN_ONLY, Stat, TCP_ACK, TCP_FIN,
-    TCP_RST, TCP_SYN,
+    FLOW_EVENT_NEW, FlowCounters, FlowKey, MARK_SYN_ONLY, Stat, TCP_ACK, TCP_SYN,
 };
 
 use crate::{
@@ -30,10 +29,11 @@ fn add(c: *mut FlowCounters, len: u64, now: u64, tcp_flags: u8, marks: u8) {
     }
 }
 
-/// Account one packet to `key`; emit a ring-buffer event for a new key or a FIN/RST. Returns
-/// whether this packet started the key (created it, or reopened it for a reused 4-tuple).
+/// Account one packet to `key`; emit a ring-buffer event for a new key if `announce` (userspace
+/// finds the others through a key it was told of). Returns whether this packet started the key
+/// (created it, or reopened it for a reused 4-tuple).
 #[inline(always)]
-pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
+pub fn record(key: &FlowKey, len: u32, tcp_flags: u8, announce: bool) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     let marks = if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         MARK_SYN_ONLY
@@ -61,9 +61,8 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
         };
         match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
             Ok(()) => {
-                emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now);
-                if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                    emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
+                if announce {
+                    emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now);
                 }
                 return true;
             }
@@ -72,14 +71,8 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
                 Some(c) => add(c, len, now, tcp_flags, marks),
                 None => count(Stat::FlowMapFull),
             },
-            Err(_) => {
-                count(Stat::FlowMapFull);
-                return false;
-            }
+            Err(_) => count(Stat::FlowMapFull),
         }
-    }
-    if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        emit_flow_event(key, FLOW_EVENT_END, tcp_flags, now);
     }
     false
 }

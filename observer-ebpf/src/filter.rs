@@ -9,11 +9,12 @@
 //! relocates the instructions with aya-obj and loads them itself (observer/src/hooks/filter.rs).
 //! Every program returns `NF_ACCEPT`: it only observes.
 
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use observer_common::{FlowKey, Point, Stat};
 
 use crate::{
     account,
-    kmem::{KernelL3, OFF_DEV_IFINDEX, OFF_SKB_HEAD, OFF_SKB_NETWORK_HEADER, global, read},
+    kmem::{KernelL3, OFF_DEV_IFINDEX, OFF_SKB_HEAD, OFF_SKB_NETWORK_HEADER, global},
     maps, nat, parse,
 };
 
@@ -59,41 +60,93 @@ filter_program!(nf_forward_passed, Point::FilterForwardPassed, OFF_STATE_IN);
 filter_program!(nf_input_passed, Point::FilterInputPassed, OFF_STATE_IN);
 filter_program!(nf_output_passed, Point::FilterOutputPassed, OFF_STATE_OUT);
 
+/// A field of a kernel struct the verifier knows the type of (the context's `state` and `skb`,
+/// and pointers read from them): a plain load, which the verifier checks against the kernel's
+/// BTF at this constant offset and turns into a guarded load, instead of a helper call.
+#[inline(always)]
+fn field<T: Copy>(base: u64, off: &'static u32) -> T {
+    // SAFETY: see above; a load through a NULL or bad pointer reads zero instead of faulting.
+    unsafe { core::ptr::read_volatile((base + global(off) as u64) as *const T) }
+}
+
+/// The packet the "before" program of this CPU saw last, for the "passed" program that runs
+/// next on the same packet (the filter table runs synchronously between the two, and rewrites no
+/// header): it takes the key from here instead of parsing the packet again.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Seen {
+    skb: u64,
+    key: FlowKey,
+    len: u32,
+    tcp_flags: u8,
+    _pad: [u8; 3],
+}
+
+#[map]
+static FILTER_SEEN: PerCpuArray<Seen> = PerCpuArray::with_max_entries(1, 0);
+
 #[inline(always)]
 fn observe(ctx: *mut BpfNfCtx, point: Point, dev_off: &'static u32) -> Result<(), Stat> {
     // SAFETY: the kernel passes a valid context; both fields are pointers it owns.
     let (state, skb) = unsafe { ((*ctx).state, (*ctx).skb) };
-    let dev: u64 = read(state, global(dev_off)).map_err(|_| Stat::KernelRead)?;
-    let ifindex: u32 = if dev == 0 {
-        0
-    } else {
-        read(dev, global(&OFF_DEV_IFINDEX)).map_err(|_| Stat::KernelRead)?
-    };
-    if ifindex == LOOPBACK_IFINDEX {
-        return Ok(());
+    let seen = FILTER_SEEN.get_ptr_mut(0).ok_or(Stat::KernelRead)?;
+    let before = point.filter_passed().is_some();
+    // SAFETY (all three): this CPU's slot of a live map value; a netfilter hook runs to its end
+    // on one CPU, so nothing else touches the slot meanwhile.
+    let mut s = unsafe { *seen };
+    // Taken, or about to be replaced: a later packet at the same address is another packet.
+    unsafe { (*seen).skb = 0 };
+    if before || s.skb != skb {
+        let Some(fresh) = parse(state, skb, dev_off)? else {
+            return Ok(());
+        };
+        s = fresh;
+        if before {
+            unsafe { *seen = s };
+        }
     }
-    let (Ok(head), Ok(nh), Ok(len)) = (
-        read::<u64>(skb, global(&OFF_SKB_HEAD)),
-        read::<u16>(skb, global(&OFF_SKB_NETWORK_HEADER)),
-        read::<u32>(skb, global(&OFF_SKB_LEN)),
-    ) else {
-        return Err(Stat::KernelRead);
-    };
-    let t = parse::parse_ip(&KernelL3(head + nh as u64))?;
     let key = FlowKey {
-        src: parse::addr_bytes(t.src),
-        dst: parse::addr_bytes(t.dst),
-        sport: t.sport,
-        dport: t.dport,
-        ifindex,
-        proto: t.proto,
-        family: t.family,
         point: point as u8,
-        retired: 0,
+        ..s.key
     };
-    if account::record(&key, len, t.tcp_flags) {
+    // The "passed" key is read with its twin before the table: no event of its own.
+    if account::record(&key, s.len, s.tcp_flags, before) {
         // Which connection this is, whatever NAT did before or does after the filter table.
         nat::note_original(skb, &key);
     }
     Ok(())
+}
+
+/// The packet's key (its point left to the caller), length and TCP flags; `None` for loopback.
+#[inline(always)]
+fn parse(state: u64, skb: u64, dev_off: &'static u32) -> Result<Option<Seen>, Stat> {
+    let dev: u64 = field(state, dev_off);
+    let ifindex: u32 = if dev == 0 {
+        0
+    } else {
+        field(dev, &OFF_DEV_IFINDEX)
+    };
+    if ifindex == LOOPBACK_IFINDEX {
+        return Ok(None);
+    }
+    let head: u64 = field(skb, &OFF_SKB_HEAD);
+    let nh: u16 = field(skb, &OFF_SKB_NETWORK_HEADER);
+    let t = parse::parse_ip(&KernelL3(head + nh as u64))?;
+    Ok(Some(Seen {
+        skb,
+        key: FlowKey {
+            src: parse::addr_bytes(t.src),
+            dst: parse::addr_bytes(t.dst),
+            sport: t.sport,
+            dport: t.dport,
+            ifindex,
+            proto: t.proto,
+            family: t.family,
+            point: 0,
+            retired: 0,
+        },
+        len: field(skb, &OFF_SKB_LEN),
+        tcp_flags: t.tcp_flags,
+        _pad: [0; 3],
+    }))
 }

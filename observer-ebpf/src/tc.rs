@@ -57,7 +57,7 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
         point: point as u8,
         retired: 0,
     };
-    let new = account::record(&key, ctx.len(), t.tcp_flags);
+    let new = account::record(&key, ctx.len(), t.tcp_flags, true);
     if new && point.is_egress() {
         // The context pointer is the kernel's sk_buff.
         nat::note_original(ctx.skb.skb as u64, &key);

@@ -397,7 +397,8 @@ fn report(d: &Datapath) -> String {
             .filter(|(runs, _)| *runs > 0)
             .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
     };
-    let nf = per("nf_forward") + per("nf_forward_passed");
+    // The kernel keeps 15 characters of a program's name.
+    let nf = per("nf_forward") + per("nf_forward_pass");
     let _ = writeln!(
         out,
         "  filter hooks per routed packet (nf_forward + nf_forward_passed): {nf:.1} ns, {:.2}x tc_pod_ingress",

@@ -9,7 +9,7 @@ use std::{
 };
 
 use log::{debug, warn};
-use observer_common::{FLOW_EVENT_NEW, FlowKey, STATS_LEN, Stat};
+use observer_common::{FLOW_EVENT_NEW, FlowKey, Point, STATS_LEN, Stat};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     time::{MissedTickBehavior, interval},
@@ -122,12 +122,20 @@ impl<S: FlowSource> Stage<S> {
     }
 
     fn read_counters(&mut self) {
-        let keys: HashSet<FlowKey> = self
+        let mut keys: HashSet<FlowKey> = self
             .corr
             .known_keys()
             .copied()
             .chain(self.pending.drain())
             .collect();
+        // What came out of the filter table is not announced (half the filter events): read it
+        // with the key of what went in, until it is found.
+        let twins: Vec<FlowKey> = keys
+            .iter()
+            .filter_map(passed_twin)
+            .filter(|t| !keys.contains(t))
+            .collect();
+        keys.extend(twins);
         // Retired keys first, oldest first: each takes over what was read of its live twin
         // (Correlator::observe).
         let (retired, live): (Vec<FlowKey>, Vec<FlowKey>) =
@@ -220,6 +228,15 @@ impl<S: FlowSource> Stage<S> {
                 .inc_by(n);
         }
     }
+}
+
+/// The key just after the filter table of a key just before it.
+fn passed_twin(k: &FlowKey) -> Option<FlowKey> {
+    let passed = Point::from_u8(k.point)?.filter_passed()?;
+    Some(FlowKey {
+        point: passed as u8,
+        ..*k
+    })
 }
 
 #[cfg(test)]
@@ -369,6 +386,34 @@ mod tests {
                 .with_label_values(&["pod_ingress", "UDP"])
                 .get(),
             5
+        );
+    }
+
+    /// The kernel announces what went into the filter table, not what came out: the stage reads
+    /// the latter with the former.
+    #[test]
+    fn a_passed_filter_key_is_read_with_its_announced_twin() {
+        let tcp = observer_common::IPPROTO_TCP;
+        let t = ("10.244.1.10", 40000, "10.244.2.10", 8443);
+        let before = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForward, 3);
+        let passed = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForwardPassed, 3);
+        let flows = FakeFlows::default();
+        for k in [before, passed] {
+            flows
+                .map
+                .lock()
+                .unwrap()
+                .insert(k, counters(MS, 2 * MS, 0, 0));
+        }
+        let metrics = Arc::new(Metrics::new("node-a"));
+        let mut stage = Stage::new(correlator(), flows, metrics, Duration::from_millis(20));
+        stage.pending.insert(before);
+        stage.last_rescan = Instant::now();
+        stage.read_counters();
+        let known: HashSet<FlowKey> = stage.corr.known_keys().copied().collect();
+        assert!(
+            known.contains(&before) && known.contains(&passed),
+            "{known:?}"
         );
     }
 }

@@ -1,7 +1,7 @@
 //! Ring-buffer records from the kernel, decoded into the shared event structs.
 //!
-//! Events are hints that make the agent prompt (a new flow key to read, a FIN/RST to finish a
-//! connection soon, the process behind a socket); the counters themselves are read from the flow
+//! Events are hints that make the agent prompt (a new flow key to read, the process behind a
+//! socket); the counters themselves are read from the flow
 //! map, so a lost event (counted by the kernel) delays a record but does not falsify it.
 
 use std::mem::size_of;

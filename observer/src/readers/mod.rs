@@ -1,5 +1,5 @@
 //! Kernel readers, the pipeline's first stage after the hooks: the ring buffers (events that make
-//! the agent prompt: a new flow key, a FIN/RST, the process behind a socket, a drop) and the flow
+//! the agent prompt: a new flow key, the process behind a socket, a drop) and the flow
 //! map (the counters themselves, read by correlation through [`FlowSource`]).
 //!
 //! The ring reader hands events on through a bounded channel and waits when correlation is
