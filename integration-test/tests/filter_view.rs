@@ -186,3 +186,82 @@ fn without_filter_hooks_the_view_is_derived_and_says_so() {
     let r = stopped_on_a(&lab);
     assert!(r["policy_view"].is_null(), "{r:#}");
 }
+
+/// `--trace-drop-rules`: the kernel's nftables trace names the rule behind a netfilter drop, for
+/// iptables-nft rules (the lab's Calico-shaped policy chains, with their comments) and for
+/// native nftables rules; the agent's trace table is gone afterwards.
+#[test]
+fn the_rule_that_dropped_is_named_from_the_kernels_trace() {
+    let lab = lab_with_agent_args("frule", "2s", None, &["--trace-drop-rules"]);
+    apply(&lab, &scenario("api-ingress-deny"));
+    // curl retransmits its SYN after 1 s: the trace catches that one.
+    let out = lab
+        .exec(
+            "pod-a",
+            &["curl", "-sS", "-m", "4", "http://10.244.1.20:8080/"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    let (r, recs) = one_final(&lab, "node-a", |r| {
+        r["post_dnat"].is_null() && r["pre_dnat"]["dport"] == 8080
+    });
+    let rule = &r["drop"]["rule"];
+    assert_eq!(rule["table"], "ip filter", "{r:#}");
+    assert_eq!(rule["chain"], "OBS-TW-pod-api-1");
+    assert_eq!(
+        rule["comment"],
+        "default deny: ingress policies select payments/pod-api-1"
+    );
+    assert!(
+        rule["rule"]
+            .as_str()
+            .unwrap()
+            .starts_with("-A OBS-TW-pod-api-1 ")
+    );
+    validate_schema(&recs);
+    // With the rule, explain tells whose policy it was, though both pods share the node.
+    let files = [lab.dir.join("node-a.jsonl"), lab.dir.join("node-b.jsonl")];
+    let v: serde_json::Value = serde_json::from_str(&observer(&[
+        "explain",
+        files[0].to_str().unwrap(),
+        files[1].to_str().unwrap(),
+        "--client",
+        "10.244.1.10",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    assert_eq!(v[0]["layer"], "network_policy_ingress", "{v:#}");
+
+    // A native nftables rule with a comment, in a table of its own.
+    apply(&lab, &scenario("none"));
+    for cmd in [
+        "add table inet lab_deny",
+        "add chain inet lab_deny forward { type filter hook forward priority 0; }",
+        "add rule inet lab_deny forward ip daddr 10.244.2.10 tcp dport 8443 drop comment \"lab: deny web\"",
+    ] {
+        let out = lab.exec("node-a", &["nft", cmd]).unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert!(!curl_web(&lab, "pod-a", 4).status.success());
+    let (r, _) = one_final(&lab, "node-a", |r| {
+        r["pre_dnat"]["dport"] == 443 && !r["drop"].is_null()
+    });
+    assert_eq!(r["drop"]["rule"]["table"], "inet lab_deny", "{r:#}");
+    assert_eq!(r["drop"]["rule"]["comment"], "lab: deny web");
+    let tables = lab.exec("node-a", &["nft", "list", "tables"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tables.stdout).contains("observer_drop_trace"),
+        "the trace table is removed"
+    );
+    let m = lab.metrics("node-a").unwrap();
+    assert!(
+        metric(
+            &m,
+            "observer_drop_rule_traces_total",
+            &[("outcome", "named")]
+        )
+        .unwrap()
+            >= 2.0
+    );
+}

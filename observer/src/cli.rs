@@ -107,6 +107,13 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_NO_FILTER_HOOK")]
     pub no_filter_hook: bool,
 
+    /// Name the netfilter rule behind each drop (`drop.rule`: chain, rule and comment): the next
+    /// packets of a dropped client/backend pair are traced with nftables' own trace, from a table
+    /// of the agent's that only sets the trace mark, removed right after. Needs `nft` (and
+    /// `iptables` for iptables-nft's comments); one trace at a time, each pair once a minute.
+    #[arg(long, env = "OBSERVER_TRACE_DROP_RULES")]
+    pub trace_drop_rules: bool,
+
     /// Name pods and Services in records from this names file (docs/names-file.md), where
     /// there is no Kubernetes API: bare metal, VMs, the lab (`observer-lab names`).
     #[arg(long, env = "OBSERVER_NAMES", conflicts_with_all = ["kubeconfig", "kubernetes"])]

@@ -169,6 +169,29 @@ pub struct Drop {
     pub tuple: TupleView,
     pub packets: u64,
     pub last_seen: String,
+    /// The rule that dropped it, traced by the kernel (`--trace-drop-rules`; netfilter drops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<DropRule>,
+}
+
+/// A netfilter rule, as the kernel's nftables trace named it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct DropRule {
+    /// Family and table, e.g. `ip filter`.
+    pub table: String,
+    pub chain: String,
+    /// The rule: `iptables -S` form for a table iptables-nft manages, else nft's (counters left
+    /// out); `policy drop` for the chain's policy.
+    pub rule: String,
+    /// Its comment, where kube-proxy and Calico name the Service or policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+impl std::fmt::Display for DropRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}: {}", self.table, self.chain, self.rule)
+    }
 }
 
 /// A pod, by its Kubernetes names.

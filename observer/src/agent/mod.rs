@@ -51,7 +51,7 @@ use crate::{
         preflight::PreflightError,
     },
     names::Names,
-    readers::{self, DropNamer, KernelFlows, Rings},
+    readers::{self, DropNamer, KernelFlows, Rings, rule_trace::RuleTracer},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -325,6 +325,7 @@ impl Pipeline {
             exporter,
             flow_log,
             metrics,
+            args.trace_drop_rules,
         );
         Ok((pipeline, status))
     }
@@ -342,6 +343,7 @@ impl Pipeline {
         exporter: Exporter,
         flow_log: FlowLog,
         metrics: Arc<Metrics>,
+        trace_rules: bool,
     ) -> Pipeline {
         let (ended_tx, ended) = mpsc::unbounded_channel();
         let (follower_stop, stop_rx) = watch::channel(false);
@@ -352,6 +354,7 @@ impl Pipeline {
         let namer = DropNamer {
             reasons: drop_cfg.map(|c| c.reasons).unwrap_or_default(),
             kallsyms: Kallsyms::load(),
+            tracer: trace_rules.then(|| RuleTracer::start(events_tx.clone())),
         };
         Pipeline {
             follower: Some(spawn_stage(

@@ -18,6 +18,7 @@ use observer_common::{
 
 use crate::{
     clock::Clock,
+    readers::rule_trace::Target,
     record::{
         Direction, FlowRecord, Hop, ObservedAs, SCHEMA, SocketInfo, Totals, Translation, TupleView,
     },
@@ -121,6 +122,9 @@ pub struct Correlator {
     sockets: HashMap<Tuple, SockMeta>,
     /// Drops by the tuple of the dropped packet.
     drops: HashMap<Tuple, DropSeen>,
+    /// The rules that drop packets of a client address to a backend and port, traced by the
+    /// kernel (`--trace-drop-rules`), with when they came.
+    drop_rules: HashMap<Target, (crate::record::DropRule, u64)>,
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
     /// IPs routed to this node's pod veths.
@@ -136,6 +140,7 @@ impl Correlator {
             obs: HashMap::new(),
             sockets: HashMap::new(),
             drops: HashMap::new(),
+            drop_rules: HashMap::new(),
             emitted: HashMap::new(),
             ifnames: HashMap::new(),
             local_pods: Default::default(),
@@ -306,6 +311,13 @@ impl Correlator {
         d.received_ns = now_ns;
     }
 
+    /// The kernel's trace named the rule that drops packets of `target`.
+    pub fn add_drop_rule(&mut self, target: Target, rule: crate::record::DropRule, now_ns: u64) {
+        if self.drop_rules.len() < self.cfg.pending_max {
+            self.drop_rules.insert(target, (rule, now_ns));
+        }
+    }
+
     /// A drop of this connection: a packet from or to its client endpoint (DNAT keeps that one),
     /// or, without ports, of one of its tuples.
     fn drop_of(&self, c: &Conn<'_>) -> Option<(&Tuple, &DropSeen)> {
@@ -404,6 +416,8 @@ impl Correlator {
         out.sockets_unmatched = (before - self.sockets.len()) as u64;
         self.drops
             .retain(|_, d| now_ns.saturating_sub(d.received_ns) < ttl);
+        self.drop_rules
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < ttl);
         out
     }
 
@@ -693,6 +707,19 @@ impl Correlator {
             tuple: t.view(),
             packets: d.packets,
             last_seen: self.clock.rfc3339(d.last_ns),
+            rule: d
+                .reason
+                .starts_with("NETFILTER")
+                .then(|| {
+                    let target = Target {
+                        proto: t.proto,
+                        src: t.src.ip,
+                        dst: t.dst.ip,
+                        dport: t.dst.port,
+                    };
+                    self.drop_rules.get(&target).map(|(r, _)| r.clone())
+                })
+                .flatten(),
         })
     }
 }

@@ -94,6 +94,13 @@ impl<S: FlowSource> Stage<S> {
                 reason,
                 location,
             } => self.corr.add_drop(&ev, reason, location, now),
+            KernelEvent::DropRule { target, rule } => {
+                self.metrics
+                    .drop_rule_traces
+                    .with_label_values(&["named"])
+                    .inc();
+                self.corr.add_drop_rule(target, rule, now);
+            }
         }
     }
 

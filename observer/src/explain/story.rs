@@ -109,6 +109,25 @@ fn untranslated_service(r: &FlowRecord, dropped: &TupleView, names: &Names) -> O
         })
 }
 
+/// Whose policy a rule is, from how the dataplanes name their chains: Calico's `cali-tw-` (to a
+/// workload: its ingress) and `cali-fw-` (from a workload: its egress), projectcalico
+/// `felix/rules`; the lab's `OBS-TW-`/`OBS-FW-` follow them; else the rule's comment.
+fn policy_direction(rule: &crate::record::DropRule) -> Option<&'static str> {
+    let chain = rule.chain.to_ascii_lowercase();
+    let comment = rule.comment.as_deref().unwrap_or("").to_ascii_lowercase();
+    if chain.starts_with("cali-tw-") || chain.starts_with("obs-tw-") || comment.contains("ingress")
+    {
+        Some("ingress")
+    } else if chain.starts_with("cali-fw-")
+        || chain.starts_with("obs-fw-")
+        || comment.contains("egress")
+    {
+        Some("egress")
+    } else {
+        None
+    }
+}
+
 fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
     let t = r.client_tuple().or(r.wire_view.as_ref())?;
     Some((r.proto.clone(), t.src.clone(), t.sport))
@@ -297,7 +316,13 @@ impl Story {
             );
         }
         let hook = filter.and_then(|p| p.hook.as_deref()).unwrap_or("forward");
+        // Both pods here: only the rule that dropped it (traced by the kernel) tells whose policy.
         let local = r.observed_as == ObservedAs::Local;
+        let egress = match d.rule.as_ref().and_then(policy_direction) {
+            Some(dir) if local => dir == "egress",
+            _ => egress,
+        };
+        let local = local && d.rule.as_ref().and_then(policy_direction).is_none();
         let (layer, dir) = match hook {
             "output" => (
                 "host_firewall_egress",
@@ -320,6 +345,16 @@ impl Story {
                 "filter FORWARD, the NetworkPolicy ingress of the server pod",
             ),
         };
+        let rule = match &d.rule {
+            Some(rule) => format!(
+                "; the rule: {rule}{}",
+                rule.comment
+                    .as_ref()
+                    .map(|c| format!(" (\"{c}\")"))
+                    .unwrap_or_default()
+            ),
+            None => String::new(),
+        };
         let measured = match filter {
             Some(p) => format!(
                 " (measured: {} packets reached the table, {} came out)",
@@ -339,7 +374,7 @@ impl Story {
             "dropped",
             Some(layer),
             format!(
-                "dropped on {} by netfilter ({} at {}) in {dir}{measured}; it evaluated {seen}: the backend and targetPort {}, not the Service",
+                "dropped on {} by netfilter ({} at {}) in {dir}{measured}; it evaluated {seen}: the backend and targetPort {}, not the Service{rule}",
                 d.node, d.reason, d.location, d.tuple.dport
             ),
             fix,

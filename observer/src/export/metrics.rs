@@ -24,6 +24,7 @@ pub struct Metrics {
     pub packets_portless: IntCounterVec,
     pub socket_events: IntCounter,
     pub socket_events_unmatched: IntCounter,
+    pub drop_rule_traces: IntCounterVec,
     pub correlation_ambiguous: IntCounter,
     pub records: IntCounterVec,
     pub record_write_errors: IntCounter,
@@ -114,6 +115,11 @@ const SOCKET_EVENTS_UNMATCHED: Def = Def(
     "observer_socket_events_unmatched_total",
     "Socket events that matched no flow of this node before expiring (other nodes' pods, host sockets).",
     &[],
+);
+const DROP_RULE_TRACES: Def = Def(
+    "observer_drop_rule_traces_total",
+    "Netfilter drops handed to the rule tracer (--trace-drop-rules), by outcome: requested (traced unless the same target was traced in the last minute), busy (the tracer's queue was full: not traced), named (the rule was found).",
+    &["outcome"],
 );
 const CORRELATION_AMBIGUOUS: Def = Def(
     "observer_correlation_ambiguous_total",
@@ -214,6 +220,7 @@ impl Metrics {
             packets_portless: r.counter_vec(PACKETS_PORTLESS),
             socket_events: r.counter(SOCKET_EVENTS),
             socket_events_unmatched: r.counter(SOCKET_EVENTS_UNMATCHED),
+            drop_rule_traces: r.counter_vec(DROP_RULE_TRACES),
             correlation_ambiguous: r.counter(CORRELATION_AMBIGUOUS),
             records: r.counter_vec(RECORDS),
             record_write_errors: r.counter(RECORD_WRITE_ERRORS),

@@ -9,6 +9,7 @@
 
 mod decode;
 mod flow_map;
+pub mod rule_trace;
 
 use std::{collections::HashMap, io, sync::Arc};
 
@@ -31,6 +32,11 @@ pub enum KernelEvent {
         reason: String,
         /// `function+offset` of the dropping code.
         location: String,
+    },
+    /// The netfilter rule that drops packets of `target`, from the kernel's trace.
+    DropRule {
+        target: rule_trace::Target,
+        rule: crate::record::DropRule,
     },
 }
 
@@ -60,10 +66,12 @@ fn watch(rb: RingBuf<MapData>) -> io::Result<AsyncFd<RingBuf<MapData>>> {
     unsafe { AsyncFd::register(rb) }.map_err(|e| e.into_parts().1)
 }
 
-/// Names drop reasons and locations (from the kernel's BTF and kallsyms).
+/// Names drop reasons and locations (from the kernel's BTF and kallsyms), and asks the kernel's
+/// trace for the rule of a netfilter drop when `--trace-drop-rules` is on.
 pub struct DropNamer {
     pub reasons: HashMap<i64, String>,
     pub kallsyms: Kallsyms,
+    pub tracer: Option<rule_trace::RuleTracer>,
 }
 
 impl DropNamer {
@@ -112,8 +120,14 @@ pub async fn read_rings(
             }
             r = take(&mut rings.drop, decode::drop) => r?.into_iter().map(|ev| {
                 let named = names.name(ev);
-                if let KernelEvent::Drop { reason, .. } = &named {
+                if let KernelEvent::Drop { reason, ev, .. } = &named {
                     metrics.drops.with_label_values(&[reason.as_str()]).inc();
+                    if let Some(t) = &names.tracer
+                        && reason.starts_with("NETFILTER")
+                    {
+                        let outcome = if t.request(ev) { "requested" } else { "busy" };
+                        metrics.drop_rule_traces.with_label_values(&[outcome]).inc();
+                    }
                 }
                 named
             }).collect(),
