@@ -58,7 +58,7 @@ fn failing_request(lab: &LabRun) -> Value {
 
 #[test]
 fn egress_policy_on_the_service_port_is_explained_and_fixed() {
-    let lab = lab_with_agents("xeg", "2s");
+    let lab = lab_with_agent_args("xeg", "2s", None, &["--trace-drop-rules"]);
     apply(&lab, &scenario("egress-service-port"));
     let v = failing_request(&lab);
     assert_eq!(v["outcome"], "dropped");
@@ -67,6 +67,14 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
     assert_eq!(v["policy_view"]["sender"]["tuple"]["dport"], 8443);
     assert_eq!(v["drop"]["sender"]["reason"], "NETFILTER_DROP");
     assert_eq!(v["drop"]["sender"]["point"], "netfilter");
+    // The rule, named by the kernel's trace of curl's retransmitted SYN.
+    let rule = &v["drop"]["sender"]["rule"];
+    assert_eq!(rule["chain"], "OBS-FW-pod-a", "{v:#}");
+    assert_eq!(
+        rule["comment"],
+        "default deny: egress policies select shop/pod-a"
+    );
+    assert!(v["explanation"].as_str().unwrap().contains("OBS-FW-pod-a"));
     // The same verdict from the agent's own endpoint (inside node-a) and selected by pod name.
     let bin_path = bin().to_string_lossy().into_owned();
     let out = lab
@@ -124,12 +132,18 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
 
 #[test]
 fn ingress_policy_is_explained_on_the_receiving_node_and_fixed() {
-    let lab = lab_with_agents("xin", "2s");
+    let lab = lab_with_agent_args("xin", "2s", None, &["--trace-drop-rules"]);
     apply(&lab, &scenario("ingress-deny"));
     let v = failing_request(&lab);
     assert_eq!(v["layer"], "network_policy_ingress");
     assert_eq!(v["last_seen"]["node"], "node-b");
     assert_eq!(v["drop"]["receiver"]["node"], "node-b");
+    let rule = &v["drop"]["receiver"]["rule"];
+    assert_eq!(rule["chain"], "OBS-TW-pod-b", "{v:#}");
+    assert_eq!(
+        rule["comment"],
+        "default deny: ingress policies select payments/pod-b"
+    );
     assert_eq!(v["policy_view"]["receiver"]["tuple"]["dport"], 8443);
     assert_eq!(v["wire_view"]["sender"]["dport"], 8443);
     let np = v["fix"]["network_policy"]
@@ -269,20 +283,28 @@ fn suggested_policies_allow_exactly_the_observed_flows() {
 
 #[test]
 fn a_service_without_endpoints_is_the_service_layer_not_a_policy() {
-    let lab = lab_with_agents("xsvc", "2s");
-    let out = lab
-        .exec(
-            "pod-a",
-            &["curl", "-sS", "-m", "3", "http://100.64.0.30:80/"],
-        )
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "kube-proxy rejects a Service without endpoints"
-    );
+    let lab = lab_with_agent_args("xsvc", "2s", None, &["--trace-drop-rules"]);
+    // kube-proxy's REJECT answers at once, so no SYN is retransmitted: the second attempt is the
+    // one the kernel's trace sees, and names the rule.
+    for _ in 0..2 {
+        let out = lab
+            .exec(
+                "pod-a",
+                &["curl", "-sS", "-m", "3", "http://100.64.0.30:80/"],
+            )
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "kube-proxy rejects a Service without endpoints"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     lab.wait_records("node-a", WAIT, |rs| {
-        rs.iter()
-            .any(|r| r["final"] == true && r["pre_dnat"]["dst"] == "100.64.0.30")
+        rs.iter().any(|r| {
+            r["final"] == true
+                && r["pre_dnat"]["dst"] == "100.64.0.30"
+                && !r["drop"]["rule"].is_null()
+        })
     })
     .unwrap();
     let a = lab.dir.join("node-a.jsonl");
@@ -303,6 +325,21 @@ fn a_service_without_endpoints_is_the_service_layer_not_a_policy() {
         "never translated"
     );
     assert_eq!(v[0]["fix"]["kind"], "service");
+    let rule = &v[0]["drop"]["sender"]["rule"];
+    assert_eq!(rule["chain"], "KUBE-SERVICES", "{v:#}");
+    assert!(
+        rule["comment"]
+            .as_str()
+            .unwrap()
+            .ends_with("has no endpoints"),
+        "kube-proxy's comment names the Service: {rule}"
+    );
+    assert!(
+        v[0]["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("has no endpoints")
+    );
 }
 
 #[test]

@@ -17,6 +17,19 @@ fn blackhole_pod_b(lab: &LabRun) {
     assert!(out.status.success(), "{out:?}");
 }
 
+/// An OUTPUT rule of node-a's own that drops what its processes send to pod-b's targetPort.
+const OUTPUT_DROP: &[&str] = &[
+    "OUTPUT",
+    "-p",
+    "tcp",
+    "-d",
+    "10.244.2.10",
+    "--dport",
+    "8443",
+    "-j",
+    "DROP",
+];
+
 /// The final record of pod-a's connection to the Service that never left node-a.
 fn stopped_on_a(lab: &LabRun) -> serde_json::Value {
     assert!(!curl_web(lab, "pod-a", 2).status.success());
@@ -104,18 +117,7 @@ fn the_filter_view_is_measured_and_counts_what_the_table_saw() {
 
     // node-a's own process, stopped by an OUTPUT rule: no tc point sees it, the filter hooks
     // and the drop tracer do, and conntrack says it asked for the Service.
-    ipt(&[
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.244.2.10",
-        "--dport",
-        "8443",
-        "-j",
-        "DROP",
-    ]);
+    ipt(&[&["-A"][..], OUTPUT_DROP].concat());
     let out = lab
         .exec(
             "node-a",
@@ -132,18 +134,7 @@ fn the_filter_view_is_measured_and_counts_what_the_table_saw() {
     assert_eq!(host["drop"]["reason"], "NETFILTER_DROP");
     assert_eq!(host["drop"]["tuple"], host["policy_view"]["tuple"]);
     assert_eq!(host["last_seen"]["point"], "filter_output");
-    ipt(&[
-        "-D",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.244.2.10",
-        "--dport",
-        "8443",
-        "-j",
-        "DROP",
-    ]);
+    ipt(&[&["-D"][..], OUTPUT_DROP].concat());
 
     blackhole_pod_b(&lab);
     let r = stopped_on_a(&lab);

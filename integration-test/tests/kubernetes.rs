@@ -208,4 +208,40 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
         assert!(out.contains(obj), "{obj} missing: {out}");
     }
     assert!(out.contains("(server dry run)"), "{out}");
+
+    // The NetworkPolicies `explain` writes as fixes are valid objects for this apiserver: an
+    // egress fix, an ingress fix, and both of a same-node drop (recorded lab logs).
+    for ns in ["shop", "payments"] {
+        api.kubectl(&["create", "namespace", ns], None).unwrap();
+    }
+    let testdata = format!(
+        "{}/../observer/testdata/explain",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    for (case, client) in [
+        ("egress", "10.244.1.10:38848"),
+        ("ingress", "10.244.1.10:51954"),
+        ("filter-hooks", "10.244.1.10"),
+    ] {
+        let v: serde_json::Value = serde_json::from_str(&observer(&[
+            "explain",
+            &format!("{testdata}/{case}/node-a.jsonl"),
+            &format!("{testdata}/{case}/node-b.jsonl"),
+            "--client",
+            client,
+            "--format",
+            "json",
+        ]))
+        .unwrap();
+        let np = v[0]["fix"]["network_policy"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{case}: a NetworkPolicy fix: {v:#}"));
+        let out = api
+            .kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(np))
+            .unwrap_or_else(|e| panic!("{case}: the apiserver refused the fix: {e:#}\n{np}"));
+        assert!(
+            out.contains("networkpolicy.networking.k8s.io/") && out.contains("(server dry run)"),
+            "{case}: {out}"
+        );
+    }
 }

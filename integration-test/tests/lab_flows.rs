@@ -353,6 +353,10 @@ fn ipv6_service() {
         assert_eq!(r["translation"]["before"], "uplink_egress");
         assert_eq!(r["state"], "closed");
         assert_eq!(r["socket"]["asked"]["dst"], "fd00:100:64::10");
+        // The IPv6 filter hooks measured what ip6tables' filter FORWARD evaluated.
+        assert_eq!(r["policy_view"]["source"], "filter_hook", "{r:#}");
+        assert_eq!(r["policy_view"]["tuple"], r["post_dnat"]);
+        assert_eq!(r["policy_view"]["verdict"], "passed");
     }
     let b = lab
         .wait_records("node-b", WAIT, |rs| {

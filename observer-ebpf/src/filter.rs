@@ -134,17 +134,7 @@ fn parse(state: u64, skb: u64, dev_off: &'static u32) -> Result<Option<Seen>, St
     let t = parse::parse_ip(&KernelL3(head + nh as u64))?;
     Ok(Some(Seen {
         skb,
-        key: FlowKey {
-            src: parse::addr_bytes(t.src),
-            dst: parse::addr_bytes(t.dst),
-            sport: t.sport,
-            dport: t.dport,
-            ifindex,
-            proto: t.proto,
-            family: t.family,
-            point: 0,
-            retired: 0,
-        },
+        key: t.key(0, ifindex),
         len: field(skb, &OFF_SKB_LEN),
         tcp_flags: t.tcp_flags,
         _pad: [0; 3],

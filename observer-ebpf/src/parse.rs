@@ -8,7 +8,7 @@ use aya_ebpf::{
     programs::{SkBuffContext, TcContext},
 };
 use observer_common::{
-    AF_INET, AF_INET6, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat,
+    AF_INET, AF_INET6, FlowKey, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_TCP, IPPROTO_UDP, Stat,
 };
 
 pub trait Packet {
@@ -40,6 +40,24 @@ pub struct Tuple {
     pub proto: u8,
     pub family: u8,
     pub tcp_flags: u8,
+}
+
+impl Tuple {
+    /// This packet's flow key at `point` (a [`observer_common::Point`]) on `ifindex`.
+    #[inline(always)]
+    pub fn key(&self, point: u8, ifindex: u32) -> FlowKey {
+        FlowKey {
+            src: addr_bytes(self.src),
+            dst: addr_bytes(self.dst),
+            sport: self.sport,
+            dport: self.dport,
+            ifindex,
+            proto: self.proto,
+            family: self.family,
+            point,
+            retired: 0,
+        }
+    }
 }
 
 const ETH_HLEN: usize = 14;

@@ -4,7 +4,7 @@
 //! kernel does not need a per-interface lookup on the fast path.
 
 use aya_ebpf::{bindings::TC_ACT_UNSPEC, macros::classifier, programs::TcContext};
-use observer_common::{FlowKey, Point};
+use observer_common::Point;
 
 use crate::{account, maps, nat, parse};
 
@@ -46,17 +46,7 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
     }
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let key = FlowKey {
-        src: parse::addr_bytes(t.src),
-        dst: parse::addr_bytes(t.dst),
-        sport: t.sport,
-        dport: t.dport,
-        ifindex,
-        proto: t.proto,
-        family: t.family,
-        point: point as u8,
-        retired: 0,
-    };
+    let key = t.key(point as u8, ifindex);
     let new = account::record(&key, ctx.len(), t.tcp_flags, true);
     if new && point.is_egress() {
         // The context pointer is the kernel's sk_buff.

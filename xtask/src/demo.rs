@@ -51,7 +51,17 @@ pub fn run(keep: bool, lb: &str) -> anyhow::Result<()> {
         "starting one observer agent per node (tc on veths and the wire, cgroup socket hooks)",
     );
     for node in ["node-a", "node-b"] {
-        lab.start_agent(node, &["--idle-timeout", "2s", "--flush-interval", "5s"])?;
+        // `--trace-drop-rules`: explain names the rule behind each drop it tells of.
+        lab.start_agent(
+            node,
+            &[
+                "--idle-timeout",
+                "2s",
+                "--flush-interval",
+                "5s",
+                "--trace-drop-rules",
+            ],
+        )?;
         println!(
             "      agent on {node}: ready (metrics on 127.0.0.1:9464 inside {}-{node})",
             LAB
@@ -429,6 +439,7 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         sock["pid"]
     );
     s.push_str(&tell_translation(story, veth_a));
+    s.push_str(&policy_saw(story, "node-a"));
     let _ = writeln!(
         s,
         "  4. on the wire            {:<44} tc egress of node-a's uplink: what a firewall between nodes sees",
@@ -441,6 +452,7 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
         arrived["observed_as"].as_str().unwrap_or("?"),
         arrived["translated"]
     );
+    s.push_str(&policy_saw(arrived, "node-b"));
     let delivered = hop(arrived, "pod_egress")
         .map(|h| flow(&h["tuple"]))
         .unwrap_or_default();
@@ -461,6 +473,28 @@ fn tell(story: &Value, arrived: &Value, ct: &[CtEntry], evidence: &str) -> Strin
 
     s.push_str(&meaning(pre, post));
     s
+}
+
+/// What the filter table (NetworkPolicy) on `node` evaluated, and whether that was measured.
+fn policy_saw(r: &Value, node: &str) -> String {
+    let p = &r["policy_view"];
+    if p.is_null() {
+        return String::new();
+    }
+    let how = match p["source"].as_str() {
+        Some("filter_hook") => format!(
+            "measured at filter {}: {} packets in, {} let through",
+            p["hook"].as_str().unwrap_or("?").to_uppercase(),
+            p["packets"],
+            p["passed"]
+        ),
+        Some(other) => format!("{other}, not measured by the filter hooks"),
+        None => "?".into(),
+    };
+    format!(
+        "     policy on {node} saw {:<44} {how}\n",
+        flow(&p["tuple"])
+    )
 }
 
 /// Steps 2 and 3 of the story: where the client's tuple entered and where it was rewritten, in

@@ -128,6 +128,13 @@ fn policy_direction(rule: &crate::record::DropRule) -> Option<&'static str> {
     }
 }
 
+/// A rule in kube-proxy's own chains: `KUBE-*` in iptables mode, `table ip kube-proxy` in
+/// nftables mode (`cluster-ips-check`, `no-endpoint-services`), kubernetes
+/// `pkg/proxy/{iptables,nftables}/proxier.go`.
+fn is_kube_proxys(rule: &crate::record::DropRule) -> bool {
+    rule.chain.starts_with("KUBE-") || rule.table.ends_with(" kube-proxy")
+}
+
 fn client_key(r: &FlowRecord) -> Option<(String, String, u16)> {
     let t = r.client_tuple().or(r.wire_view.as_ref())?;
     Some((r.proto.clone(), t.src.clone(), t.sport))
@@ -288,15 +295,37 @@ impl Story {
                 None,
             );
         }
+        // The rule the kernel's trace named (`--trace-drop-rules`).
+        let rule = match &d.rule {
+            Some(rule) => format!(
+                "; the rule: {rule}{}",
+                rule.comment
+                    .as_ref()
+                    .map(|c| format!(" (\"{c}\")"))
+                    .unwrap_or_default()
+            ),
+            None => String::new(),
+        };
         if let Some(svc) = untranslated_service(r, &d.tuple, names) {
             return v.say(
                 "dropped",
                 Some("service"),
                 format!(
-                    "rejected on {} by kube-proxy in the filter table ({} at {}): Service {}/{} port {} has no ready endpoints, so {seen} was never translated and no NetworkPolicy saw it",
+                    "rejected on {} by kube-proxy in the filter table ({} at {}): Service {}/{} port {} has no ready endpoints, so {seen} was never translated and no NetworkPolicy saw it{rule}",
                     d.node, d.reason, d.location, svc.namespace, svc.name, svc.port
                 ),
                 Some(fix::service_fix(&svc)),
+            );
+        }
+        if d.rule.as_ref().is_some_and(is_kube_proxys) {
+            return v.say(
+                "dropped",
+                Some("service"),
+                format!(
+                    "rejected on {} by kube-proxy's own rules ({} at {}): {seen} is addressed to a Service address on no Service port, or to a Service without endpoints{rule}",
+                    d.node, d.reason, d.location
+                ),
+                None,
             );
         }
         let filter = r.policy_view.as_ref().filter(|p| p.source == "filter_hook");
@@ -306,7 +335,7 @@ impl Story {
                 "dropped",
                 Some("netfilter"),
                 format!(
-                    "dropped on {} by netfilter ({} at {}) outside the filter table: the agent's hooks around that table {} it; a raw, mangle or nat rule, or a chain at another priority (kube-proxy's nftables chains run at -110), dropped {seen}",
+                    "dropped on {} by netfilter ({} at {}) outside the filter table: the agent's hooks around that table {} it; a raw, mangle or nat rule, or a chain at another priority (kube-proxy's nftables chains run at -110), dropped {seen}{rule}",
                     d.node,
                     d.reason,
                     d.location,
@@ -344,16 +373,6 @@ impl Story {
                 "network_policy_ingress",
                 "filter FORWARD, the NetworkPolicy ingress of the server pod",
             ),
-        };
-        let rule = match &d.rule {
-            Some(rule) => format!(
-                "; the rule: {rule}{}",
-                rule.comment
-                    .as_ref()
-                    .map(|c| format!(" (\"{c}\")"))
-                    .unwrap_or_default()
-            ),
-            None => String::new(),
         };
         let measured = match filter {
             Some(p) => format!(

@@ -432,3 +432,117 @@ fn a_drop_at_filter_output_is_the_hosts_firewall() {
             .contains("10.244.2.10:8443")
     );
 }
+
+/// Flow logs of a test's own, removed when it ends.
+struct Edited(PathBuf);
+
+impl Drop for Edited {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The filter-hooks fixture with each record passed through `edit`, written to a folder of the
+/// test's own: for the branches no recording of the lab produces.
+fn edited(name: &str, edit: impl Fn(&mut Value)) -> (Edited, Vec<PathBuf>) {
+    let dir = std::env::temp_dir().join(format!("observer-explain-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let files = fixture("filter-hooks", BOTH)
+        .iter()
+        .map(|f| {
+            let text: String = std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: Value = serde_json::from_str(l).unwrap();
+                    edit(&mut v);
+                    format!("{v}\n")
+                })
+                .collect();
+            let out = dir.join(f.file_name().unwrap());
+            std::fs::write(&out, text).unwrap();
+            out
+        })
+        .collect();
+    (Edited(dir), files)
+}
+
+fn is_pod_a(v: &Value) -> bool {
+    v["pre_dnat"]["src"] == "10.244.1.10"
+}
+
+/// A netfilter drop the filter hooks saw go through the filter table: another table or another
+/// priority dropped it, not NetworkPolicy.
+#[test]
+fn a_netfilter_drop_the_filter_table_let_through_is_elsewhere() {
+    let (_dir, files) = edited("passed", |v| {
+        if is_pod_a(v) {
+            v["policy_view"]["passed"] = v["policy_view"]["packets"].clone();
+            v["policy_view"]["verdict"] = "passed".into();
+        }
+    });
+    let v = verdict(&args(files, None, Some("10.244.1.10")));
+    assert_eq!(v["layer"], "netfilter", "{v:#}");
+    assert!(v["fix"].is_null());
+}
+
+#[test]
+fn a_drop_at_filter_input_is_the_hosts_firewall_for_its_own_processes() {
+    let (_dir, files) = edited("input", |v| {
+        if v["pre_dnat"]["src"] == "10.200.0.1" {
+            v["policy_view"]["hook"] = "input".into();
+        }
+    });
+    let v = verdict(&args(files, None, Some("10.200.0.1")));
+    assert_eq!(v["layer"], "host_firewall_ingress", "{v:#}");
+    assert!(v["fix"]["inspect"].as_str().unwrap().contains("INPUT"));
+}
+
+/// With the rule the kernel's trace named, a same-node drop is no longer "either policy".
+#[test]
+fn a_traced_rule_tells_whose_policy_dropped_a_same_node_connection() {
+    let (_dir, files) = edited("rule", |v| {
+        if is_pod_a(v) {
+            v["drop"]["rule"] = serde_json::json!({
+                "table": "ip filter",
+                "chain": "OBS-TW-pod-api-1",
+                "rule": "-A OBS-TW-pod-api-1 -m comment --comment \"default deny: ingress policies select payments/pod-api-1\" -j DROP",
+                "comment": "default deny: ingress policies select payments/pod-api-1"
+            });
+        }
+    });
+    let v = verdict(&args(files, None, Some("10.244.1.10")));
+    assert_eq!(v["layer"], "network_policy_ingress", "{v:#}");
+    let why = v["explanation"].as_str().unwrap();
+    assert!(
+        why.contains("OBS-TW-pod-api-1") && why.contains("default deny"),
+        "{why}"
+    );
+    let yaml = v["fix"]["network_policy"].as_str().unwrap();
+    assert!(
+        yaml.contains("Ingress") && !yaml.contains("Egress"),
+        "{yaml}"
+    );
+}
+
+/// A rule in kube-proxy's own chains is the Service layer, whatever the hook.
+#[test]
+fn a_rule_of_kube_proxys_own_is_the_service_layer() {
+    let (_dir, files) = edited("kube-proxy", |v| {
+        if is_pod_a(v) {
+            v["drop"]["rule"] = serde_json::json!({
+                "table": "ip kube-proxy",
+                "chain": "cluster-ips-check",
+                "rule": "ip daddr @cluster-ips reject",
+            });
+        }
+    });
+    let v = verdict(&args(files, None, Some("10.244.1.10")));
+    assert_eq!(v["layer"], "service", "{v:#}");
+    assert!(
+        v["explanation"]
+            .as_str()
+            .unwrap()
+            .contains("cluster-ips-check")
+    );
+}

@@ -264,6 +264,24 @@ impl Btf {
     }
 }
 
+/// Values the kernel programs read as globals (offsets from this BTF, mostly), patched into the
+/// object before it is loaded.
+pub struct Globals(pub Vec<(&'static str, u32)>);
+
+impl Globals {
+    pub fn apply<'a>(&'a self, loader: &mut aya::EbpfLoader<'a>) {
+        for (name, value) in &self.0 {
+            loader.override_global(name, value, true);
+        }
+    }
+
+    /// The value of one (tests).
+    #[cfg(test)]
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use std::{
 
 use aya::{EbpfLoader, maps::Map};
 
-use super::btf::{Btf, BtfError};
+use super::btf::{Btf, BtfError, Globals};
 
 /// Kernel `include/uapi/linux/netfilter.h` (`NFPROTO_*`, `NF_INET_*`).
 const NFPROTO_IPV4: u32 = 2;
@@ -72,7 +72,7 @@ pub enum FilterError {
 
 /// Offsets of the fields the programs read, from the running kernel's BTF.
 pub struct FilterOffsets {
-    globals: Vec<(&'static str, u32)>,
+    globals: Globals,
 }
 
 impl FilterOffsets {
@@ -91,7 +91,7 @@ impl FilterOffsets {
             }
         }
         Ok(FilterOffsets {
-            globals: vec![
+            globals: Globals(vec![
                 ("OFF_SKB_HEAD", btf.offset_of("sk_buff", &["head"])?),
                 (
                     "OFF_SKB_NETWORK_HEADER",
@@ -104,14 +104,12 @@ impl FilterOffsets {
                 ),
                 ("OFF_STATE_IN", btf.offset_of("nf_hook_state", &["in"])?),
                 ("OFF_STATE_OUT", btf.offset_of("nf_hook_state", &["out"])?),
-            ],
+            ]),
         })
     }
 
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        for (name, value) in &self.globals {
-            loader.override_global(name, value, true);
-        }
+        self.globals.apply(loader);
     }
 }
 
@@ -313,7 +311,7 @@ mod tests {
             return;
         };
         let o = FilterOffsets::from_btf(&btf).expect("netfilter types in BTF");
-        let get = |n: &str| o.globals.iter().find(|(k, _)| *k == n).unwrap().1;
+        let get = |n: &str| o.globals.get(n).unwrap();
         assert!(get("OFF_STATE_IN") >= 2);
         assert_eq!(get("OFF_STATE_OUT"), get("OFF_STATE_IN") + 8);
     }

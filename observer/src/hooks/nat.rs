@@ -6,10 +6,10 @@
 
 use aya::EbpfLoader;
 
-use super::btf::{Btf, BtfError};
+use super::btf::{Btf, BtfError, Globals};
 
 pub struct NatOffsets {
-    globals: Vec<(&'static str, u32)>,
+    globals: Globals,
 }
 
 impl NatOffsets {
@@ -25,21 +25,19 @@ impl NatOffsets {
         // zone 0, which is what the programs report when the offset is left at 0.
         let zone = btf.offset_of("nf_conn", &["zone", "id"]).unwrap_or(0);
         Ok(NatOffsets {
-            globals: vec![
+            globals: Globals(vec![
                 ("OFF_CT_ZONE", zone),
                 ("OFF_SKB_NFCT", btf.offset_of("sk_buff", &["_nfct"])?),
                 ("OFF_CT_SRC_IP", at(&["src", "u3"])?),
                 ("OFF_CT_SRC_PORT", at(&["src", "u", "all"])?),
                 ("OFF_CT_DST_IP", at(&["dst", "u3"])?),
                 ("OFF_CT_DST_PORT", at(&["dst", "u", "all"])?),
-            ],
+            ]),
         })
     }
 
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        for (name, value) in &self.globals {
-            loader.override_global(name, value, true);
-        }
+        self.globals.apply(loader);
     }
 }
 
@@ -56,7 +54,7 @@ mod tests {
             return;
         };
         let n = NatOffsets::from_btf(&btf).expect("conntrack types in BTF");
-        let get = |k: &str| n.globals.iter().find(|(g, _)| *g == k).unwrap().1;
+        let get = |k: &str| n.globals.get(k).unwrap();
         assert!(get("OFF_SKB_NFCT") > 0);
         assert_eq!(
             get("OFF_CT_SRC_PORT"),

@@ -8,12 +8,12 @@ use super::HookError;
 
 mod kallsyms;
 
-use super::btf::{Btf, BtfError};
+use super::btf::{Btf, BtfError, Globals};
 pub use kallsyms::Kallsyms;
 
 /// What the kernel program needs to know, read once at start.
 pub struct DropConfig {
-    globals: Vec<(&'static str, u32)>,
+    globals: Globals,
     /// `enum skb_drop_reason` value -> name without the `SKB_DROP_REASON_` prefix.
     pub reasons: HashMap<i64, String>,
 }
@@ -39,7 +39,7 @@ impl DropConfig {
                 return Err(BtfError::Missing(format!("pointer sk_buff.{field}")));
             }
         }
-        let globals = vec![
+        let globals = Globals(vec![
             ("OFF_SKB_HEAD", btf.offset_of("sk_buff", &["head"])?),
             (
                 "OFF_SKB_NETWORK_HEADER",
@@ -66,14 +66,12 @@ impl DropConfig {
             ),
             ("NETNS_INO", netns_ino),
             ("REASON_MIN", not_specified),
-        ];
+        ]);
         Ok(DropConfig { globals, reasons })
     }
 
     pub fn apply<'a>(&'a self, loader: &mut EbpfLoader<'a>) {
-        for (name, value) in &self.globals {
-            loader.override_global(name, value, true);
-        }
+        self.globals.apply(loader);
     }
 }
 
