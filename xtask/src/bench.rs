@@ -341,24 +341,7 @@ fn report(d: &Datapath) -> String {
         ("reading conntrack", &d.nat),
         ("with the filter hooks", &d.filter),
     ] {
-        let rounds = |v: &[f64]| v.iter().map(|r| r.round()).collect::<Vec<_>>();
-        let (off, on) = (mean(&a.off_rate), mean(&a.on_rate));
-        let _ = writeln!(
-            out,
-            "  short TCP connections / s, agents {what} or not ({}; alternating runs): {on:.0} / {off:.0}, ratio {:.3} (runs: {:?} / {:?})",
-            a.off_flag,
-            on / off,
-            rounds(&a.on_rate),
-            rounds(&a.off_rate)
-        );
-        if !a.on_tput.is_empty() {
-            let (off, on) = (mean(&a.off_tput), mean(&a.on_tput));
-            let _ = writeln!(
-                out,
-                "  iperf3 Gb/s, agents {what} or not: {on:.2} / {off:.2}, ratio {:.3}",
-                on / off
-            );
-        }
+        out += &alternating_rows(what, a);
     }
     let _ = writeln!(
         out,
@@ -421,6 +404,30 @@ fn report(d: &Datapath) -> String {
     let lost = metric_sum(&d.metrics, "observer_kernel_events_lost_total");
     let full = metric_sum(&d.metrics, "observer_map_full_total");
     let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
+    out
+}
+
+/// The rows of one with/without comparison.
+fn alternating_rows(what: &str, a: &Alternating) -> String {
+    let mut out = String::new();
+    let rounds = |v: &[f64]| v.iter().map(|r| r.round()).collect::<Vec<_>>();
+    let (off, on) = (mean(&a.off_rate), mean(&a.on_rate));
+    let _ = writeln!(
+        out,
+        "  short TCP connections / s, agents {what} or not ({}; alternating runs): {on:.0} / {off:.0}, ratio {:.3} (runs: {:?} / {:?})",
+        a.off_flag,
+        on / off,
+        rounds(&a.on_rate),
+        rounds(&a.off_rate)
+    );
+    if !a.on_tput.is_empty() {
+        let (off, on) = (mean(&a.off_tput), mean(&a.on_tput));
+        let _ = writeln!(
+            out,
+            "  iperf3 Gb/s, agents {what} or not: {on:.2} / {off:.2}, ratio {:.3}",
+            on / off
+        );
+    }
     out
 }
 

@@ -51,17 +51,7 @@ pub fn run(keep: bool, lb: &str) -> anyhow::Result<()> {
         "starting one observer agent per node (tc on veths and the wire, cgroup socket hooks)",
     );
     for node in ["node-a", "node-b"] {
-        // `--trace-drop-rules`: explain names the rule behind each drop it tells of.
-        lab.start_agent(
-            node,
-            &[
-                "--idle-timeout",
-                "2s",
-                "--flush-interval",
-                "5s",
-                "--trace-drop-rules",
-            ],
-        )?;
+        lab.start_agent(node, AGENT_ARGS)?;
         println!(
             "      agent on {node}: ready (metrics on 127.0.0.1:9464 inside {}-{node})",
             LAB
@@ -168,6 +158,15 @@ fn traffic(lab: &LabRun) -> anyhow::Result<()> {
 type Tuple4 = (String, u16, String, u16);
 
 /// Step 4: the curl's final record on node-a, and the same connection's record on node-b.
+/// The demo's agents; `--trace-drop-rules`: explain names the rule behind each drop it tells of.
+const AGENT_ARGS: &[&str] = &[
+    "--idle-timeout",
+    "2s",
+    "--flush-interval",
+    "5s",
+    "--trace-drop-rules",
+];
+
 fn story_records(lab: &LabRun) -> anyhow::Result<(Value, Value, Tuple4)> {
     let is_story = |r: &Value| {
         r["final"] == true && r["socket"]["comm"] == "curl" && r["pre_dnat"]["dst"] == VIP

@@ -292,15 +292,7 @@ impl Pipeline {
         correlation
             .corr
             .set_filter_measured(filter_status.measured());
-        match &filter_status {
-            FilterStatus::Measured => info!("filter view measured: {}", FilterHooks::describe()),
-            FilterStatus::Derived(_) if args.no_filter_hook => info!(
-                "--no-filter-hook: policy_view is derived from the tc points around the filter table, and records say so"
-            ),
-            FilterStatus::Derived(why) => warn!(
-                "netfilter programs not linked ({why}): policy_view is derived from the tc points around the filter table, and records say so"
-            ),
-        }
+        say_filter_status(&filter_status, args.no_filter_hook);
         let rings = Rings::register(flow_events, socket_events, drop_events)
             .map_err(AgentError::RingBuf)?;
         let mut follower = Follower {
@@ -479,6 +471,19 @@ fn attach(hooks: &mut Hooks, targets: &setup::Targets, drops: bool) -> Result<()
         info!("drop tracepoint attached (tp_btf/kfree_skb)");
     }
     Ok(())
+}
+
+/// Once, at start: whether `policy_view` is measured, and why not.
+fn say_filter_status(status: &FilterStatus, asked_off: bool) {
+    match status {
+        FilterStatus::Measured => info!("filter view measured: {}", FilterHooks::describe()),
+        FilterStatus::Derived(_) if asked_off => info!(
+            "--no-filter-hook: policy_view is derived from the tc points around the filter table, and records say so"
+        ),
+        FilterStatus::Derived(why) => warn!(
+            "netfilter programs not linked ({why}): policy_view is derived from the tc points around the filter table, and records say so"
+        ),
+    }
 }
 
 /// What runs, for /readyz: one line per hook, and whether the filter view is measured.

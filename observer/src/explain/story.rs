@@ -109,6 +109,47 @@ fn untranslated_service(r: &FlowRecord, dropped: &TupleView, names: &Names) -> O
         })
 }
 
+/// The layer of a drop in the filter table, from the hook where it happened: the node's own
+/// filtering at OUTPUT and INPUT; at FORWARD the client's egress policy on its node, the
+/// server's ingress policy on its node, and either one when both pods share the node, unless the
+/// rule the kernel's trace named says whose. Returns (layer, where in words, egress?).
+fn filter_layer(
+    hook: &str,
+    r: &FlowRecord,
+    d: &crate::record::Drop,
+    egress: bool,
+) -> (&'static str, &'static str, bool) {
+    let traced = d.rule.as_ref().and_then(policy_direction);
+    let local = r.observed_as == ObservedAs::Local;
+    let egress = match traced {
+        Some(dir) if local => dir == "egress",
+        _ => egress,
+    };
+    let (layer, dir) = match hook {
+        "output" => (
+            "host_firewall_egress",
+            "filter OUTPUT, where the node's own traffic is filtered (a host firewall or a host-endpoint policy; NetworkPolicy does not select hostNetwork pods)",
+        ),
+        "input" => (
+            "host_firewall_ingress",
+            "filter INPUT, where traffic to the node's own processes is filtered (a host firewall or a host-endpoint policy)",
+        ),
+        _ if local && traced.is_none() => (
+            "network_policy",
+            "filter FORWARD, where both the client pod's egress policy and the server pod's ingress policy are evaluated on this node (the hook does not tell which of the two)",
+        ),
+        _ if egress => (
+            "network_policy_egress",
+            "filter FORWARD, the NetworkPolicy egress of the client pod",
+        ),
+        _ => (
+            "network_policy_ingress",
+            "filter FORWARD, the NetworkPolicy ingress of the server pod",
+        ),
+    };
+    (layer, dir, egress)
+}
+
 /// Whose policy a rule is, from how the dataplanes name their chains: Calico's `cali-tw-` (to a
 /// workload: its ingress) and `cali-fw-` (from a workload: its egress), projectcalico
 /// `felix/rules`; the lab's `OBS-TW-`/`OBS-FW-` follow them; else the rule's comment.
@@ -345,35 +386,7 @@ impl Story {
             );
         }
         let hook = filter.and_then(|p| p.hook.as_deref()).unwrap_or("forward");
-        // Both pods here: only the rule that dropped it (traced by the kernel) tells whose policy.
-        let local = r.observed_as == ObservedAs::Local;
-        let egress = match d.rule.as_ref().and_then(policy_direction) {
-            Some(dir) if local => dir == "egress",
-            _ => egress,
-        };
-        let local = local && d.rule.as_ref().and_then(policy_direction).is_none();
-        let (layer, dir) = match hook {
-            "output" => (
-                "host_firewall_egress",
-                "filter OUTPUT, where the node's own traffic is filtered (a host firewall or a host-endpoint policy; NetworkPolicy does not select hostNetwork pods)",
-            ),
-            "input" => (
-                "host_firewall_ingress",
-                "filter INPUT, where traffic to the node's own processes is filtered (a host firewall or a host-endpoint policy)",
-            ),
-            _ if local => (
-                "network_policy",
-                "filter FORWARD, where both the client pod's egress policy and the server pod's ingress policy are evaluated on this node (the hook does not tell which of the two)",
-            ),
-            _ if egress => (
-                "network_policy_egress",
-                "filter FORWARD, the NetworkPolicy egress of the client pod",
-            ),
-            _ => (
-                "network_policy_ingress",
-                "filter FORWARD, the NetworkPolicy ingress of the server pod",
-            ),
-        };
+        let (layer, dir, egress) = filter_layer(hook, r, d, egress);
         let measured = match filter {
             Some(p) => format!(
                 " (measured: {} packets reached the table, {} came out)",
