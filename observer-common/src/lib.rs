@@ -95,9 +95,10 @@ impl Point {
     }
 
     /// Where the kernel notes the packet's conntrack entry for a new key: where the tuple left
-    /// the IP stack, and around the filter table.
+    /// the IP stack, and just before the filter table (after it, the same packet: the agent
+    /// takes its twin's).
     pub const fn notes_ct(self) -> bool {
-        self.is_egress() || self.is_filter()
+        self.is_egress() || self.filter_passed().is_some()
     }
 
     /// Seen by a netfilter program around the filter table (before or after it).

@@ -342,9 +342,22 @@ fn attach_filter<'a>(conns: &mut [Conn<'a>], filter: Vec<&'a Observation>) -> Ve
             by_tuple.entry(t).or_default().push(i);
         }
     }
+    // The kernel notes the conntrack entry of what went into the table; what came out of it is
+    // the same packet, so its key takes its twin's.
+    let before: HashMap<FlowKey, Ct> = filter
+        .iter()
+        .filter(|o| o.point.filter_passed().is_some())
+        .map(|o| (o.key, o.ct))
+        .collect();
     let mut unattached = Vec::new();
     for o in filter {
-        let keys = match o.ct {
+        let ct = match o.ct {
+            Ct::Unknown => before_twin(&o.key)
+                .and_then(|k| before.get(&k).copied())
+                .unwrap_or_default(),
+            ct => ct,
+        };
+        let keys = match ct {
             Ct::Original { tuple, .. } => vec![tuple],
             _ => vec![o.tuple, o.tuple.reversed()],
         };
@@ -359,6 +372,22 @@ fn attach_filter<'a>(conns: &mut [Conn<'a>], filter: Vec<&'a Observation>) -> Ve
         }
     }
     unattached
+}
+
+/// The key just before the filter table of a key just after it.
+fn before_twin(k: &FlowKey) -> Option<FlowKey> {
+    let point = Point::from_u8(k.point)?;
+    let before = [
+        Point::FilterForward,
+        Point::FilterInput,
+        Point::FilterOutput,
+    ]
+    .into_iter()
+    .find(|b| b.filter_passed() == Some(point))?;
+    Some(FlowKey {
+        point: before as u8,
+        ..*k
+    })
 }
 
 /// One address pair's observations, split into the connections that used it one after the

@@ -196,6 +196,33 @@ mod tests {
         assert_eq!(r.last_seen.point, "uplink_egress");
     }
 
+    /// A node process whose source port POSTROUTING's masquerade rewrote after the filter table:
+    /// only conntrack ties the table's tuple to the connection, and the kernel notes it for the
+    /// key before the table; the key after it is the same packet and takes its twin's.
+    #[test]
+    fn what_passed_the_table_joins_by_its_twins_conntrack_entry() {
+        let mut c = correlator();
+        c.set_filter_measured(true);
+        let asked = ("10.200.0.1", 58082, "100.64.0.10", 443);
+        let filtered = ("10.200.0.1", 58082, "10.244.2.10", 8443);
+        let wire = ("10.200.0.1", 51899, "10.244.2.10", 8443);
+        seen(&mut c, wire, Point::UplinkEgress, Some(asked), S + 2000, 6);
+        seen(&mut c, filtered, Point::FilterOutput, Some(asked), S, 6);
+        seen(
+            &mut c,
+            filtered,
+            Point::FilterOutputPassed,
+            None,
+            S + 500,
+            6,
+        );
+        let r = only_record(&mut c);
+        let pv = r.policy_view.expect("measured");
+        assert_eq!((pv.packets, pv.passed), (Some(6), Some(6)), "{:#?}", r.hops);
+        assert_eq!(pv.tuple.sport, 58082, "before the masquerade");
+        assert_eq!(r.pre_dnat.expect("conntrack's original").dport, 443);
+    }
+
     /// In, and not out: the table dropped it; the record stops at the filter.
     #[test]
     fn seen_before_the_table_and_not_after_is_a_filter_drop() {
