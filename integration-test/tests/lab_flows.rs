@@ -47,7 +47,8 @@ fn tcp_via_cluster_ip_is_translated_on_the_sending_node() {
     assert_eq!(rec["observed_as"], "sender");
     assert_eq!(rec["translation"]["node"], "node-a");
     assert_eq!(rec["translation"]["after"], "pod_ingress");
-    assert_eq!(rec["translation"]["before"], "uplink_egress");
+    // The filter table already saw the translated tuple: DNAT happened before it (nat PREROUTING).
+    assert_eq!(rec["translation"]["before"], "filter_forward");
     assert_eq!(
         rec["translation"]["evidence"], "conntrack",
         "the kernel's NAT state confirms the pair"
@@ -310,11 +311,13 @@ fn two_endpoints_200_concurrent_connections_match_conntrack() {
     assert!(!local.is_empty() && !remote.is_empty());
     for r in &local {
         assert_eq!(r["observed_as"], "local");
-        assert_eq!(r["translation"]["before"], "pod_egress");
+        assert_eq!(r["translation"]["before"], "filter_forward");
+        assert!(hop(r, "pod_egress", "orig").is_some(), "{r}");
     }
     for r in &remote {
         assert_eq!(r["observed_as"], "sender");
-        assert_eq!(r["translation"]["before"], "uplink_egress");
+        assert_eq!(r["translation"]["before"], "filter_forward");
+        assert!(hop(r, "uplink_egress", "orig").is_some(), "{r}");
     }
     let m = lab.metrics("node-a").unwrap();
     assert_eq!(
@@ -350,7 +353,7 @@ fn ipv6_service() {
         assert_eq!(r["pre_dnat"]["dport"], 443);
         assert_eq!(r["post_dnat"]["dst"], "fd00:10:244:2::10");
         assert_eq!(r["post_dnat"]["dport"], 8443);
-        assert_eq!(r["translation"]["before"], "uplink_egress");
+        assert_eq!(r["translation"]["before"], "filter_forward");
         assert_eq!(r["state"], "closed");
         assert_eq!(r["socket"]["asked"]["dst"], "fd00:100:64::10");
         // The IPv6 filter hooks measured what ip6tables' filter FORWARD evaluated.

@@ -69,10 +69,10 @@ pub struct Hop {
 pub struct Translation {
     /// Node where the destination was rewritten.
     pub node: String,
-    /// The tc (or socket) point where the pre-DNAT tuple entered, and the first tc point where
-    /// the post-DNAT tuple left: the rewrite happened in the node's IP stack between the two
-    /// (netfilter, where kube-proxy's KUBE-SERVICES chains hang off nat PREROUTING); the
-    /// `filter_*` hops in between show which side of the filter table it happened on.
+    /// Last hop that saw the pre-DNAT tuple, and first hop that saw the post-DNAT tuple: the
+    /// rewrite happened in the node's IP stack between the two (netfilter, where kube-proxy's
+    /// KUBE-SERVICES chains hang off nat PREROUTING). With the filter hooks, a filter point:
+    /// DNAT before the filter table, SNAT after it.
     pub after: String,
     pub before: String,
     /// What joined the pre- and post-DNAT tuples: `conntrack` (the kernel's NAT state, read from

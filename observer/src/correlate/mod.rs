@@ -574,6 +574,18 @@ impl Correlator {
             })
             .map(|o| o.point.as_str())
             .unwrap_or("unknown");
+        // Where the filter table saw one of the two tuples, the rewrite is on the other side of
+        // it: DNAT before the table (it saw the translated tuple), SNAT after it (it saw the
+        // client's own).
+        let filter_saw = |t: Option<Tuple>| {
+            let t = t?;
+            c.filter_orig()
+                .filter(|o| o.point.filter_passed().is_some() && o.tuple == t)
+                .min_by_key(|o| o.c.first_ns)
+                .map(|o| o.point.as_str())
+        };
+        let after = filter_saw(pre).unwrap_or(after);
+        let before = filter_saw(post_leg.map(|l| l.orig)).unwrap_or(before);
         let (evidence, zone) = evidence(post_leg, pre);
         Translation {
             node: self.cfg.node.clone(),
