@@ -349,16 +349,11 @@ fn report(d: &Datapath) -> String {
     );
     let _ = writeln!(out, "  program              without read  with read");
     for name in ["tc_pod_egress", "tc_uplink_egress"] {
-        let per = |m: &BTreeMap<String, (u64, u64)>| {
-            m.get(name)
-                .filter(|(runs, _)| *runs > 0)
-                .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
-        };
         let _ = writeln!(
             out,
             "  {name:<20} {:>12.1}  {:>9.1}",
-            per(&d.nat.off_progs),
-            per(&d.conn_progs)
+            ns_per_run(&d.nat.off_progs, name),
+            ns_per_run(&d.conn_progs, name)
         );
     }
     let _ = writeln!(
@@ -366,20 +361,11 @@ fn report(d: &Datapath) -> String {
         "\n  kernel program cost (kernel.bpf_stats_enabled, one run of each workload, both agents' copies)"
     );
     let _ = writeln!(out, "  program              runs          ns/run");
-    for (name, (runs, ns)) in &d.progs {
-        let per = if *runs > 0 {
-            *ns as f64 / *runs as f64
-        } else {
-            0.0
-        };
+    for (name, (runs, _)) in &d.progs {
+        let per = ns_per_run(&d.progs, name);
         let _ = writeln!(out, "  {name:<20} {runs:>12}  {per:>8.1}");
     }
-    let per = |name: &str| {
-        d.progs
-            .get(name)
-            .filter(|(runs, _)| *runs > 0)
-            .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
-    };
+    let per = |name: &str| ns_per_run(&d.progs, name);
     // The kernel keeps 15 characters of a program's name.
     let nf = per("nf_forward") + per("nf_forward_pass");
     let _ = writeln!(
@@ -405,6 +391,14 @@ fn report(d: &Datapath) -> String {
     let full = metric_sum(&d.metrics, "observer_map_full_total");
     let _ = writeln!(out, "  node-a: events lost {lost}, map full {full}");
     out
+}
+
+/// A program's mean run time in ns from (runs, ns) totals; 0 when it never ran.
+fn ns_per_run(progs: &BTreeMap<String, (u64, u64)>, name: &str) -> f64 {
+    progs
+        .get(name)
+        .filter(|(runs, _)| *runs > 0)
+        .map_or(0.0, |(runs, ns)| *ns as f64 / *runs as f64)
 }
 
 /// The rows of one with/without comparison.

@@ -239,10 +239,8 @@ impl TraceLine {
             "nft",
             &["list", "chain", &self.family, &self.table, &self.chain],
         );
-        let position = listing
-            .lines()
-            .filter(|l| is_rule_line(l))
-            .position(|l| normalize(l) == self.rule);
+        let rule_lines: Vec<&str> = listing.lines().filter(|l| is_rule_line(l)).collect();
+        let position = rule_lines.iter().position(|l| normalize(l) == self.rule);
         // nft warns on stderr: "table ip filter is managed by iptables-nft, do not touch!"
         let iptables = warnings.contains("managed by iptables-nft");
         let (rule, comment) = match position {
@@ -258,10 +256,7 @@ impl TraceLine {
                     None => (self.rule.clone(), None),
                 }
             }
-            Some(i) => {
-                let line = listing.lines().filter(|l| is_rule_line(l)).nth(i);
-                (self.rule.clone(), line.and_then(nft_comment))
-            }
+            Some(i) => (self.rule.clone(), nft_comment(rule_lines[i])),
             None => (self.rule.clone(), None),
         };
         DropRule {
