@@ -51,6 +51,11 @@ const MAPS: [&str; 4] = ["LB_SERVICES", "LB_BACKENDS", "LB_REVERSE", "LB_NETNS"]
 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketLbError {
+    #[error(
+        "this observer-lab was built without its kernel program (the eBPF toolchain was not \
+         installed yet); `cargo xtask build` builds it"
+    )]
+    NotBuilt,
     #[error("loading the socket load balancer: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("socket load balancer program {0}: {1}")]
@@ -88,6 +93,9 @@ fn cgroup2_root() -> Result<PathBuf, SocketLbError> {
 /// Load, fill and attach the balancer for the lab whose state lives in `state_dir`; pins
 /// everything in a bpf filesystem mounted there.
 pub fn up(state_dir: &Path, cfg: &LabConfig, namespaces: &[String]) -> Result<(), LabError> {
+    if OBJECT.is_empty() {
+        return Err(SocketLbError::NotBuilt.into());
+    }
     let dir = pin_dir(state_dir);
     std::fs::create_dir_all(&dir).map_err(|e| SocketLbError::Io(dir.clone(), e))?;
     crate::netns::run(&["mount", "-t", "bpf", "bpf", &dir.to_string_lossy()])?;
