@@ -187,7 +187,10 @@ pub struct FlowCounters {
     pub tcp_flags: u8,
     /// `MARK_*` bits.
     pub marks: u8,
-    pub _pad: [u8; 6],
+    // Two words rather than `[u8; 6]`: zeroing a byte array made the kernel program call a
+    // memset subprogram on every new key.
+    pub _pad: u16,
+    pub _pad2: u32,
 }
 
 impl FlowCounters {
@@ -212,7 +215,9 @@ impl FlowCounters {
 /// its ORIGINAL tuple (what the client sent, before any NAT). Comparing it with the observed
 /// tuple says what netfilter NAT rewrote (kernel `include/net/netfilter/nf_conntrack_tuple.h`,
 /// `skb->_nfct`; the low 3 bits are `enum ip_conntrack_info`).
-#[repr(C)]
+// Aligned to 8 (same size and offsets) so the kernel zeroes and copies it a word at a time: at
+// alignment 1 the compiler called a memset subprogram for it on every new egress key.
+#[repr(C, align(8))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct CtOrig {
     /// Addresses as conntrack stores them (IPv4 in the first 4 bytes).
@@ -230,8 +235,14 @@ pub struct CtOrig {
 
 /// `IP_CT_UNTRACKED` (kernel `include/uapi/linux/netfilter/nf_conntrack_common.h`).
 pub const CT_UNTRACKED: u8 = 7;
-/// Entries of the kernel's CT_ORIG map (LRU: an entry nobody deleted ages out).
-pub const CT_ORIG_MAX_ENTRIES: u32 = 16_384;
+/// Entries of the kernel's CT_ORIG map for a flow map of `max_flows`: at most every other key
+/// notes a conntrack tuple (the egress and "before the filter table" points). A plain hash, not
+/// LRU (an LRU insert's slow path made a new egress key's p99 ten times the median); userspace
+/// deletes an entry with its key, and a full map is counted ([`Stat::CtOrigFull`]).
+pub const fn ct_orig_entries(max_flows: u32) -> u32 {
+    max_flows / 2
+}
+pub const CT_ORIG_MAX_ENTRIES: u32 = ct_orig_entries(FLOWS_MAX_ENTRIES);
 
 pub const FLOW_EVENT_NEW: u8 = 1;
 // 2 was "FIN/RST seen", no longer sent: userspace reads every key it knows each poll, so only
@@ -344,9 +355,15 @@ pub enum Stat {
     TupleReuseMerged = 12,
     /// A netfilter program could not read the packet or its device from kernel memory.
     KernelRead = 13,
+    /// A new key's conntrack tuple could not be noted: that map is full. The key's record then
+    /// says its translation was inferred.
+    CtOrigFull = 14,
+    /// An IPv6 extension-header chain longer than the programs follow (4 headers): not tracked,
+    /// since its transport protocol and ports are unknown.
+    ExtHeaders = 15,
 }
 
-pub const STATS_LEN: u32 = 14;
+pub const STATS_LEN: u32 = 16;
 
 impl Stat {
     pub const ALL: [Stat; STATS_LEN as usize] = [
@@ -364,6 +381,8 @@ impl Stat {
         Stat::TupleReused,
         Stat::TupleReuseMerged,
         Stat::KernelRead,
+        Stat::CtOrigFull,
+        Stat::ExtHeaders,
     ];
 }
 

@@ -57,7 +57,8 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8, announce: bool) -> bool {
             last_ns: now,
             tcp_flags,
             marks,
-            _pad: [0; 6],
+            _pad: 0,
+            _pad2: 0,
         };
         match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
             Ok(()) => {

@@ -13,6 +13,7 @@ mod kmem;
 mod maps;
 mod nat;
 mod parse;
+mod reference;
 mod reuse;
 mod tc;
 mod trace;

@@ -5,14 +5,16 @@
 //! objects carry no CO-RE relocations); left at 0, nothing is read and records say the join was
 //! inferred.
 
-use aya_ebpf::{macros::map, maps::LruHashMap};
-use observer_common::{CT_ORIG_MAX_ENTRIES, CT_UNTRACKED, CtOrig, FlowKey};
+use aya_ebpf::{macros::map, maps::HashMap};
+use observer_common::{CT_ORIG_MAX_ENTRIES, CT_UNTRACKED, CtOrig, FlowKey, Stat};
 
-use crate::kmem::{global, read};
+use crate::{
+    kmem::{global, read},
+    maps::count,
+};
 
 #[map]
-pub static CT_ORIG: LruHashMap<FlowKey, CtOrig> =
-    LruHashMap::with_max_entries(CT_ORIG_MAX_ENTRIES, 0);
+pub static CT_ORIG: HashMap<FlowKey, CtOrig> = HashMap::with_max_entries(CT_ORIG_MAX_ENTRIES, 0);
 
 #[unsafe(no_mangle)]
 static OFF_SKB_NFCT: u32 = 0;
@@ -72,7 +74,9 @@ pub fn note_original(skb: u64, key: &FlowKey) {
             zone,
         }
     };
-    let _ = CT_ORIG.insert(key, orig, 0);
+    if CT_ORIG.insert(key, orig, 0).is_err() {
+        count(Stat::CtOrigFull);
+    }
 }
 
 /// The conntrack tuple noted for `key` goes with its retired connection to `twin`; the caller

@@ -1,4 +1,4 @@
-//! Command line: `observer agent`, `observer explain`, `observer suggest`.
+//! Command line: `observer agent`, `observer explain`, `observer suggest`, `observer test-run`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -35,6 +35,9 @@ pub enum Command {
     /// NetworkPolicies (client egress, server ingress) that allow exactly the observed
     /// connections, in targetPort terms.
     Suggest(SuggestArgs),
+    /// Run the kernel programs on crafted packets with BPF_PROG_TEST_RUN (nothing attached): what
+    /// each records for a frame, and what it costs next to reference programs.
+    TestRun(crate::test_run::TestRunArgs),
 }
 
 #[derive(Args, Debug, Clone)]

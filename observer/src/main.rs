@@ -14,6 +14,7 @@ mod hooks;
 mod names;
 mod readers;
 mod record;
+mod test_run;
 
 use clap::Parser as _;
 use cli::{Cli, Command};
@@ -59,6 +60,7 @@ fn main() {
         }
         Command::Explain(args) => report(explain::explain(args)),
         Command::Suggest(args) => report(explain::suggest(args)),
+        Command::TestRun(args) => report(test_run::run(args)),
     };
     std::process::exit(code);
 }

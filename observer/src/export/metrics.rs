@@ -93,7 +93,7 @@ const MAP_FULL: Def = Def(
 );
 const PARSE_ERRORS: Def = Def(
     "observer_parse_errors_total",
-    "Packets the kernel programs could not parse, by kind (truncated, malformed).",
+    "Packets the kernel programs could not parse, by kind (truncated, malformed, ext_headers, kernel_read).",
     &["kind"],
 );
 const PACKETS_UNTRACKED: Def = Def(
@@ -274,9 +274,11 @@ impl Metrics {
             Stat::DropEventsLost => self.kernel_events_lost.with_label_values(&["drop"]),
             Stat::FlowMapFull => self.map_full.with_label_values(&["flows"]),
             Stat::SockMapFull => self.map_full.with_label_values(&["socks"]),
+            Stat::CtOrigFull => self.map_full.with_label_values(&["ct_orig"]),
             Stat::Truncated => self.parse_errors.with_label_values(&["truncated"]),
             Stat::Malformed => self.parse_errors.with_label_values(&["malformed"]),
             Stat::KernelRead => self.parse_errors.with_label_values(&["kernel_read"]),
+            Stat::ExtHeaders => self.parse_errors.with_label_values(&["ext_headers"]),
             Stat::NonIp => self.packets_untracked.with_label_values(&["non_ip"]),
             Stat::Fragment => self.packets_portless.with_label_values(&["fragment"]),
             Stat::Icmp => self.packets_portless.with_label_values(&["icmp"]),

@@ -29,6 +29,7 @@ use aya::{
 use log::{info, warn};
 use observer_common::{FlowCounters, FlowKey, Point};
 
+pub use object::load_detached;
 pub use tc::TcAttachment;
 
 #[derive(Debug, thiserror::Error)]

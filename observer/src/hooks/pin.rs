@@ -21,7 +21,7 @@ use std::{
 
 use aya::maps::{MapInfo, MapType};
 use log::{info, warn};
-use observer_common::{CT_ORIG_MAX_ENTRIES, CtOrig, FlowCounters, FlowKey};
+use observer_common::{CtOrig, FlowCounters, FlowKey, ct_orig_entries};
 
 /// Where agents pin by default; one subdirectory per agent.
 pub use observer_common::PIN_ROOT as DEFAULT_ROOT;
@@ -141,14 +141,14 @@ impl PinDir {
     }
 
     /// The same for the pinned conntrack tuples.
-    pub fn drop_incompatible_ct_orig(&self) {
+    pub fn drop_incompatible_ct_orig(&self, max_flows: u32) {
         self.drop_incompatible(
             &self.ct_orig(),
-            MapType::LruHash,
+            MapType::Hash,
             (
                 size_of::<FlowKey>() as u32,
                 size_of::<CtOrig>() as u32,
-                CT_ORIG_MAX_ENTRIES,
+                ct_orig_entries(max_flows),
             ),
         );
     }

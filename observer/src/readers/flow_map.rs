@@ -46,7 +46,7 @@ impl FlowSource for KernelFlows {
     }
 
     fn remove(&mut self, key: &FlowKey) -> Result<(), MapError> {
-        // An LRU map: an entry left behind ages out, so its removal is best effort.
+        // Not every key has one (ingress points note none).
         let _ = self.ct_orig.remove(key);
         match self.flows.remove(key) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
