@@ -102,7 +102,7 @@ fn count(ctx: &TcContext) -> Option<()> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let len = ctx.len() as u64;
-    match REF_FLOWS.get_ptr_mut(&key) {
+    match REF_FLOWS.get_ptr_mut(key) {
         // SAFETY: this CPU's copy of a live entry.
         Some(c) => unsafe {
             (*c).packets += 1;
@@ -115,7 +115,7 @@ fn count(ctx: &TcContext) -> Option<()> {
                 bytes: len,
                 last_ns: now,
             };
-            let _ = REF_FLOWS.insert(&key, &init, 0);
+            let _ = REF_FLOWS.insert(key, init, 0);
         }
     }
     Some(())

@@ -3,11 +3,14 @@
 //! - Throughput (iperf3 TCP, pod-a -> pod-b across both nodes: 4 tc hooks per packet per
 //!   direction plus the cgroup_skb hook) and connection rate (short TCP connections through the
 //!   lab client) without agents, then with one agent per node; the ratio is the cost.
+//! - Per-packet and per-new-flow cost of each tc program next to a floor and a minimal counter,
+//!   run by the kernel on crafted packets (`observer test-run cost`, `BPF_PROG_TEST_RUN`).
 //! - Per-packet cost of each kernel program from the kernel's own accounting
 //!   (`kernel.bpf_stats_enabled`: run time and run count per program).
 //! - What two features cost, each against itself switched off in alternating runs: reading
 //!   conntrack entries (`--no-nat-state`) and the netfilter hooks around the filter table
 //!   (`--no-filter-hook`).
+//! - Correlation throughput on synthetic input at 1k, 10k and 100k active connections.
 //! - Agent resident memory and kernel map memory.
 //! - The agent's memory for a large cluster's names (`kube_scale.rs`).
 //!
@@ -125,10 +128,17 @@ fn mean(v: &[f64]) -> f64 {
 pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result<()> {
     let dir = crate::workspace_root().join("target/bench");
     let mut out = String::new();
-    if only != Some("kube") {
+    let part = |name: &str| only.is_none() || only == Some(name);
+    if part("programs") {
+        out += &programs()?;
+    }
+    if part("userspace") {
+        out += &userspace()?;
+    }
+    if part("datapath") {
         out += &datapath(seconds, &dir)?;
     }
-    if only != Some("datapath") {
+    if part("kube") {
         out += &crate::kube_scale::run(cluster)?;
     }
     print!("{out}");
@@ -136,6 +146,60 @@ pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result
     std::fs::write(dir.join("bench.txt"), &out)?;
     println!("\n(kept in {})", dir.join("bench.txt").display());
     Ok(())
+}
+
+/// Each tc program next to the reference programs, run by the kernel on crafted packets
+/// (`observer test-run cost`): the per-packet and per-new-flow figures, free of the lab's noise.
+fn programs() -> anyhow::Result<String> {
+    println!(
+        "==> each tc program next to a floor and a minimal counter (BPF_PROG_TEST_RUN, about a minute)"
+    );
+    let out = Command::new(&crate::bins().agent)
+        .args(["test-run", "cost"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running observer test-run cost")?;
+    if !out.status.success() {
+        bail!("observer test-run cost failed: {}", out.status);
+    }
+    Ok(format!(
+        "\n`observer test-run cost`\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    ))
+}
+
+/// Correlation throughput on synthetic input at 1k, 10k and 100k active connections (a plain
+/// timed loop, `observer/src/correlate/bench.rs`).
+fn userspace() -> anyhow::Result<String> {
+    println!("==> correlation throughput on synthetic input (1k, 10k, 100k active connections)");
+    let out = crate::cargo()
+        .args([
+            "test",
+            "--release",
+            "--quiet",
+            "-p",
+            "observer",
+            "--bin",
+            "observer",
+            "bench_correlation",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the correlation benchmark")?;
+    if !out.status.success() {
+        bail!("the correlation benchmark failed: {}", out.status);
+    }
+    let table: String = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("  "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    Ok(format!(
+        "\ncorrelation, one poll (observe every key, conntrack tuples, collect)\n{table}"
+    ))
 }
 
 /// Rounds of each alternating with/without comparison.

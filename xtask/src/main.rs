@@ -52,9 +52,11 @@ enum Task {
         /// Seconds per iperf3 run.
         #[arg(long, default_value_t = 5)]
         seconds: u32,
-        /// Run one part only: `datapath` (throughput, connection rate, per-program cost) or
-        /// `kube` (the agent's memory for a large cluster's names).
-        #[arg(long, value_parser = ["datapath", "kube"])]
+        /// Run one part only: `programs` (each tc program under BPF_PROG_TEST_RUN next to
+        /// reference programs), `userspace` (correlation throughput on synthetic input),
+        /// `datapath` (throughput, connection rate, per-program cost in the lab) or `kube` (the
+        /// agent's memory for a large cluster's names).
+        #[arg(long, value_parser = ["programs", "userspace", "datapath", "kube"])]
         only: Option<String>,
         /// Pods in the replayed cluster of the `kube` part.
         #[arg(long, default_value_t = 150_000)]

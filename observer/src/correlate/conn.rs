@@ -11,11 +11,12 @@
 //! source port): the kernel sets an ended connection's counters aside under a retired key when a
 //! new SYN reuses the tuple, and `instances` splits the pair there.
 
-use std::collections::HashMap;
-
 use observer_common::{FlowKey, MARK_SYN_ONLY, Point};
 
-use super::tuple::{Endpoint, Tuple};
+use super::{
+    HashMap,
+    tuple::{Endpoint, Tuple},
+};
 
 /// Counters of one observation, summed over CPUs: the kernel's own value type.
 pub use observer_common::FlowCounters as Counters;
@@ -243,8 +244,8 @@ fn orient<'a>(obs: Vec<&'a Observation>) -> Leg<'a> {
 /// ([`attach_filter`]); those that join none are connections of their own, which no tc point
 /// saw: a process of the node whose packets the filter table dropped at OUTPUT, or traffic on
 /// interfaces the agent does not watch.
-pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
-    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
+pub fn group<'a>(observations: impl IntoIterator<Item = &'a Observation>) -> Vec<Conn<'a>> {
+    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::default();
     let mut filter = Vec::new();
     for o in observations {
         if o.point.is_filter() {
@@ -259,7 +260,7 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
         .map(orient)
         .collect();
     let (mut conns, rest) = pair_by_conntrack(legs);
-    let mut by_client: HashMap<ConnId, Vec<Leg<'_>>> = HashMap::new();
+    let mut by_client: HashMap<ConnId, Vec<Leg<'_>>> = HashMap::default();
     for leg in rest {
         by_client.entry(conn_id(&leg.orig)).or_default().push(leg);
     }
@@ -311,7 +312,7 @@ pub fn group(observations: &[Observation]) -> Vec<Conn<'_>> {
 
 /// Connections only the filter table saw, one per address pair (and reuse of it).
 fn filter_only(obs: Vec<&Observation>) -> impl Iterator<Item = Conn<'_>> {
-    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::new();
+    let mut pairs: HashMap<LegKey, Vec<&Observation>> = HashMap::default();
     for o in obs {
         pairs.entry(leg_key(&o.tuple)).or_default().push(o);
     }
@@ -336,7 +337,7 @@ fn attach_filter<'a>(conns: &mut [Conn<'a>], filter: Vec<&'a Observation>) -> Ve
     if filter.is_empty() {
         return filter;
     }
-    let mut by_tuple: HashMap<Tuple, Vec<usize>> = HashMap::new();
+    let mut by_tuple: HashMap<Tuple, Vec<usize>> = HashMap::default();
     for (i, c) in conns.iter().enumerate() {
         for t in c.client_tuples() {
             by_tuple.entry(t).or_default().push(i);

@@ -9,7 +9,10 @@ mod policy;
 pub mod stage;
 pub mod tuple;
 
-use std::collections::HashMap;
+/// Correlation's maps, keyed by tuples that arrive in packets: a hash seeded at random per
+/// process (like std's SipHash) but about twice as fast.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+pub type HashSet<K> = std::collections::HashSet<K, foldhash::fast::RandomState>;
 
 use observer_common::{
     CT_UNTRACKED, CtOrig, DropEvent, FlowKey, IPPROTO_TCP, Point, SocketEvent, TCP_FIN, TCP_RST,
@@ -128,7 +131,7 @@ pub struct Correlator {
     emitted: HashMap<ConnId, Emitted>,
     ifnames: HashMap<u32, String>,
     /// IPs routed to this node's pod veths.
-    local_pods: std::collections::HashSet<std::net::IpAddr>,
+    local_pods: HashSet<std::net::IpAddr>,
     pub refused: Refused,
 }
 
@@ -137,12 +140,12 @@ impl Correlator {
         Correlator {
             cfg,
             clock,
-            obs: HashMap::new(),
-            sockets: HashMap::new(),
-            drops: HashMap::new(),
-            drop_rules: HashMap::new(),
-            emitted: HashMap::new(),
-            ifnames: HashMap::new(),
+            obs: HashMap::default(),
+            sockets: HashMap::default(),
+            drops: HashMap::default(),
+            drop_rules: HashMap::default(),
+            emitted: HashMap::default(),
+            ifnames: HashMap::default(),
             local_pods: Default::default(),
             refused: Refused::default(),
         }
@@ -337,11 +340,12 @@ impl Correlator {
     /// long connections; `flush` says what shutdown asks for on top.
     pub fn collect(&mut self, now_ns: u64, flush: Flush) -> Collected {
         let mut out = Collected::default();
-        let observations: Vec<Observation> = self.obs.values().cloned().collect();
-        let conns = conn::group(&observations);
+        // Taken out for the walk (records are built from `self`'s other state), not cloned.
+        let observations = std::mem::take(&mut self.obs);
+        let conns = conn::group(observations.values());
         let mut used_sockets = Vec::new();
         let mut used_drops = Vec::new();
-        let mut live = std::collections::HashSet::with_capacity(conns.len());
+        let mut live = HashSet::with_capacity_and_hasher(conns.len(), Default::default());
         for c in &conns {
             if c.ambiguous {
                 out.ambiguous += 1;
@@ -397,6 +401,8 @@ impl Correlator {
                 );
             }
         }
+        drop(conns);
+        self.obs = observations;
         for k in &out.finished {
             self.obs.remove(k);
         }
@@ -875,5 +881,7 @@ fn client_tuple(c: &Conn<'_>) -> Option<Tuple> {
         .or_else(|| c.post.as_ref().and_then(Leg::local_original))
 }
 
+#[cfg(test)]
+mod bench;
 #[cfg(test)]
 mod tests;

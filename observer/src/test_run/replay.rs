@@ -75,7 +75,7 @@ pub fn run(args: FramesArgs) -> anyhow::Result<i32> {
 
 fn hex(s: &str) -> anyhow::Result<Vec<u8>> {
     let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-    anyhow::ensure!(s.len() % 2 == 0, "odd number of hex digits");
+    anyhow::ensure!(s.len().is_multiple_of(2), "odd number of hex digits");
     (0..s.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(Into::into))
