@@ -94,6 +94,30 @@ pub fn lab_with_agent_args(
     l
 }
 
+/// Where lab agents serve /flows in tests (`--flows-addr`, inside each node's namespace).
+pub const FLOWS_ADDR: &str = "127.0.0.1:9465";
+
+/// A /flows token file (mode 0600, beside the built binaries) for `--flows-token-file` and
+/// `explain --token-file`.
+pub fn flows_token_file() -> String {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = bins().agent.with_file_name("lab-flows-token");
+    if !path.exists() {
+        // Test binaries run side by side: each writes its own file and renames it into place.
+        let tmp = path.with_extension(std::process::id().to_string());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, b"lab-flows-token-0123456789\n"))
+            .expect("writing the token file");
+        std::fs::rename(&tmp, &path).expect("placing the token file");
+    }
+    path.to_string_lossy().into_owned()
+}
+
 pub fn t(src: &str, sport: u16, dst: &str, dport: u16) -> (String, u16, String, u16) {
     (src.to_owned(), sport, dst.to_owned(), dport)
 }

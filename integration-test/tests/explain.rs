@@ -58,7 +58,19 @@ fn failing_request(lab: &LabRun) -> Value {
 
 #[test]
 fn egress_policy_on_the_service_port_is_explained_and_fixed() {
-    let lab = lab_with_agent_args("xeg", "2s", None, &["--trace-drop-rules"]);
+    let token = flows_token_file();
+    let lab = lab_with_agent_args(
+        "xeg",
+        "2s",
+        None,
+        &[
+            "--trace-drop-rules",
+            "--flows-addr",
+            FLOWS_ADDR,
+            "--flows-token-file",
+            &token,
+        ],
+    );
     apply(&lab, &scenario("egress-service-port"));
     let v = failing_request(&lab);
     assert_eq!(v["outcome"], "dropped");
@@ -83,7 +95,9 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
             &[
                 &bin_path,
                 "explain",
-                "http://127.0.0.1:9464/flows",
+                &format!("http://{FLOWS_ADDR}/flows"),
+                "--token-file",
+                &token,
                 "--pod",
                 "pod-a",
                 "--names",
@@ -346,6 +360,7 @@ fn a_service_without_endpoints_is_the_service_layer_not_a_policy() {
 fn explain_answers_while_the_client_still_retries() {
     let mut lab = lab("xopen", None);
     let names = lab.names_file().to_string_lossy().into_owned();
+    let token = flows_token_file();
     for node in ["node-a", "node-b"] {
         lab.start_agent(
             node,
@@ -356,6 +371,10 @@ fn explain_answers_while_the_client_still_retries() {
                 "200ms",
                 "--names",
                 &names,
+                "--flows-addr",
+                FLOWS_ADDR,
+                "--flows-token-file",
+                &token,
             ],
         )
         .expect("agent starts");
@@ -376,7 +395,9 @@ fn explain_answers_while_the_client_still_retries() {
             &[
                 &bin_path,
                 "explain",
-                "http://127.0.0.1:9464/flows",
+                &format!("http://{FLOWS_ADDR}/flows"),
+                "--token-file",
+                &token,
                 "--service",
                 "100.64.0.10:443",
                 "--names",
@@ -473,4 +494,95 @@ fn masqueraded_nodeport_blocked_between_nodes_gets_a_rule_for_the_node_network()
     );
     apply_in_vpc(&lab, fix["nft"].as_str().unwrap());
     assert!(curl("5"), "the fix works");
+}
+
+/// The HTTP status of GET `url` from inside `node`, with `token` as bearer if given.
+fn status_in(lab: &LabRun, node: &str, url: &str, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec![
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-m",
+        "5",
+    ];
+    if let Some(a) = &auth {
+        args.extend(["-H", a.as_str()]);
+    }
+    args.push(url);
+    let out = lab.exec(node, &args).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn flow_records_are_served_only_on_their_own_listener_and_only_with_the_token() {
+    // Asked for without a token file, the agent refuses to start.
+    let out = std::process::Command::new(bin())
+        .args(["agent", "--flows-addr", "127.0.0.1:9465"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--flows-token-file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut lab = lab("xflows", None);
+    let token = flows_token_file();
+    lab.start_agent(
+        "node-a",
+        &["--flows-addr", FLOWS_ADDR, "--flows-token-file", &token],
+    )
+    .expect("agent starts");
+    let flows = format!("http://{FLOWS_ADDR}/flows");
+    let secret = std::fs::read_to_string(&token).unwrap();
+    // Not on the metrics listener any more; on its own, only with the token.
+    assert_eq!(
+        status_in(&lab, "node-a", "http://127.0.0.1:9464/flows", None),
+        "404"
+    );
+    assert_eq!(status_in(&lab, "node-a", &flows, None), "401");
+    assert_eq!(
+        status_in(&lab, "node-a", &flows, Some("lab-flows-token-0123456788")),
+        "401"
+    );
+    assert_eq!(
+        status_in(&lab, "node-a", &flows, Some(secret.trim())),
+        "200"
+    );
+    let m = lab.metrics("node-a").unwrap();
+    assert_eq!(
+        metric(
+            &m,
+            "observer_flows_requests_total",
+            &[("outcome", "unauthorized")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "observer_flows_requests_total",
+            &[("outcome", "served")]
+        ),
+        Some(1.0)
+    );
+    // explain without the token says what is missing.
+    let bin_path = bin().to_string_lossy().into_owned();
+    let out = lab
+        .exec(
+            "node-a",
+            &[&bin_path, "explain", &flows, "--format", "json"],
+        )
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--token-file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -78,6 +78,18 @@ pub struct AgentArgs {
     #[arg(long, env = "OBSERVER_METRICS_ADDR", default_value = "0.0.0.0:9464")]
     pub metrics_addr: SocketAddr,
 
+    /// Serve the recent flow records at /flows on this address, for `observer explain
+    /// http://ADDR/flows`. Off by default: they name every pod's connections, processes and
+    /// labels. Needs --flows-token-file.
+    #[arg(long, env = "OBSERVER_FLOWS_ADDR", requires = "flows_token_file")]
+    pub flows_addr: Option<SocketAddr>,
+
+    /// File holding the bearer token a /flows client must send (`Authorization: Bearer ...`;
+    /// `observer explain --token-file`), e.g. a mounted Secret; read on each request, so a
+    /// rotated token needs no restart.
+    #[arg(long, env = "OBSERVER_FLOWS_TOKEN_FILE", requires = "flows_addr")]
+    pub flows_token_file: Option<PathBuf>,
+
     /// Interval between interim records of long-lived connections.
     #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub flush_interval: Duration,

@@ -86,6 +86,8 @@ pub enum AgentError {
     RingBuf(std::io::Error),
     #[error("the {stage} stage stopped: {why}")]
     Stage { stage: &'static str, why: String },
+    #[error("--flows-token-file {path}: {why}")]
+    FlowsToken { path: PathBuf, why: String },
 }
 
 /// Final records kept for /flows.
@@ -103,6 +105,10 @@ pub async fn run(
     let targets = setup::preflight(&args)?;
     let flow_log = FlowLog::open(&args.flow_log)?;
     let listener = http::bind(args.metrics_addr).await?;
+    let flows_listener = match args.flows_addr {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
 
@@ -112,16 +118,25 @@ pub async fn run(
         hooks: Default::default(),
     });
     let recent = Arc::new(RecentFlows::new(RECENT_FLOWS));
-    tokio::spawn(http::serve(
-        listener,
-        metrics.clone(),
-        health.clone(),
-        recent.clone(),
-    ));
+    tokio::spawn(http::serve(listener, metrics.clone(), health.clone()));
     info!(
         "node {}: metrics on http://{}/metrics",
         args.node, args.metrics_addr
     );
+    if let (Some(l), Some(token)) = (flows_listener, &args.flows_token_file) {
+        info!(
+            "node {}: flow records on http://{}/flows, for clients with the token in {}",
+            args.node,
+            args.flows_addr.expect("bound"),
+            token.display()
+        );
+        tokio::spawn(http::serve_flows(
+            l,
+            recent.clone(),
+            Arc::new(token.clone()),
+            metrics.clone(),
+        ));
+    }
 
     let exporter = Exporter {
         names,

@@ -122,8 +122,38 @@ pub struct Targets {
 
 /// Capabilities, BTF, the uplinks and the cgroup: everything that can be refused with a clear
 /// error before anything is loaded.
+/// The /flows token must be there and not empty; one others can read is a warning (a mounted
+/// Secret is 0644 unless its `defaultMode` says otherwise).
+fn check_flows_token(path: &std::path::Path) -> Result<(), AgentError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let err = |why: String| AgentError::FlowsToken {
+        path: path.to_owned(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    if text.trim().len() < 16 {
+        return Err(err(
+            "the token must be at least 16 characters (e.g. `head -c 32 /dev/urandom | base64`)"
+                .into(),
+        ));
+    }
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        warn!(
+            "{} is readable by every user of this machine (mode {:o}): give it mode 0600 or 0640",
+            path.display(),
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
+}
+
 pub fn preflight(args: &AgentArgs) -> Result<Targets, AgentError> {
     preflight::check_capabilities()?;
+    if let Some(path) = &args.flows_token_file {
+        check_flows_token(path)?;
+    }
     if !preflight::has_btf() {
         warn!(
             "/sys/kernel/btf/vmlinux is missing: this release works without it, drop tracing will not"

@@ -16,9 +16,14 @@ pub enum Format {
 #[derive(Args, Debug, Clone)]
 pub struct ExplainArgs {
     /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl, or agents'
-    /// endpoints, e.g. http://10.0.0.5:9464/flows (the last 1000 final records).
+    /// endpoints (`--flows-addr`), e.g. http://10.0.0.5:9465/flows (the last 1000 final
+    /// records).
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
+    /// File with the bearer token the agents' /flows endpoints want (their
+    /// --flows-token-file).
+    #[arg(long, env = "OBSERVER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Select by the Service the client asked for: VIP:PORT or VIP (IPv6: [VIP]:PORT).
     #[arg(long, value_parser = Endpoint::parse)]
     pub service: Option<Endpoint>,

@@ -18,24 +18,50 @@ use crate::record::{FlowRecord, SCHEMA_READ};
 pub use args::{ExplainArgs, Format, SuggestArgs};
 pub use story::{Endpoint, Story, stitch};
 
-/// GET an agent's /flows (plain HTTP; the agent serves nothing else).
-fn fetch(url: &str) -> anyhow::Result<String> {
-    use std::io::{Read as _, Write as _};
+/// The most of an agent's answer read (it serves 1,000 final records and the open connections'
+/// latest: a few MiB).
+const FETCH_MAX: u64 = 64 << 20;
+
+/// GET an agent's /flows (plain HTTP; `--flows-addr` of the agent), with its bearer token if
+/// given; a slow or silent agent is given up on, and a huge answer cut off, with an error.
+fn fetch(url: &str, token: Option<&str>) -> anyhow::Result<String> {
+    use std::{
+        io::{Read as _, Write as _},
+        net::ToSocketAddrs as _,
+        time::Duration,
+    };
     let rest = url.strip_prefix("http://").context("only http:// URLs")?;
     let (host, path) = rest
         .split_once('/')
         .map_or((rest, "/flows".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let mut s =
-        std::net::TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
+    let addr = host
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {host}"))?
+        .next()
+        .with_context(|| format!("{host} has no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {host}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n")?;
+    let mut raw = Vec::new();
+    s.take(FETCH_MAX + 1)
+        .read_to_end(&mut raw)
+        .with_context(|| format!("reading from {host}"))?;
+    if raw.len() as u64 > FETCH_MAX {
+        bail!("{url}: the answer is over {} MiB", FETCH_MAX >> 20);
+    }
+    let resp = String::from_utf8_lossy(&raw);
     let (head, body) = resp
         .split_once("\r\n\r\n")
         .context("malformed HTTP answer")?;
+    let status = head.lines().next().unwrap_or_default();
+    if status.contains(" 401 ") {
+        bail!("{url}: {status}: the agent wants its /flows token (--token-file)");
+    }
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("{url}: {}", head.lines().next().unwrap_or_default());
+        bail!("{url}: {status}");
     }
     Ok(body.to_owned())
 }
@@ -50,11 +76,11 @@ struct Loaded {
 /// Read every record. A line that is not a record (cut short when a node died mid-write, or
 /// corrupt) is skipped and reported; a record of another schema version is refused by name,
 /// since its fields cannot be trusted to mean what this version reads.
-fn load(files: &[PathBuf]) -> anyhow::Result<Loaded> {
+fn load(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Loaded> {
     let mut out = Loaded::default();
     for f in files {
         let text = match f.to_str().filter(|s| s.starts_with("http://")) {
-            Some(url) => fetch(url)?,
+            Some(url) => fetch(url, token)?,
             None => {
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
             }
@@ -108,8 +134,15 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
 }
 
 /// Read the logs, saying once per file which lines were skipped.
-fn read(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
-    let loaded = load(files)?;
+fn read(files: &[PathBuf], token_file: Option<&PathBuf>) -> anyhow::Result<Vec<FlowRecord>> {
+    let token = token_file
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| t.trim().to_owned())
+                .with_context(|| format!("reading --token-file {}", f.display()))
+        })
+        .transpose()?;
+    let loaded = load(files, token.as_deref())?;
     let mut by_file: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
     for (f, line) in &loaded.skipped {
         by_file.entry(f).or_default().push(*line);
@@ -126,7 +159,7 @@ fn read(files: &[PathBuf]) -> anyhow::Result<Vec<FlowRecord>> {
 
 /// What `explain` prints for `args`.
 pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
-    let records = read(&args.files)?;
+    let records = read(&args.files, args.token_file.as_ref())?;
     let names = names(args.names.as_deref(), &records)?;
     let stories = select(&records, args, &names)?;
     let nodes = nodes(&records, &args.files);
@@ -196,7 +229,7 @@ fn nodes(records: &[FlowRecord], files: &[PathBuf]) -> Vec<String> {
 }
 
 pub fn suggest(args: SuggestArgs) -> anyhow::Result<i32> {
-    let records = read(&args.files)?;
+    let records = read(&args.files, None)?;
     let names = Names::from_file(&args.names)?;
     let stories = stitch(&records);
     let yaml = fix::suggest_policies(&stories, &names);

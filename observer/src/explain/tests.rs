@@ -20,6 +20,7 @@ fn fixture(case: &str, nodes: &[&str]) -> Vec<PathBuf> {
 fn args(files: Vec<PathBuf>, service: Option<&str>, client: Option<&str>) -> ExplainArgs {
     ExplainArgs {
         files,
+        token_file: None,
         service: service.map(|s| s.parse().unwrap()),
         client: client.map(|c| c.parse().unwrap()),
         pod: None,
@@ -253,7 +254,7 @@ fn an_open_connection_is_told_from_its_newest_interim_record() {
 #[test]
 fn a_line_cut_short_is_skipped_and_reported_and_the_rest_answers() {
     let files = fixture("cut-short", BOTH);
-    let loaded = load(&files).expect("the rest is read");
+    let loaded = load(&files, None).expect("the rest is read");
     assert_eq!(loaded.skipped.len(), 1, "{:?}", loaded.skipped);
     let (file, line) = &loaded.skipped[0];
     assert!(file.ends_with("cut-short/node-a.jsonl"));
@@ -268,7 +269,7 @@ fn a_record_of_another_schema_version_is_refused_by_name() {
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("future.jsonl");
     std::fs::write(&path, "{\"schema\":\"observer.flow/v9\",\"node\":\"n\"}\n").unwrap();
-    let e = load(&[path]).unwrap_err().to_string();
+    let e = load(&[path], None).unwrap_err().to_string();
     assert!(
         e.contains("\"observer.flow/v9\"") && e.contains("future.jsonl:1"),
         "{e}"
@@ -282,7 +283,7 @@ fn records_of_schema_v1_are_still_read() {
     let files = fixture("answered", &["node-a", "node-b"]);
     let text = std::fs::read_to_string(&files[0]).unwrap();
     assert!(text.contains("\"schema\":\"observer.flow/v1\""));
-    let loaded = load(&files).unwrap();
+    let loaded = load(&files, None).unwrap();
     assert!(!loaded.records.is_empty() && loaded.skipped.is_empty());
     let t = loaded
         .records
@@ -360,7 +361,7 @@ mod fuzz {
                 text.lines().count(),
                 text.lines().filter(|l| l.trim().is_empty()).count(),
             );
-            match load(std::slice::from_ref(&path)) {
+            match load(std::slice::from_ref(&path), None) {
                 Ok(got) => {
                     // A damaged line may still be a record (junk inside a string); never fewer.
                     prop_assert!(got.records.len() >= whole);

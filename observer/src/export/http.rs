@@ -1,5 +1,5 @@
-//! A minimal HTTP/1.1 server for /metrics, /healthz and /readyz: three read-only endpoints do
-//! not justify a web framework.
+//! A minimal HTTP/1.1 server for /metrics, /healthz and /readyz, and, on a listener of its own and
+//! only with a bearer token, /flows: a few read-only endpoints do not justify a web framework.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -8,6 +8,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use log::debug;
@@ -90,33 +91,18 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
         .map_err(|source| BindError { addr, source })
 }
 
-pub async fn serve(
-    listener: TcpListener,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    flows: Arc<RecentFlows>,
-) {
-    loop {
-        let Ok((stream, peer)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        let health = health.clone();
-        let flows = flows.clone();
-        tokio::spawn(async move {
-            if let Err(e) = handle(stream, &metrics, &health, &flows).await {
-                debug!("metrics client {peer}: {e}");
-            }
-        });
-    }
+/// A client gets this long to send its request and take the answer: a stuck scraper holds one
+/// task and a socket for that long, never the agent's loop.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a request asked for: its path and, if sent, its bearer token.
+struct Request {
+    path: String,
+    bearer: Option<String>,
 }
 
-async fn handle(
-    mut s: TcpStream,
-    metrics: &Metrics,
-    health: &Health,
-    flows: &RecentFlows,
-) -> std::io::Result<()> {
+async fn read_request(s: &mut TcpStream) -> std::io::Result<Request> {
+    // Headers only, and at most 4 KiB of them: nothing here takes a body.
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
@@ -130,32 +116,147 @@ async fn handle(
         }
     }
     let req = String::from_utf8_lossy(&buf[..n]);
-    let path = req.split_whitespace().nth(1).unwrap_or("/");
-    let (status, ctype, body) = match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
-        ),
-        "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-        "/flows" => ("200 OK", "application/x-ndjson", flows.body()),
-        "/readyz" if health.ready.load(Ordering::Relaxed) => (
-            "200 OK",
-            "text/plain",
-            format!("ready\n{}\n", health.hooks.get().map_or("", String::as_str)),
-        ),
-        "/readyz" => (
-            "503 Service Unavailable",
-            "text/plain",
-            "hooks not attached yet\n".to_owned(),
-        ),
-        _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-    };
+    let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
+    let bearer = req.lines().skip(1).find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        let value = value.trim();
+        (name.trim().eq_ignore_ascii_case("authorization"))
+            .then(|| value.strip_prefix("Bearer ").map(|t| t.trim().to_owned()))?
+    });
+    Ok(Request { path, bearer })
+}
+
+async fn respond(
+    s: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    extra: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await?;
     s.write_all(body.as_bytes()).await?;
     s.shutdown().await
+}
+
+/// Accept forever; each connection is answered by `answer` in a task of its own, within
+/// [`CLIENT_TIMEOUT`].
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, answer: F)
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = std::io::Result<()>> + Send,
+{
+    loop {
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
+        let answer = answer.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(CLIENT_TIMEOUT, answer(stream)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => debug!("{what} client {peer}: {e}"),
+                Err(_) => debug!("{what} client {peer}: timed out"),
+            }
+        });
+    }
+}
+
+/// /metrics, /healthz and /readyz: what Prometheus and the kubelet read, no secrets in them.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
+    accept_loop(listener, "metrics", move |mut s| {
+        let (metrics, health) = (metrics.clone(), health.clone());
+        async move {
+            let req = read_request(&mut s).await?;
+            let (status, ctype, body) = match req.path.as_str() {
+                "/metrics" => (
+                    "200 OK",
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics.encode(),
+                ),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                "/readyz" if health.ready.load(Ordering::Relaxed) => (
+                    "200 OK",
+                    "text/plain",
+                    format!("ready\n{}\n", health.hooks.get().map_or("", String::as_str)),
+                ),
+                "/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "hooks not attached yet\n".to_owned(),
+                ),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            respond(&mut s, status, ctype, "", &body).await
+        }
+    })
+    .await
+}
+
+/// /flows on a listener of its own (`--flows-addr`): every pod's connections, with pids and
+/// process names, so only for a client that sends the bearer token in `token_file`. The file is
+/// read on each request, so a rotated Secret takes effect without a restart.
+pub async fn serve_flows(
+    listener: TcpListener,
+    flows: Arc<RecentFlows>,
+    token_file: Arc<std::path::PathBuf>,
+    metrics: Arc<Metrics>,
+) {
+    accept_loop(listener, "flows", move |mut s| {
+        let (flows, token_file, metrics) = (flows.clone(), token_file.clone(), metrics.clone());
+        async move {
+            let req = read_request(&mut s).await?;
+            if req.path != "/flows" {
+                return respond(&mut s, "404 Not Found", "text/plain", "", "not found\n").await;
+            }
+            // A few bytes from a local file (a mounted Secret): not worth a blocking-pool trip.
+            let want = std::fs::read_to_string(token_file.as_path());
+            let allowed = match (&want, &req.bearer) {
+                (Ok(want), Some(got)) => same_token(want.trim(), got),
+                _ => false,
+            };
+            if let Err(e) = &want {
+                log::warn!("reading the /flows token {}: {e}", token_file.display());
+            }
+            metrics.on_flows_request(allowed);
+            if !allowed {
+                return respond(
+                    &mut s,
+                    "401 Unauthorized",
+                    "text/plain",
+                    "WWW-Authenticate: Bearer realm=\"observer flows\"\r\n",
+                    "a bearer token is required (--token-file for observer explain)\n",
+                )
+                .await;
+            }
+            respond(&mut s, "200 OK", "application/x-ndjson", "", &flows.body()).await
+        }
+    })
+    .await
+}
+
+/// Equal tokens, compared in time that does not depend on where they first differ.
+fn same_token(want: &str, got: &str) -> bool {
+    !want.is_empty()
+        && want.len() == got.len()
+        && want
+            .bytes()
+            .zip(got.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_must_match_exactly_and_an_empty_one_never_does() {
+        assert!(same_token("s3cret-token", "s3cret-token"));
+        assert!(!same_token("s3cret-token", "s3cret-tokeN"));
+        assert!(!same_token("s3cret-token", "s3cret"));
+        assert!(!same_token("", ""));
+    }
 }

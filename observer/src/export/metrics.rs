@@ -35,6 +35,7 @@ pub struct Metrics {
     pub drops: IntCounterVec,
     pub pending_refused: IntCounterVec,
     pub tuple_reuses: IntCounterVec,
+    pub flows_requests: IntCounterVec,
 }
 
 /// One metric: name, help text, label names (none for a plain counter or gauge).
@@ -171,6 +172,11 @@ const PENDING_REFUSED: Def = Def(
     "Socket or drop events not kept because the agent already held its maximum of unmatched ones, by kind.",
     &["kind"],
 );
+const FLOWS_REQUESTS: Def = Def(
+    "observer_flows_requests_total",
+    "Requests to /flows (--flows-addr), by outcome: served, or refused for a missing or wrong bearer token.",
+    &["outcome"],
+);
 
 /// Registers metrics of the table in one registry.
 struct Reg<'a>(&'a Registry);
@@ -231,6 +237,7 @@ impl Metrics {
             drops: r.counter_vec(DROPS),
             pending_refused: r.counter_vec(PENDING_REFUSED),
             tuple_reuses: r.counter_vec(TUPLE_REUSES),
+            flows_requests: r.counter_vec(FLOWS_REQUESTS),
             registry,
         };
         m.prime();
@@ -252,6 +259,9 @@ impl Metrics {
         }
         for kind in ["socket", "drop"] {
             self.pending_refused.with_label_values(&[kind]);
+        }
+        for outcome in ["served", "unauthorized"] {
+            self.flows_requests.with_label_values(&[outcome]);
         }
         for reason in ["exporter_gone", "writer_gone"] {
             self.records_lost.with_label_values(&[reason]);
@@ -286,6 +296,11 @@ impl Metrics {
             Stat::TupleReused => self.tuple_reuses.with_label_values(&["split"]),
             Stat::TupleReuseMerged => self.tuple_reuses.with_label_values(&["merged"]),
         }
+    }
+
+    pub fn on_flows_request(&self, served: bool) {
+        let outcome = if served { "served" } else { "unauthorized" };
+        self.flows_requests.with_label_values(&[outcome]).inc();
     }
 
     pub fn on_record(&self, rec: &FlowRecord) {
