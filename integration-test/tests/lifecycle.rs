@@ -603,3 +603,121 @@ fn runs_with_only_bpf_perfmon_and_net_admin() {
         log()
     );
 }
+
+/// A tmpfs of its own for the flow log, unmounted and removed however the test ends.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(name: &str, size: &str) -> SmallDisk {
+        let dir = std::env::temp_dir().join(format!("observer-disk-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ok = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(&dir)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs at {}", dir.display());
+        SmallDisk(dir)
+    }
+
+    /// Fill it to the last byte.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = vec![0x5au8; 4096];
+        while std::io::Write::write_all(&mut f, &block).is_ok() {}
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_loses_records_counted_and_rotation_is_followed() {
+    let mut lab = lab("disk", None);
+    let disk = SmallDisk::mount(&lab.name, "512k");
+    let log = disk.0.join("flows.jsonl");
+    // The agent writes where the lab reads: its flow log path points into the small disk.
+    std::os::unix::fs::symlink(&log, lab.dir.join("node-a.jsonl")).unwrap();
+    lab.start_agent(
+        "node-a",
+        &["--idle-timeout", "1s", "--poll-interval", "200ms"],
+    )
+    .unwrap();
+    // Whole records in the log; a line cut short by the full disk is no record.
+    let finals = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|r| r["final"] == true)
+            .count()
+    };
+    let wait_final = |path: &std::path::Path, more_than: usize| {
+        let deadline = std::time::Instant::now() + WAIT;
+        while finals(path) <= more_than {
+            assert!(std::time::Instant::now() < deadline, "no new final record");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    wait_final(&log, 0);
+
+    // Disk full: what cannot be written is counted, and the agent goes on.
+    disk.fill();
+    let lost = |lab: &LabRun| {
+        metric(
+            &lab.metrics("node-a").unwrap(),
+            "observer_records_lost_total",
+            &[("reason", "write_failed")],
+        )
+        .unwrap_or(0.0)
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while lost(&lab) < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no loss was counted");
+        assert!(curl_web(&lab, "pod-a", 5).status.success());
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // Room again: writing resumes by itself, and every whole line is a record.
+    std::fs::remove_file(disk.0.join("filler")).unwrap();
+    let before = finals(&log);
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    wait_final(&log, before);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let bad = text
+        .lines()
+        .filter(|l| !l.is_empty() && serde_json::from_str::<Value>(l).is_err())
+        .count();
+    assert!(
+        bad <= 1,
+        "at most the one line cut short by the full disk: {bad}"
+    );
+    let last: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["final"], true);
+
+    // logrotate's default: renamed away, then a new file at the same path.
+    std::fs::rename(&log, disk.0.join("flows.jsonl.1")).unwrap();
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    wait_final(&log, 0);
+    // SIGHUP reopens and does not stop the agent.
+    let pid = lab.agents[0].child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lab.agents[0].child.try_wait().unwrap().is_none(),
+        "still running"
+    );
+    assert_eq!(lab.stop_agent("node-a").unwrap().0, Some(0));
+    drop(disk);
+}

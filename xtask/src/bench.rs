@@ -264,6 +264,14 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         .output();
     let mut lab = LabRun::up(&bins, LAB, None, dir)?;
     let reps = 2;
+    let pinned = match agent_cpus() {
+        Some(cpus) => {
+            crate::proc::pin_self(0)?;
+            println!("==> load and lab traffic on CPU 0, agents on CPUs {cpus} (taskset)");
+            true
+        }
+        None => false,
+    };
 
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
     let (base_tput, base_rate) = workloads(&lab, reps, seconds)?;
@@ -282,6 +290,9 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     println!("==> with one agent per node");
     start_agents(&mut lab, &[])?;
     let (obs_tput, obs_rate) = workloads(&lab, reps, seconds)?;
+    let cpu_before = agents_cpu(&lab);
+    conn_rate(&lab)?;
+    let agent_cpu_ms_per_1000 = (agents_cpu(&lab) - cpu_before) * 1e3 / (CONNS as f64 / 1000.0);
     // The kernel's counters add up while enabled: the second run's costs are the difference.
     let conn_progs = program_costs(&lab, 0)?;
     let both = program_costs(&lab, seconds)?;
@@ -305,6 +316,8 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     lab.stop_agents()?;
     drop(lab);
     Ok(report(&Datapath {
+        pinned,
+        agent_cpu_ms_per_1000,
         base_tput,
         base_rate,
         obs_tput,
@@ -326,8 +339,29 @@ fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
             .chain(extra.iter().copied())
             .collect();
         lab.start_agent(node, &args)?;
+        if let Some(cpus) = agent_cpus() {
+            let pid = lab.agents.last().expect("just started").child.id();
+            crate::proc::pin_process(pid, &cpus)?;
+        }
     }
     Ok(())
+}
+
+/// On a machine of two CPUs or more, the lab's traffic (this process and all it starts: the
+/// client, iperf3, and the packets' softirq work, which runs where they are sent) is kept on CPU 0
+/// and the agents on the others, so the connection rate shows what the agents cost the datapath,
+/// not how the scheduler shares one core between them.
+fn agent_cpus() -> Option<String> {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (n >= 2).then(|| format!("1-{}", n - 1))
+}
+
+/// Both agents' CPU seconds so far.
+fn agents_cpu(lab: &LabRun) -> f64 {
+    lab.agents
+        .iter()
+        .map(|a| crate::proc::cpu_seconds(a.child.id()))
+        .sum()
 }
 
 /// `reps` runs of iperf3 (none when `seconds` is 0) and of the connection load.
@@ -361,6 +395,10 @@ fn program_costs(lab: &LabRun, seconds: u32) -> anyhow::Result<BTreeMap<String, 
 
 /// What one datapath run measured.
 struct Datapath {
+    /// Load on CPU 0, agents on the others.
+    pinned: bool,
+    /// Both agents' CPU time per 1,000 short connections.
+    agent_cpu_ms_per_1000: f64,
     base_tput: Vec<f64>,
     base_rate: Vec<f64>,
     obs_tput: Vec<f64>,
@@ -400,6 +438,16 @@ fn report(d: &Datapath) -> String {
         out,
         "  short TCP connections / s        {br:>7.0}       {or:>7.0}       {:>5.3}",
         or / br
+    );
+    let _ = writeln!(
+        out,
+        "  agents' CPU per 1,000 short connections: {:.0} ms (both nodes){}",
+        d.agent_cpu_ms_per_1000,
+        if d.pinned {
+            "; load on CPU 0, agents on the other CPUs"
+        } else {
+            "; one CPU: load and agents share it"
+        }
     );
     for (what, a) in [
         ("reading conntrack", &d.nat),

@@ -111,6 +111,14 @@ pub async fn run(
     };
     let mut sigterm = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+    let reopen = flow_log.reopen_flag();
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            info!("SIGHUP: the flow log is opened again before the next batch");
+            reopen.store(true, Ordering::Relaxed);
+        }
+    });
 
     let metrics = Arc::new(Metrics::new(&args.node));
     let health = Arc::new(Health {

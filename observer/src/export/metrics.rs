@@ -139,7 +139,7 @@ const RECORD_WRITE_ERRORS: Def = Def(
 );
 const RECORDS_LOST: Def = Def(
     "observer_records_lost_total",
-    "Flow records built but not exported, by reason (exporter_gone: the exporter stage had stopped; writer_gone: the flow-log writer had stopped).",
+    "Flow records built but not exported, by reason (exporter_gone: the exporter stage had stopped; writer_gone: the flow-log writer had stopped; write_failed: the flow log could not be written, e.g. disk full).",
     &["reason"],
 );
 const MAP_DELETE_ERRORS: Def = Def(
@@ -263,7 +263,7 @@ impl Metrics {
         for outcome in ["served", "unauthorized"] {
             self.flows_requests.with_label_values(&[outcome]);
         }
-        for reason in ["exporter_gone", "writer_gone"] {
+        for reason in ["exporter_gone", "writer_gone", "write_failed"] {
             self.records_lost.with_label_values(&[reason]);
         }
         for e in [

@@ -62,11 +62,35 @@ impl Exporter {
     }
 }
 
+/// How often a failing flow log is warned about; every lost record is counted in between.
+const WRITE_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn write_all(mut log: FlowLog, mut rx: mpsc::Receiver<Vec<FlowRecord>>, metrics: &Metrics) {
+    let mut warned: Option<std::time::Instant> = None;
+    let mut lost_since = 0u64;
     while let Some(batch) = rx.blocking_recv() {
-        if let Err(e) = log.write(&batch) {
-            warn!("{e}");
-            metrics.record_write_errors.inc();
+        match log.write(&batch) {
+            Ok(()) => {
+                if lost_since > 0 {
+                    warn!("flow log writable again; {lost_since} records were lost");
+                    (lost_since, warned) = (0, None);
+                }
+            }
+            Err(e) => {
+                metrics.record_write_errors.inc();
+                let n = batch.len() as u64;
+                metrics
+                    .records_lost
+                    .with_label_values(&["write_failed"])
+                    .inc_by(n);
+                lost_since += n;
+                if warned.is_none_or(|t| t.elapsed() >= WRITE_WARN_EVERY) {
+                    warn!(
+                        "{e}: {lost_since} records lost so far (observer_records_lost_total{{reason=\"write_failed\"}}); retrying with the next batch"
+                    );
+                    warned = Some(std::time::Instant::now());
+                }
+            }
         }
     }
 }
