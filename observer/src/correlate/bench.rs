@@ -79,10 +79,20 @@ fn poll(c: &mut Correlator, input: &Input, round: u64, now: u64) -> usize {
     n
 }
 
+/// This process's resident memory (the correlator and its input of the size just run).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 #[ignore = "a benchmark: cargo xtask bench --only userspace"]
 fn bench_correlation() {
-    println!("  active connections  observations/poll  poll ms  observations/s");
+    println!("  active connections  observations/poll  poll ms  observations/s  process RSS MiB");
     for conns in [1_000u32, 10_000, 100_000] {
         let input = input(conns);
         let mut c = correlator();
@@ -97,9 +107,10 @@ fn bench_correlation() {
         let took = t0.elapsed().as_secs_f64() / rounds as f64;
         let per_poll = n / rounds as usize;
         println!(
-            "  {conns:>18}  {per_poll:>17}  {:>7.1}  {:>14.0}",
+            "  {conns:>18}  {per_poll:>17}  {:>7.1}  {:>14.0}  {:>15.0}",
             took * 1e3,
-            per_poll as f64 / took
+            per_poll as f64 / took,
+            rss_kib() as f64 / 1024.0
         );
     }
 }
