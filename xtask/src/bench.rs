@@ -352,8 +352,14 @@ fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
 /// and the agents on the others, so the connection rate shows what the agents cost the datapath,
 /// not how the scheduler shares one core between them.
 fn agent_cpus() -> Option<String> {
-    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let n = online_cpus();
     (n >= 2).then(|| format!("1-{}", n - 1))
+}
+
+/// The machine's CPUs (not this process's share: it runs on CPU 0 once pinned).
+fn online_cpus() -> usize {
+    // SAFETY: a plain sysconf query.
+    unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize
 }
 
 /// Both agents' CPU seconds so far.
@@ -419,9 +425,7 @@ fn report(d: &Datapath) -> String {
     let _ = writeln!(
         out,
         "\nobserver bench ({} CPUs; everything on one machine)",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
+        online_cpus()
     );
     let _ = writeln!(
         out,
