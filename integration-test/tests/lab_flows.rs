@@ -1109,3 +1109,104 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
     );
     validate_schema(&a);
 }
+
+#[test]
+fn a_pod_recreated_under_the_same_name_and_a_flapping_uplink_are_followed() {
+    let lab = lab_with_agents("flap", "2s");
+    let add = || {
+        lab_cmd(&[
+            "add-pod",
+            "again",
+            "--name",
+            &lab.name,
+            "--node",
+            "node-a",
+            "--ip",
+            "10.244.1.78",
+        ])
+    };
+    let veth_of = |added: &str| {
+        added
+            .split("node iface ")
+            .nth(1)
+            .and_then(|r| r.split(')').next())
+            .expect("add-pod names the node-side veth")
+            .to_owned()
+    };
+    let attached = |n: f64| {
+        (0..50).any(|_| {
+            let m = lab.metrics("node-a").unwrap();
+            let ok = metric(&m, "observer_interfaces_attached", &[("role", "pod")]) == Some(n);
+            if !ok {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ok
+        })
+    };
+    let recorded_from = |ip: &str, after: usize| {
+        lab.wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .filter(|r| r["pre_dnat"]["src"] == ip && r["final"] == true)
+                .count()
+                > after
+        })
+        .unwrap()
+    };
+    let first = veth_of(&add());
+    assert!(attached(3.0));
+    // Deleted and created again at once, faster than the agent's 1 s rescan may notice.
+    lab_cmd(&["del-pod", "again", "--name", &lab.name]);
+    let second = veth_of(&add());
+    assert_eq!(first, second, "the same veth name again");
+    // Attached to the new interface of that name (a scan is at most 1 s away).
+    let log = lab.dir.join("agent-node-a.log");
+    let attaches = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches(&format!("attached pod programs to {second} "))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while attaches() < 2 {
+        assert!(std::time::Instant::now() < deadline, "not attached again");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(attached(3.0));
+    assert!(curl_web(&lab, "again", 5).status.success());
+    let rs = recorded_from("10.244.1.78", 0);
+    let r = find(&rs, |r| r["pre_dnat"]["src"] == "10.244.1.78")[0];
+    assert_eq!(
+        hop(r, "pod_ingress", "orig").unwrap()["iface"],
+        second.as_str()
+    );
+
+    // The uplink goes down and up under the agent: its programs stay attached. The kernel drops
+    // the routes through it when it goes down; they are put back as a node's network agent would.
+    let routes = lab.exec("node-a", &["ip", "route", "show"]).unwrap();
+    let routes = String::from_utf8_lossy(&routes.stdout).into_owned();
+    for state in ["down", "up"] {
+        lab.exec("node-a", &["ip", "link", "set", "eth0", state])
+            .unwrap();
+    }
+    for route in routes.lines().filter(|r| r.contains("dev eth0")) {
+        let mut args = vec!["ip", "route", "replace"];
+        args.extend(route.split_whitespace());
+        lab.exec("node-a", &args).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let before = find(&rs, |r| r["pre_dnat"]["src"] == "10.244.1.78").len();
+    let deadline = std::time::Instant::now() + WAIT;
+    while !curl_web(&lab, "again", 3).status.success() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no traffic after the flap"
+        );
+    }
+    let rs = recorded_from("10.244.1.78", before);
+    let r = find(&rs, |r| r["pre_dnat"]["src"] == "10.244.1.78")
+        .into_iter()
+        .last()
+        .unwrap();
+    assert!(hop(r, "uplink_egress", "orig").is_some(), "{r:#}");
+    lab_cmd(&["del-pod", "again", "--name", &lab.name]);
+}

@@ -187,7 +187,11 @@ fn run_as_daemonset(
                 "--cap-drop=all",
                 "--cap-add=CAP_BPF,CAP_PERFMON,CAP_NET_ADMIN",
             ])
-            .args(["--read-only", "--security-opt", "seccomp=unconfined"])
+            .arg("--read-only")
+            .arg(format!(
+                "--security-opt=seccomp={}",
+                seccomp_profile().display()
+            ))
             .arg(format!("--volume={cgroup2}:/sys/fs/cgroup:ro"))
             .args(["--volume=/sys/kernel/btf:/sys/kernel/btf:ro"])
             .arg(format!("--volume={}:/sys/fs/bpf", bpffs.display()))
@@ -255,7 +259,47 @@ fn run_as_daemonset(
         );
     }
     println!(
-        "    ready, recorded the connection, pinned its flow map, exited 0 on SIGTERM: the image works"
+        "    ready, recorded the connection, pinned its flow map, exited 0 on SIGTERM under its seccomp profile: the image works"
+    );
+    seccomp_refuses_the_rest()
+}
+
+/// The DaemonSet's seccomp profile.
+fn seccomp_profile() -> std::path::PathBuf {
+    crate::workspace_root().join("deploy/base/seccomp-observer.json")
+}
+
+/// Under the DaemonSet's seccomp profile a syscall outside it fails with EPERM: `unshare
+/// --user` (unshare(2)), which the same container runs without the profile.
+fn seccomp_refuses_the_rest() -> anyhow::Result<()> {
+    let run = |seccomp: &str| {
+        podman()
+            .args([
+                "run",
+                "--rm",
+                "--cap-drop=all",
+                "--entrypoint=/usr/bin/unshare",
+            ])
+            .arg(format!("--security-opt=seccomp={seccomp}"))
+            .args([IMAGE, "--user", "true"])
+            .output()
+    };
+    let open = run("unconfined")?;
+    if !open.status.success() {
+        bail!(
+            "`unshare --user true` fails even without a seccomp profile, so the check says nothing: {}",
+            String::from_utf8_lossy(&open.stderr)
+        );
+    }
+    let profile = seccomp_profile();
+    let confined = run(&profile.to_string_lossy())?;
+    let err = String::from_utf8_lossy(&confined.stderr);
+    if confined.status.success() || !err.contains("Operation not permitted") {
+        bail!("the seccomp profile let unshare(2) through: {err}");
+    }
+    println!(
+        "    under the DaemonSet's seccomp profile, unshare(2) is refused: {}",
+        err.trim()
     );
     Ok(())
 }

@@ -80,15 +80,17 @@ impl Follower {
             .map(|(n, a)| (n.clone(), a.ifindex))
             .collect();
         let plan = plan(&present, &attached, &self.uplinks, &self.pod_glob);
+        // Forget first: an interface deleted and created again under its name (a restarted pod)
+        // is then attached again in this same scan, not one scan later.
+        for name in &plan.gone {
+            info!("{name} went away; forgetting it");
+            self.hooks.detach_iface(name, true);
+        }
         for name in &plan.attach {
             if let Err(e) = self.hooks.attach_iface(name, Role::Pod) {
                 // It may have vanished since the listing; retried on the next scan otherwise.
                 warn!("{e}");
             }
-        }
-        for name in &plan.gone {
-            info!("{name} went away; forgetting it");
-            self.hooks.detach_iface(name, true);
         }
         let pod_ifaces: Vec<&str> = self
             .hooks
