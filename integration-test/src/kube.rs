@@ -217,8 +217,24 @@ fn certificates(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl KubeApi {
+    /// Freeze (true) or thaw (false) kube-apiserver: an API that accepts connections and never
+    /// answers, the way a overloaded or partitioned one looks to a client.
+    pub fn freeze(&self, frozen: bool) {
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        let pid = self.procs[1].id() as i32;
+        // SAFETY: a signal to a child process this struct owns.
+        assert_eq!(
+            unsafe { libc::kill(pid, sig) },
+            0,
+            "signalling kube-apiserver"
+        );
+    }
+}
+
 impl Drop for KubeApi {
     fn drop(&mut self) {
+        self.freeze(false);
         for p in self.procs.iter_mut().rev() {
             let _ = p.kill();
             let _ = p.wait();

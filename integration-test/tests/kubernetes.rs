@@ -37,9 +37,12 @@ spec:
   ports: [{name: https, port: 443, targetPort: https, protocol: TCP}]
 "#;
 
-fn api(lab: &LabRun) -> KubeApi {
-    let api = KubeApi::start(&lab.dir.join("kube"), (std::process::id() % 50) as u16)
-        .expect("kube-apiserver starts");
+fn api(lab: &LabRun, slot: u16) -> KubeApi {
+    let api = KubeApi::start(
+        &lab.dir.join("kube"),
+        slot + (std::process::id() % 50) as u16,
+    )
+    .expect("kube-apiserver starts");
     api.kubectl(&["apply", "-f", "-"], Some(OBJECTS)).unwrap();
     // No kubelet here: publish the pods' IPs (those of the lab's pods) through the status.
     for (ns, pod, ip) in [
@@ -69,7 +72,7 @@ fn api(lab: &LabRun) -> KubeApi {
 #[test]
 fn records_carry_kubernetes_names_from_the_api() {
     let mut lab = lab("k8s", None);
-    let api = api(&lab);
+    let api = api(&lab, 0);
     let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
     for node in ["node-a", "node-b"] {
         lab.start_agent(node, &["--idle-timeout", "2s", "--kubeconfig", &kubeconfig])
@@ -244,4 +247,96 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
             "{case}: {out}"
         );
     }
+}
+
+#[test]
+fn an_api_that_stops_answering_stops_no_record_and_names_come_back_with_it() {
+    let mut lab = lab("k8sdown", None);
+    let api = api(&lab, 100);
+    let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
+    lab.start_agent(
+        "node-a",
+        &["--idle-timeout", "2s", "--kubeconfig", &kubeconfig],
+    )
+    .unwrap();
+    let log = lab.dir.join("agent-node-a.log");
+    let listed = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("services listed")
+    });
+    assert!(listed);
+
+    // The API hangs: records keep coming, named from what the agent already knew.
+    api.freeze(true);
+    let during = next_connection(&lab, 1);
+    assert_eq!(during["src_pod"]["name"], "frontend-7d9", "{during}");
+    assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
+
+    // A pod the agent cannot hear of while the API hangs has no name yet...
+    lab_cmd(&[
+        "add-pod",
+        "late",
+        "--name",
+        &lab.name,
+        "--node",
+        "node-a",
+        "--ip",
+        "10.244.1.77",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(curl_web(&lab, "late", 5).status.success());
+    let from_late = |rs: &[serde_json::Value]| {
+        rs.iter()
+            .filter(|r| r["pre_dnat"]["src"] == "10.244.1.77" && r["final"] == true)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let rs = lab
+        .wait_records("node-a", WAIT, |rs| !from_late(rs).is_empty())
+        .unwrap();
+    assert!(from_late(&rs)[0].get("src_pod").is_none());
+
+    // ...and has one once the API answers again and the pod is there.
+    api.freeze(false);
+    api.kubectl(
+        &["apply", "-f", "-"],
+        Some(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: late-1, namespace: shop, labels: {app: late}}\nspec: {nodeName: node-a, containers: [{name: c, image: example.invalid/none}]}\n",
+        ),
+    )
+    .unwrap();
+    api.kubectl(
+        &[
+            "-n",
+            "shop",
+            "patch",
+            "pod",
+            "late-1",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"podIP":"10.244.1.77","podIPs":[{"ip":"10.244.1.77"}]}}"#,
+        ],
+        None,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        std::thread::sleep(Duration::from_millis(1000));
+        let before = from_late(&lab.records("node-a").unwrap()).len();
+        assert!(curl_web(&lab, "late", 5).status.success());
+        let rs = lab
+            .wait_records("node-a", WAIT, |rs| from_late(rs).len() > before)
+            .unwrap();
+        if from_late(&rs).last().unwrap()["src_pod"]["name"] == "late-1" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pod was never named after the API came back"
+        );
+    }
+    lab_cmd(&["del-pod", "late", "--name", &lab.name]);
 }
