@@ -241,6 +241,30 @@ fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
             "packets before the {how} ({p_then}) are in the final count ({p_now})"
         );
     }
+    // Each record of an adopted connection says when nobody counted: agent 2's interim records
+    // of connection 1 the window after agent 1's orderly stop, the final ones the window after
+    // agent 2's crash.
+    let gap_of = |r: &Value| {
+        let g = &r["gap"];
+        assert!(g["from"].as_str() <= g["to"].as_str(), "{g}");
+        g["previous_agent"].as_str().map(str::to_owned)
+    };
+    assert!(
+        of_port(&recs, &sport1)
+            .iter()
+            .any(|r| gap_of(r).as_deref() == Some("stopped")),
+        "agent 2 marked the gap after agent 1's SIGTERM"
+    );
+    for sport in [&sport1, &sport2] {
+        let last = of_port(&recs, sport).last().cloned().unwrap();
+        assert_eq!(gap_of(&last).as_deref(), Some("crashed"), "{last}");
+    }
+    assert!(
+        of_port(&recs, &sport2)
+            .iter()
+            .any(|r| r.get("gap").is_none()),
+        "connection 2 before the crash had no gap"
+    );
     lab.stop_agent("node-a").unwrap();
     assert_eq!(settled_links(), before, "no link left after the last agent");
 }

@@ -21,6 +21,11 @@ pub const FLOWS_PIN: &str = "FLOWS";
 /// The pinned conntrack tuples of the flow keys, beside it.
 pub const CT_ORIG_PIN: &str = "CT_ORIG";
 
+/// A flow key no program makes (no such point): an agent that stops in order and leaves its map
+/// pinned stores when it stopped under it (`last_ns`), so the next one can say from when to when
+/// nothing counted. The next agent takes it out before anything else reads the map.
+pub const STOP_MARK_POINT: u8 = 0xff;
+
 /// Where in the node a packet was seen.
 ///
 /// The numbering is part of the kernel/user contract: it is stored in [`FlowKey::point`].

@@ -266,6 +266,22 @@ pub struct FlowRecord {
     pub service: Option<ServiceRef>,
     pub start: String,
     pub end: String,
+    /// A time no program counted this connection's packets: the agent was restarted while it
+    /// was open, and this one took the counters the previous one left pinned. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gap: Option<Gap>,
+}
+
+/// Packets of the connection that passed in this window were not counted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    /// When the previous agent's programs stopped counting (its orderly stop), or, after a
+    /// crash, the last packet they counted on this node (the gap began then or later).
+    pub from: String,
+    /// When this agent's programs were attached.
+    pub to: String,
+    /// `stopped` (SIGTERM, e.g. a rolling update) or `crashed` (no orderly stop recorded).
+    pub previous_agent: String,
 }
 
 impl FlowRecord {

@@ -306,11 +306,16 @@ impl Pipeline {
             args.poll_interval,
         );
         // Before anything is attached: what is in the map now was counted by a previous agent.
-        let adopted = correlation.adopt();
+        let (adopted, stopped) = correlation.adopt();
         if adopted > 0 {
             info!("adopted {adopted} pinned flow entries from the previous agent");
         }
         attach(&mut hooks, &targets, drop_cfg.is_some())?;
+        if adopted > 0 {
+            // Their records say when nobody counted: from the previous agent's stop (or its
+            // last packet, after a crash) until now, when ours are attached.
+            correlation.mark_gap(stopped, Clock::mono_now());
+        }
         hooks.attach_filter(&mut filter_status);
         correlation
             .corr

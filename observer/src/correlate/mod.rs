@@ -132,6 +132,8 @@ pub struct Correlator {
     ifnames: HashMap<u32, String>,
     /// IPs routed to this node's pod veths.
     local_pods: HashSet<std::net::IpAddr>,
+    /// Observations adopted from a previous agent, and the window nobody counted them in.
+    gaps: HashMap<FlowKey, crate::record::Gap>,
     pub refused: Refused,
 }
 
@@ -147,6 +149,7 @@ impl Correlator {
             emitted: HashMap::default(),
             ifnames: HashMap::default(),
             local_pods: Default::default(),
+            gaps: HashMap::default(),
             refused: Refused::default(),
         }
     }
@@ -161,6 +164,23 @@ impl Correlator {
 
     pub fn set_local_pods(&mut self, ips: impl IntoIterator<Item = std::net::IpAddr>) {
         self.local_pods = ips.into_iter().collect();
+    }
+
+    /// Adopted observations went uncounted from `from_ns` to `to_ns`; their records say so.
+    pub fn mark_gap(&mut self, from_ns: u64, to_ns: u64, previous_agent: &str) {
+        let gap = crate::record::Gap {
+            from: self.clock.rfc3339(from_ns),
+            to: self.clock.rfc3339(to_ns),
+            previous_agent: previous_agent.to_owned(),
+        };
+        for k in self.obs.keys() {
+            self.gaps.insert(*k, gap.clone());
+        }
+    }
+
+    /// The latest packet any observation was counted for (0 with none).
+    pub fn last_counted_ns(&self) -> u64 {
+        self.obs.values().map(|o| o.c.last_ns).max().unwrap_or(0)
     }
 
     pub fn known_keys(&self) -> impl Iterator<Item = &FlowKey> {
@@ -405,6 +425,7 @@ impl Correlator {
         self.obs = observations;
         for k in &out.finished {
             self.obs.remove(k);
+            self.gaps.remove(k);
         }
         // An identity that no connection has any more (its start moved: an earlier key was read
         // late) would otherwise stay for ever.
@@ -529,6 +550,11 @@ impl Correlator {
             service: None,
             start: self.clock.rfc3339(c.first_ns()),
             end: self.clock.rfc3339(c.last_ns()),
+            gap: c
+                .legs()
+                .flat_map(|l| &l.obs)
+                .chain(&c.filter)
+                .find_map(|o| self.gaps.get(&o.key).cloned()),
         }
     }
 

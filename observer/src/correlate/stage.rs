@@ -62,14 +62,28 @@ impl<S: FlowSource> Stage<S> {
 
     /// Take what a previous agent left in a pinned map as the start of its flows: counted in
     /// records, not again in the packet metrics. Call before anything is attached.
-    pub fn adopt(&mut self) -> u64 {
+    pub fn adopt(&mut self) -> (u64, Option<u64>) {
+        let stopped = self.source.take_stop_mark();
         let mut n = 0;
         for (key, c) in self.source.entries() {
+            if key.point == observer_common::STOP_MARK_POINT {
+                continue;
+            }
             self.corr.observe(key, c);
             n += 1;
         }
         self.metrics.flows_adopted.inc_by(n);
-        n
+        (n, stopped)
+    }
+
+    /// The adopted flows went uncounted from the previous agent's orderly stop (the time it left
+    /// in the map) or, after a crash, from the last packet it counted, until `attached_ns`.
+    pub fn mark_gap(&mut self, stopped_ns: Option<u64>, attached_ns: u64) {
+        let (from, how) = match stopped_ns {
+            Some(ns) => (ns, "stopped"),
+            None => (self.corr.last_counted_ns(), "crashed"),
+        };
+        self.corr.mark_gap(from, attached_ns, how);
     }
 
     pub fn set_interfaces(&mut self, i: &Interfaces) {
@@ -221,6 +235,11 @@ impl<S: FlowSource> Stage<S> {
             self.on_event(ev);
         }
         let batch = self.poll(flush);
+        if flush == Flush::Checkpoint {
+            // The programs are detached by now (the pipeline stops them first): from here on
+            // nothing counts until the next agent attaches.
+            self.source.put_stop_mark(Clock::mono_now());
+        }
         self.hand_over(&w.out, batch).await;
     }
 

@@ -207,6 +207,45 @@ fn a_connection_still_open_gets_interim_records_then_a_final_one() {
 }
 
 #[test]
+fn adopted_observations_carry_the_gap_and_new_ones_do_not() {
+    let mut c = correlator();
+    let tcp = IPPROTO_TCP;
+    let k = |sport| {
+        key(
+            tcp,
+            "10.244.1.10",
+            sport,
+            "10.244.2.10",
+            8443,
+            Point::PodIngress,
+            3,
+        )
+    };
+    // Adopted from a pinned map, then the gap is marked; a connection after it has none.
+    c.observe(
+        k(40200),
+        counters(S, 2 * S, TCP_SYN | TCP_ACK, MARK_SYN_ONLY),
+    );
+    c.mark_gap(3 * S, 4 * S, "stopped");
+    c.observe(
+        k(40201),
+        counters(5 * S, 6 * S, TCP_SYN | TCP_ACK, MARK_SYN_ONLY),
+    );
+    let r = c.collect(60 * S, Flush::Due).records;
+    assert_eq!(r.len(), 2);
+    let of = |sport: u16| {
+        r.iter()
+            .find(|r| r.pre_dnat.as_ref().or(r.post_dnat.as_ref()).unwrap().sport == sport)
+            .unwrap()
+    };
+    let gap = of(40200).gap.as_ref().expect("the adopted one has it");
+    assert_eq!(gap.previous_agent, "stopped");
+    assert!(gap.from < gap.to);
+    assert!(of(40201).gap.is_none());
+    assert!(c.gaps.is_empty(), "forgotten with the finished keys");
+}
+
+#[test]
 fn a_checkpoint_writes_open_connections_as_interim_and_keeps_their_keys() {
     let mut c = correlator();
     let tcp = IPPROTO_TCP;

@@ -1,7 +1,7 @@
 //! The flow map and the kernel's STATS, read on correlation's clock. Behind [`FlowSource`], so
 //! correlation can be driven by synthetic counters in tests.
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
 use observer_common::{CtOrig, FlowCounters, FlowKey, STATS_LEN, Stat};
 
 use crate::correlate::Counters;
@@ -18,6 +18,12 @@ pub trait FlowSource: Send + 'static {
     fn stats(&self) -> [u64; STATS_LEN as usize];
     /// Conntrack's original tuple as the kernel saw it when `key` was created (egress points).
     fn ct_orig(&self, _key: &FlowKey) -> Option<CtOrig> {
+        None
+    }
+    /// Leave the time of an orderly stop in the map ([`observer_common::STOP_MARK_POINT`]).
+    fn put_stop_mark(&mut self, _mono_ns: u64) {}
+    /// Take out the time of the previous agent's orderly stop, if it left one.
+    fn take_stop_mark(&mut self) -> Option<u64> {
         None
     }
     /// Every entry with its counters (adoption of a pinned map).
@@ -58,6 +64,27 @@ impl FlowSource for KernelFlows {
         self.ct_orig.get(key, 0).ok()
     }
 
+    fn put_stop_mark(&mut self, mono_ns: u64) {
+        let Ok(cpus) = aya::util::nr_cpus() else {
+            return;
+        };
+        let value = FlowCounters {
+            last_ns: mono_ns,
+            ..Default::default()
+        };
+        if let Ok(values) = PerCpuValues::try_from(vec![value; cpus])
+            && let Err(e) = self.flows.insert(stop_mark(), values, 0)
+        {
+            log::warn!("leaving the stop time in the pinned map: {e}");
+        }
+    }
+
+    fn take_stop_mark(&mut self) -> Option<u64> {
+        let at = self.flows.get(&stop_mark(), 0).ok()?;
+        let _ = self.flows.remove(&stop_mark());
+        at.iter().map(|c| c.last_ns).max()
+    }
+
     fn stats(&self) -> [u64; STATS_LEN as usize] {
         let mut out = [0; STATS_LEN as usize];
         for s in Stat::ALL {
@@ -66,6 +93,20 @@ impl FlowSource for KernelFlows {
             }
         }
         out
+    }
+}
+
+fn stop_mark() -> FlowKey {
+    FlowKey {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        ifindex: 0,
+        proto: 0,
+        family: 0,
+        point: observer_common::STOP_MARK_POINT,
+        retired: 0,
     }
 }
 
