@@ -280,6 +280,7 @@ fn seccomp_refuses_the_rest() -> anyhow::Result<()> {
                 "--cap-drop=all",
                 "--entrypoint=/usr/bin/unshare",
             ])
+            .args(ulimits())
             .arg(format!("--security-opt=seccomp={seccomp}"))
             .args([IMAGE, "--user", "true"])
             .output()
