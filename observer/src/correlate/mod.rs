@@ -205,7 +205,7 @@ impl Correlator {
             let live = FlowKey { retired: 0, ..key };
             if let Some(twin) = self.obs.get_mut(&live) {
                 baseline = match twin.before_reuse.take() {
-                    Some(c) => c,
+                    Some(c) => *c,
                     None => {
                         twin.ct = Ct::Unknown;
                         twin.ct_tries = 0;
@@ -226,7 +226,7 @@ impl Correlator {
         });
         if key.retired == 0 && entry.c.packets > 0 && c.first_ns != entry.c.first_ns {
             // The live key started again before its retired twin was read.
-            entry.before_reuse = Some(std::mem::take(&mut entry.c));
+            entry.before_reuse = Some(Box::new(std::mem::take(&mut entry.c)));
             entry.ct = Ct::Unknown;
             entry.ct_tries = 0;
         }
