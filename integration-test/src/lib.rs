@@ -94,6 +94,20 @@ pub fn lab_with_agent_args(
     l
 }
 
+/// Add pod `pod` with `ip` on `node` of the lab (`observer-lab add-pod`); returns the name of its
+/// node-side veth.
+pub fn add_pod(lab: &LabRun, pod: &str, node: &str, ip: &str) -> String {
+    let added = lab_cmd(&[
+        "add-pod", pod, "--name", &lab.name, "--node", node, "--ip", ip,
+    ]);
+    added
+        .split("node iface ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .expect("add-pod names the node-side veth")
+        .to_owned()
+}
+
 /// Where lab agents serve /flows in tests (`--flows-addr`, inside each node's namespace).
 pub const FLOWS_ADDR: &str = "127.0.0.1:9465";
 

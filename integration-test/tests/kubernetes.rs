@@ -275,16 +275,7 @@ fn an_api_that_stops_answering_stops_no_record_and_names_come_back_with_it() {
     assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
 
     // A pod the agent cannot hear of while the API hangs has no name yet...
-    lab_cmd(&[
-        "add-pod",
-        "late",
-        "--name",
-        &lab.name,
-        "--node",
-        "node-a",
-        "--ip",
-        "10.244.1.77",
-    ]);
+    add_pod(&lab, "late", "node-a", "10.244.1.77");
     std::thread::sleep(Duration::from_millis(1500));
     assert!(curl_web(&lab, "late", 5).status.success());
     let from_late = |rs: &[serde_json::Value]| {

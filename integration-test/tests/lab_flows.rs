@@ -384,22 +384,7 @@ fn ipv6_service() {
 #[test]
 fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     let lab = lab_with_agents("late", "2s");
-    let added = lab_cmd(&[
-        "add-pod",
-        "late",
-        "--name",
-        &lab.name,
-        "--node",
-        "node-a",
-        "--ip",
-        "10.244.1.77",
-    ]);
-    let veth = added
-        .split("node iface ")
-        .nth(1)
-        .and_then(|r| r.split(')').next())
-        .expect("add-pod names the node-side veth")
-        .to_owned();
+    let veth = add_pod(&lab, "late", "node-a", "10.244.1.77");
     let veth = veth.as_str();
     let attached = |n: f64| {
         for _ in 0..50 {
@@ -1113,26 +1098,7 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
 #[test]
 fn a_pod_recreated_under_the_same_name_and_a_flapping_uplink_are_followed() {
     let lab = lab_with_agents("flap", "2s");
-    let add = || {
-        lab_cmd(&[
-            "add-pod",
-            "again",
-            "--name",
-            &lab.name,
-            "--node",
-            "node-a",
-            "--ip",
-            "10.244.1.78",
-        ])
-    };
-    let veth_of = |added: &str| {
-        added
-            .split("node iface ")
-            .nth(1)
-            .and_then(|r| r.split(')').next())
-            .expect("add-pod names the node-side veth")
-            .to_owned()
-    };
+    let add = || add_pod(&lab, "again", "node-a", "10.244.1.78");
     let attached = |n: f64| {
         (0..50).any(|_| {
             let m = lab.metrics("node-a").unwrap();
@@ -1152,11 +1118,11 @@ fn a_pod_recreated_under_the_same_name_and_a_flapping_uplink_are_followed() {
         })
         .unwrap()
     };
-    let first = veth_of(&add());
+    let first = add();
     assert!(attached(3.0));
     // Deleted and created again at once, faster than the agent's 1 s rescan may notice.
     lab_cmd(&["del-pod", "again", "--name", &lab.name]);
-    let second = veth_of(&add());
+    let second = add();
     assert_eq!(first, second, "the same veth name again");
     // Attached to the new interface of that name (a scan is at most 1 s away).
     let log = lab.dir.join("agent-node-a.log");
