@@ -1096,7 +1096,7 @@ fn socket_load_balancer_is_shown_as_translated_in_connect() {
 }
 
 #[test]
-fn a_pod_recreated_under_the_same_name_and_a_flapping_uplink_are_followed() {
+fn a_pod_recreated_under_the_same_name_a_flapping_uplink_and_a_moved_veth_are_followed() {
     let lab = lab_with_agents("flap", "2s");
     let add = || add_pod(&lab, "again", "node-a", "10.244.1.78");
     let attached = |n: f64| {
@@ -1174,5 +1174,19 @@ fn a_pod_recreated_under_the_same_name_and_a_flapping_uplink_are_followed() {
         .last()
         .unwrap();
     assert!(hop(r, "uplink_egress", "orig").is_some(), "{r:#}");
+
+    // The node-side veth moved into another namespace (here the pod's own): gone from the
+    // node, so forgotten, and its programs with it.
+    lab.exec(
+        "node-a",
+        &["ip", "link", "set", &second, "netns", &lab.ns("again")],
+    )
+    .unwrap();
+    assert!(attached(2.0), "the moved veth was forgotten");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.matches(&format!("{second} went away")).count() >= 2,
+        "{text}"
+    );
     lab_cmd(&["del-pod", "again", "--name", &lab.name]);
 }

@@ -1,4 +1,5 @@
-//! Malformed and truncated frames entering from a pod are counted, never turned into flows.
+//! Malformed and truncated frames entering from a pod are counted, never turned into flows; stuck
+//! HTTP clients hold nothing up.
 
 use std::{ffi::CString, os::fd::AsRawFd as _, time::Duration};
 
@@ -109,4 +110,50 @@ fn malformed_and_truncated_frames_are_counted_not_parsed() {
         !recs.iter().any(|r| r.to_string().contains("10.9.9.9")),
         "a malformed frame became a flow: {recs:?}"
     );
+}
+
+/// Open `n` connections to the agent's metrics port inside node `ns`, each sending half a request
+/// and then nothing; after `hold`, report how many the agent had closed.
+fn stuck_clients(ns: &str, n: usize, hold: Duration) -> std::thread::JoinHandle<usize> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::io::{Read as _, Write as _};
+        let f = std::fs::File::open(&path).expect("netns file");
+        // SAFETY: setns on this thread only, with a namespace file we hold open.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+        let mut conns: Vec<std::net::TcpStream> = (0..n)
+            .map(|_| {
+                let mut s = std::net::TcpStream::connect("127.0.0.1:9464").expect("connect");
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+                s
+            })
+            .collect();
+        std::thread::sleep(hold);
+        conns
+            .iter_mut()
+            .map(|s| {
+                s.set_read_timeout(Some(Duration::from_millis(200)))
+                    .unwrap();
+                matches!(s.read(&mut [0u8; 64]), Ok(0))
+            })
+            .filter(|closed| *closed)
+            .count()
+    })
+}
+
+#[test]
+fn stuck_http_clients_block_nothing_and_are_let_go() {
+    let lab = lab_with_agents("stuck", "1s");
+    let holders = stuck_clients(&lab.ns("node-a"), 40, Duration::from_secs(12));
+    std::thread::sleep(Duration::from_millis(500));
+    // Meanwhile the agent answers others and records connections.
+    let t0 = std::time::Instant::now();
+    assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    lab.wait_records("node-a", WAIT, |rs| rs.iter().any(|r| r["final"] == true))
+        .unwrap();
+    // Each stuck client is cut off after the agent's 10 s per client.
+    assert_eq!(holders.join().unwrap(), 40, "every stuck client was closed");
 }
