@@ -266,6 +266,10 @@ pub struct FlowRecord {
     pub service: Option<ServiceRef>,
     pub start: String,
     pub end: String,
+    /// Why its counts or hops may be incomplete: `flow_map_full` (the kernel's flow map refused a
+    /// new key while it was active, so a hop may be missing). Absent when complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incomplete: Option<Vec<String>>,
     /// A time no program counted this connection's packets: the agent was restarted while it
     /// was open, and this one took the counters the previous one left pinned. Absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -92,6 +92,10 @@ pub enum Flush {
     All,
 }
 
+/// Full-map intervals remembered: more than enough to cover the connections open at any time
+/// at the default poll interval (a minute and more of consecutive full polls).
+const MAP_FULL_KEPT: usize = 256;
+
 /// What one [`Correlator::collect`] produced.
 #[derive(Default, Debug)]
 pub struct Collected {
@@ -134,6 +138,8 @@ pub struct Correlator {
     local_pods: HashSet<std::net::IpAddr>,
     /// Observations adopted from a previous agent, and the window nobody counted them in.
     gaps: HashMap<FlowKey, crate::record::Gap>,
+    /// Poll intervals in which the flow map refused a new key, newest last (a bounded few).
+    map_full: std::collections::VecDeque<(u64, u64)>,
     pub refused: Refused,
 }
 
@@ -150,6 +156,7 @@ impl Correlator {
             ifnames: HashMap::default(),
             local_pods: Default::default(),
             gaps: HashMap::default(),
+            map_full: Default::default(),
             refused: Refused::default(),
         }
     }
@@ -176,6 +183,23 @@ impl Correlator {
         for k in self.obs.keys() {
             self.gaps.insert(*k, gap.clone());
         }
+    }
+
+    /// The flow map refused a new key between `from_ns` and `to_ns`: records of connections
+    /// active then may lack one of their hops, and say so.
+    pub fn note_map_full(&mut self, from_ns: u64, to_ns: u64) {
+        if self.map_full.len() == MAP_FULL_KEPT {
+            self.map_full.pop_front();
+        }
+        self.map_full.push_back((from_ns, to_ns));
+    }
+
+    /// Whether the flow map was full while `c` was active.
+    fn maybe_incomplete(&self, c: &Conn<'_>) -> bool {
+        let (first, last) = (c.first_ns(), c.last_ns());
+        self.map_full
+            .iter()
+            .any(|&(from, to)| from <= last && to >= first)
     }
 
     /// The latest packet any observation was counted for (0 with none).
@@ -550,6 +574,9 @@ impl Correlator {
             service: None,
             start: self.clock.rfc3339(c.first_ns()),
             end: self.clock.rfc3339(c.last_ns()),
+            incomplete: self
+                .maybe_incomplete(c)
+                .then(|| vec!["flow_map_full".to_owned()]),
             gap: c
                 .legs()
                 .flat_map(|l| &l.obs)

@@ -36,6 +36,8 @@ pub struct Stage<S: FlowSource> {
     pending: HashSet<FlowKey>,
     stats: [u64; STATS_LEN as usize],
     last_rescan: Instant,
+    /// When the kernel's STATS were last read.
+    last_poll_ns: u64,
 }
 
 /// The stage's inputs and output.
@@ -57,6 +59,7 @@ impl<S: FlowSource> Stage<S> {
             pending: HashSet::new(),
             stats: [0; STATS_LEN as usize],
             last_rescan: Instant::now(),
+            last_poll_ns: Clock::mono_now(),
         }
     }
 
@@ -121,8 +124,15 @@ impl<S: FlowSource> Stage<S> {
     /// Read the kernel's counters and STATS, and build the records `flush` asks for.
     pub fn poll(&mut self, flush: Flush) -> Vec<FlowRecord> {
         let lost_before = self.stats[Stat::FlowEventsLost as usize];
+        let full_before = self.stats[Stat::FlowMapFull as usize];
         self.read_stats();
         let lost = self.stats[Stat::FlowEventsLost as usize] != lost_before;
+        if self.stats[Stat::FlowMapFull as usize] != full_before {
+            // Some key of a connection active in this interval may be missing from its record.
+            self.corr
+                .note_map_full(self.last_poll_ns, Clock::mono_now());
+        }
+        self.last_poll_ns = Clock::mono_now();
         if flush != Flush::Due || lost || self.last_rescan.elapsed() >= RESCAN_EVERY {
             self.last_rescan = Instant::now();
             self.pending.extend(self.source.keys());
