@@ -32,14 +32,14 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let v4 = |s: &str| s.parse::<IpAddr>().expect("literal");
+    let ip = |s: &str| s.parse::<IpAddr>().expect("literal");
     vec![
         Case {
             what: "IPv4 TCP ACK of a known flow (steady state)",
             frame: packets::tcp(
-                v4("10.1.0.1"),
+                ip("10.1.0.1"),
                 40000,
-                v4("10.2.0.1"),
+                ip("10.2.0.1"),
                 8443,
                 packets::TCP_ACK,
             ),
@@ -47,16 +47,16 @@ fn cases() -> Vec<Case> {
         Case {
             what: "IPv4 TCP SYN on its known key (a retransmit: the reuse check)",
             frame: packets::tcp(
-                v4("10.1.0.2"),
+                ip("10.1.0.2"),
                 40001,
-                v4("10.2.0.1"),
+                ip("10.2.0.1"),
                 8443,
                 packets::TCP_SYN,
             ),
         },
         Case {
             what: "IPv6 TCP SYN on its known key",
-            frame: packets::tcp(v4("fd00::1"), 40002, v4("fd00::2"), 8443, packets::TCP_SYN),
+            frame: packets::tcp(ip("fd00::1"), 40002, ip("fd00::2"), 8443, packets::TCP_SYN),
         },
     ]
 }
