@@ -28,6 +28,7 @@ fn kustomize_renders_and_the_base_passes_strict_schema_validation() {
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
+        "ConfigMap",
         "DaemonSet",
         "Service",
     ] {
@@ -43,13 +44,20 @@ fn kustomize_renders_and_the_base_passes_strict_schema_validation() {
         "{base}"
     );
     assert!(!base.contains("privileged: true"));
+    // The agent under its own seccomp profile, which an init container puts where the kubelet
+    // reads Localhost profiles.
+    assert!(
+        base.contains("localhostProfile: observer/observer.json\n            type: Localhost"),
+        "{base}"
+    );
+    assert!(!base.contains("type: Unconfined"), "{base}");
     let file = std::env::temp_dir().join(format!("observer-deploy-{}.yaml", std::process::id()));
     std::fs::write(&file, &base).unwrap();
     let out = run(Command::new("python3")
         .args(["-m", "kubernetes_validate", "--strict"])
         .arg(&file));
     let _ = std::fs::remove_file(&file);
-    assert_eq!(out.matches("passed").count(), 6, "{out}");
+    assert_eq!(out.matches("passed").count(), 7, "{out}");
 
     let overlay = run(Command::new("kubectl")
         .arg("kustomize")
