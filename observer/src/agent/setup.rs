@@ -120,8 +120,6 @@ pub struct Targets {
     pub cgroup: Option<PathBuf>,
 }
 
-/// Capabilities, BTF, the uplinks and the cgroup: everything that can be refused with a clear
-/// error before anything is loaded.
 /// The /flows token must be there and not empty; one others can read is a warning (a mounted
 /// Secret is 0644 unless its `defaultMode` says otherwise).
 fn check_flows_token(path: &std::path::Path) -> Result<(), AgentError> {
@@ -149,6 +147,8 @@ fn check_flows_token(path: &std::path::Path) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Capabilities, the /flows token, BTF, the uplinks and the cgroup: everything that can be
+/// refused with a clear error before anything is loaded.
 pub fn preflight(args: &AgentArgs) -> Result<Targets, AgentError> {
     preflight::check_capabilities()?;
     if let Some(path) = &args.flows_token_file {

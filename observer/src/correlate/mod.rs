@@ -136,8 +136,10 @@ pub struct Correlator {
     ifnames: HashMap<u32, String>,
     /// IPs routed to this node's pod veths.
     local_pods: HashSet<std::net::IpAddr>,
-    /// Observations adopted from a previous agent, and the window nobody counted them in.
-    gaps: HashMap<FlowKey, crate::record::Gap>,
+    /// The window nobody counted in before this agent attached, and the observations it
+    /// adopted from the previous one (at most one adoption per agent).
+    gap: Option<crate::record::Gap>,
+    gapped: HashSet<FlowKey>,
     /// Poll intervals in which the flow map refused a new key, newest last (a bounded few).
     map_full: std::collections::VecDeque<(u64, u64)>,
     pub refused: Refused,
@@ -155,7 +157,8 @@ impl Correlator {
             emitted: HashMap::default(),
             ifnames: HashMap::default(),
             local_pods: Default::default(),
-            gaps: HashMap::default(),
+            gap: None,
+            gapped: HashSet::default(),
             map_full: Default::default(),
             refused: Refused::default(),
         }
@@ -175,14 +178,24 @@ impl Correlator {
 
     /// Adopted observations went uncounted from `from_ns` to `to_ns`; their records say so.
     pub fn mark_gap(&mut self, from_ns: u64, to_ns: u64, previous_agent: &str) {
-        let gap = crate::record::Gap {
+        self.gap = Some(crate::record::Gap {
             from: self.clock.rfc3339(from_ns),
             to: self.clock.rfc3339(to_ns),
             previous_agent: previous_agent.to_owned(),
-        };
-        for k in self.obs.keys() {
-            self.gaps.insert(*k, gap.clone());
+        });
+        self.gapped = self.obs.keys().copied().collect();
+    }
+
+    /// The gap, if `c` has an adopted observation.
+    fn gap_of(&self, c: &Conn<'_>) -> Option<crate::record::Gap> {
+        if self.gapped.is_empty() {
+            return None;
         }
+        c.legs()
+            .flat_map(|l| &l.obs)
+            .chain(&c.filter)
+            .any(|o| self.gapped.contains(&o.key))
+            .then(|| self.gap.clone())?
     }
 
     /// The flow map refused a new key between `from_ns` and `to_ns`: records of connections
@@ -196,6 +209,9 @@ impl Correlator {
 
     /// Whether the flow map was full while `c` was active.
     fn maybe_incomplete(&self, c: &Conn<'_>) -> bool {
+        if self.map_full.is_empty() {
+            return false;
+        }
         let (first, last) = (c.first_ns(), c.last_ns());
         self.map_full
             .iter()
@@ -449,7 +465,7 @@ impl Correlator {
         self.obs = observations;
         for k in &out.finished {
             self.obs.remove(k);
-            self.gaps.remove(k);
+            self.gapped.remove(k);
         }
         // An identity that no connection has any more (its start moved: an earlier key was read
         // late) would otherwise stay for ever.
@@ -577,11 +593,7 @@ impl Correlator {
             incomplete: self
                 .maybe_incomplete(c)
                 .then(|| vec!["flow_map_full".to_owned()]),
-            gap: c
-                .legs()
-                .flat_map(|l| &l.obs)
-                .chain(&c.filter)
-                .find_map(|o| self.gaps.get(&o.key).cloned()),
+            gap: self.gap_of(c),
         }
     }
 

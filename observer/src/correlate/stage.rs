@@ -127,12 +127,12 @@ impl<S: FlowSource> Stage<S> {
         let full_before = self.stats[Stat::FlowMapFull as usize];
         self.read_stats();
         let lost = self.stats[Stat::FlowEventsLost as usize] != lost_before;
+        let now = Clock::mono_now();
         if self.stats[Stat::FlowMapFull as usize] != full_before {
             // Some key of a connection active in this interval may be missing from its record.
-            self.corr
-                .note_map_full(self.last_poll_ns, Clock::mono_now());
+            self.corr.note_map_full(self.last_poll_ns, now);
         }
-        self.last_poll_ns = Clock::mono_now();
+        self.last_poll_ns = now;
         if flush != Flush::Due || lost || self.last_rescan.elapsed() >= RESCAN_EVERY {
             self.last_rescan = Instant::now();
             self.pending.extend(self.source.keys());

@@ -242,7 +242,7 @@ fn adopted_observations_carry_the_gap_and_new_ones_do_not() {
     assert_eq!(gap.previous_agent, "stopped");
     assert!(gap.from < gap.to);
     assert!(of(40201).gap.is_none());
-    assert!(c.gaps.is_empty(), "forgotten with the finished keys");
+    assert!(c.gapped.is_empty(), "forgotten with the finished keys");
 }
 
 #[test]
