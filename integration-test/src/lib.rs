@@ -108,6 +108,20 @@ pub fn add_pod(lab: &LabRun, pod: &str, node: &str, ip: &str) -> String {
         .to_owned()
 }
 
+/// An Ethernet frame to the broadcast address with `vlan_tags` (each a TPID; VIDs 100, 101, ...)
+/// before `ethertype` and `payload`.
+pub fn ethernet(vlan_tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
+    for (i, tpid) in vlan_tags.iter().enumerate() {
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&(100 + i as u16).to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
 /// Where lab agents serve /flows in tests (`--flows-addr`, inside each node's namespace).
 pub const FLOWS_ADDR: &str = "127.0.0.1:9465";
 

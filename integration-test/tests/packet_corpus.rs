@@ -12,24 +12,6 @@ const DST4: [u8; 4] = [10, 2, 0, 1];
 const SRC6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const DST6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
 
-fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-fn vlan(tags: &[u16], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
-    for (i, tpid) in tags.iter().enumerate() {
-        f.extend_from_slice(&tpid.to_be_bytes());
-        f.extend_from_slice(&(100 + i as u16).to_be_bytes());
-    }
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 fn tcp(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut h = vec![0u8; 20];
     h[0..2].copy_from_slice(&sport.to_be_bytes());
@@ -86,14 +68,15 @@ fn ipv6(exts: &[u8], proto: u8, l4: &[u8]) -> Vec<u8> {
 }
 
 fn v4_tcp() -> Vec<u8> {
-    eth(
+    ethernet(
+        &[],
         0x0800,
         &ipv4(SRC4, DST4, 6, 0, 0x4000, &tcp(40000, 8443, 0x02)),
     )
 }
 
 fn v6_tcp(exts: &[u8]) -> Vec<u8> {
-    eth(0x86DD, &ipv6(exts, 6, &tcp(40000, 8443, 0x02)))
+    ethernet(&[], 0x86DD, &ipv6(exts, 6, &tcp(40000, 8443, 0x02)))
 }
 
 /// What a frame must come to.
@@ -152,7 +135,7 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
         f,
         Expect::Counted("Malformed"),
     ));
-    let mut f = eth(0x0800, &ipv4(SRC4, DST4, 6, 0, 0, &[]));
+    let mut f = ethernet(&[], 0x0800, &ipv4(SRC4, DST4, 6, 0, 0, &[]));
     f[14] = 0x4f; // IHL 15: 60 bytes of header announced, 20 there
     c.push((
         "IPv4 IHL 15, no options".into(),
@@ -161,12 +144,17 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
     ));
     c.push((
         "IPv4 with 12 bytes of options".into(),
-        eth(0x0800, &ipv4(SRC4, DST4, 6, 12, 0, &tcp(40000, 8443, 0x10))),
+        ethernet(
+            &[],
+            0x0800,
+            &ipv4(SRC4, DST4, 6, 12, 0, &tcp(40000, 8443, 0x10)),
+        ),
         tcp4.clone(),
     ));
     c.push((
         "IPv4 first fragment (MF, offset 0)".into(),
-        eth(
+        ethernet(
+            &[],
             0x0800,
             &ipv4(SRC4, DST4, 6, 0, 0x2000, &tcp(40000, 8443, 0x10)),
         ),
@@ -174,7 +162,7 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
     ));
     c.push((
         "IPv4 later fragment".into(),
-        eth(0x0800, &ipv4(SRC4, DST4, 6, 0, 185, &[0xab; 64])),
+        ethernet(&[], 0x0800, &ipv4(SRC4, DST4, 6, 0, 185, &[0xab; 64])),
         Expect::Key(6, "10.1.0.1:0", "10.2.0.1:0", &["Fragment"]),
     ));
     for n in 1..=4 {
@@ -190,7 +178,7 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
         v6_tcp(&[0, 60, 43, 60, 60]),
         Expect::Counted("ExtHeaders"),
     ));
-    let mut frag = eth(0x86DD, &ipv6(&[44], 6, &[0xab; 32]));
+    let mut frag = ethernet(&[], 0x86DD, &ipv6(&[44], 6, &[0xab; 32]));
     frag[14 + 40 + 2..14 + 40 + 4].copy_from_slice(&(100u16 << 3).to_be_bytes());
     c.push((
         "IPv6 later fragment".into(),
@@ -198,24 +186,29 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
         Expect::Key(6, "[fd00::1]:0", "[fd00::2]:0", &["Fragment"]),
     ));
     let ip = ipv4(SRC4, DST4, 6, 0, 0, &tcp(40000, 8443, 0x10));
-    c.push(("802.1Q".into(), vlan(&[0x8100], 0x0800, &ip), tcp4.clone()));
+    c.push((
+        "802.1Q".into(),
+        ethernet(&[0x8100], 0x0800, &ip),
+        tcp4.clone(),
+    ));
     c.push((
         "QinQ".into(),
-        vlan(&[0x88A8, 0x8100], 0x0800, &ip),
+        ethernet(&[0x88A8, 0x8100], 0x0800, &ip),
         tcp4.clone(),
     ));
     c.push((
         "three VLAN tags".into(),
-        vlan(&[0x88A8, 0x8100, 0x8100], 0x0800, &ip),
+        ethernet(&[0x88A8, 0x8100, 0x8100], 0x0800, &ip),
         Expect::Counted("NonIp"),
     ));
     // Encapsulated traffic is what the hook sees: the outer header.
-    let inner = eth(0x0800, &ip);
+    let inner = ethernet(&[], 0x0800, &ip);
     let mut gre = vec![0, 0, 0x65, 0x58]; // GRE, transparent Ethernet bridging
     gre.extend_from_slice(&inner);
     c.push((
         "GRE-encapsulated Ethernet".into(),
-        eth(
+        ethernet(
+            &[],
             0x0800,
             &ipv4([192, 168, 0, 1], [192, 168, 0, 2], 47, 0, 0, &gre),
         ),
@@ -225,7 +218,8 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
     vxlan.extend_from_slice(&inner);
     c.push((
         "VXLAN".into(),
-        eth(
+        ethernet(
+            &[],
             0x0800,
             &ipv4(
                 [192, 168, 0, 1],
@@ -242,12 +236,12 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
     icmp.extend_from_slice(&[0; 56]);
     c.push((
         "ICMP echo".into(),
-        eth(0x0800, &ipv4(SRC4, DST4, 1, 0, 0, &icmp)),
+        ethernet(&[], 0x0800, &ipv4(SRC4, DST4, 1, 0, 0, &icmp)),
         Expect::Key(1, "10.1.0.1:0", "10.2.0.1:0", &["Icmp"]),
     ));
     c.push((
         "ARP".into(),
-        eth(0x0806, &[0; 28]),
+        ethernet(&[], 0x0806, &[0; 28]),
         Expect::Counted("NonIp"),
     ));
     // BPF_PROG_TEST_RUN builds an skb program's packet in one page (net/bpf/test_run.c,
@@ -258,7 +252,7 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
     jumbo_tcp.extend_from_slice(&jumbo_payload);
     c.push((
         "3000-byte frame".into(),
-        eth(0x0800, &ipv4(SRC4, DST4, 6, 0, 0x4000, &jumbo_tcp)),
+        ethernet(&[], 0x0800, &ipv4(SRC4, DST4, 6, 0, 0x4000, &jumbo_tcp)),
         tcp4,
     ));
     c

@@ -39,14 +39,6 @@ fn send_frames(ns: &str, frames: Vec<Vec<u8>>) {
     .expect("sender thread");
 }
 
-fn eth(ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![0xff; 6];
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 1]);
-    f.extend_from_slice(&ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
 fn ipv4(ver_ihl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
     let total = (20 + payload.len()) as u16;
     let mut h = vec![ver_ihl, 0];
@@ -68,18 +60,19 @@ fn malformed_and_truncated_frames_are_counted_not_parsed() {
     .unwrap();
     let frames = vec![
         // IHL 2 (8 bytes): impossible IPv4 header.
-        eth(0x0800, &ipv4(0x42, 6, &[0; 20])),
+        ethernet(&[], 0x0800, &ipv4(0x42, 6, &[0; 20])),
         // IPv4 header announcing TCP, with only 2 bytes of TCP header.
-        eth(0x0800, &ipv4(0x45, 6, &[0x1f, 0x90]))[..14 + 22].to_vec(),
+        ethernet(&[], 0x0800, &ipv4(0x45, 6, &[0x1f, 0x90]))[..14 + 22].to_vec(),
         // IPv6 header cut after 20 bytes.
-        eth(
+        ethernet(
+            &[],
             0x86dd,
             &[
                 0x60, 0, 0, 0, 0, 20, 6, 64, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
             ],
         ),
         // Not IP at all.
-        eth(0x88b5, &[0; 46]),
+        ethernet(&[], 0x88b5, &[0; 46]),
     ];
     send_frames(&lab.ns("pod-a"), frames);
     std::thread::sleep(Duration::from_millis(800));
