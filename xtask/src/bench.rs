@@ -154,26 +154,31 @@ fn programs() -> anyhow::Result<String> {
     println!(
         "==> each tc program next to a floor and a minimal counter (BPF_PROG_TEST_RUN, about a minute)"
     );
-    let out = Command::new(&crate::bins().agent)
-        .args(["test-run", "cost"])
+    let table = report_of(
+        Command::new(&crate::bins().agent).args(["test-run", "cost"]),
+        "observer test-run cost",
+    )?;
+    Ok(format!("\n`observer test-run cost`\n{table}"))
+}
+
+/// What `cmd` prints on stdout (its progress on stderr goes to the terminal); it must succeed.
+fn report_of(cmd: &mut Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
         .stderr(Stdio::inherit())
         .output()
-        .context("running observer test-run cost")?;
+        .with_context(|| format!("running {what}"))?;
     if !out.status.success() {
-        bail!("observer test-run cost failed: {}", out.status);
+        bail!("{what} failed: {}", out.status);
     }
-    Ok(format!(
-        "\n`observer test-run cost`\n{}",
-        String::from_utf8_lossy(&out.stdout)
-    ))
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Correlation throughput on synthetic input at 1k, 10k and 100k active connections (a plain
 /// timed loop, `observer/src/correlate/bench.rs`).
 fn userspace() -> anyhow::Result<String> {
     println!("==> correlation throughput on synthetic input (1k, 10k, 100k active connections)");
-    let out = crate::cargo()
-        .args([
+    let out = report_of(
+        crate::cargo().args([
             "test",
             "--release",
             "--quiet",
@@ -185,14 +190,10 @@ fn userspace() -> anyhow::Result<String> {
             "--",
             "--ignored",
             "--nocapture",
-        ])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running the correlation benchmark")?;
-    if !out.status.success() {
-        bail!("the correlation benchmark failed: {}", out.status);
-    }
-    let table: String = String::from_utf8_lossy(&out.stdout)
+        ]),
+        "the correlation benchmark",
+    )?;
+    let table: String = out
         .lines()
         .filter(|l| l.starts_with("  "))
         .map(|l| format!("{l}\n"))
@@ -264,14 +265,15 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
         .output();
     let mut lab = LabRun::up(&bins, LAB, None, dir)?;
     let reps = 2;
-    let pinned = match agent_cpus() {
+    // Given back at the end, so the parts after this one run on every CPU again.
+    let pinned_self = match agent_cpus() {
         Some(cpus) => {
-            crate::proc::pin_self(0)?;
             println!("==> load and lab traffic on CPU 0, agents on CPUs {cpus} (taskset)");
-            true
+            Some(crate::proc::pin_self(0)?)
         }
-        None => false,
+        None => None,
     };
+    let pinned = pinned_self.is_some();
 
     println!("==> baseline: no agent ({reps} x iperf3 {seconds}s, {reps} x {CONNS} connections)");
     let (base_tput, base_rate) = workloads(&lab, reps, seconds)?;

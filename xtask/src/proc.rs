@@ -28,17 +28,38 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
-/// Run this process (and what it starts from now on) on `cpu` only.
-pub fn pin_self(cpu: usize) -> std::io::Result<()> {
-    // SAFETY: a zeroed cpu_set_t with one bit set, passed by pointer with its size.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+/// This process (and what it starts meanwhile) runs on one CPU until the guard is dropped,
+/// which gives it back the CPUs it had.
+pub struct PinnedSelf(libc::cpu_set_t);
+
+fn set_affinity(set: &libc::cpu_set_t) -> std::io::Result<()> {
+    // SAFETY: a cpu_set_t we own, passed by pointer with its size.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Run this process (and what it starts from now on) on `cpu` only, until the guard goes.
+pub fn pin_self(cpu: usize) -> std::io::Result<PinnedSelf> {
+    // SAFETY: zeroed cpu_set_t values filled by the kernel and by CPU_SET.
+    let (before, one) = unsafe {
+        let mut before: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut before) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut one);
+        (before, one)
+    };
+    set_affinity(&one)?;
+    Ok(PinnedSelf(before))
+}
+
+impl Drop for PinnedSelf {
+    fn drop(&mut self) {
+        let _ = set_affinity(&self.0);
+    }
 }
 
 /// Move every thread of process `pid` to `cpus` (a taskset list, e.g. "1").
