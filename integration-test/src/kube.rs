@@ -19,7 +19,32 @@ pub fn binary() -> PathBuf {
 
 pub struct KubeApi {
     pub kubeconfig: PathBuf,
+    /// The API server's port on 127.0.0.1.
+    pub port: u16,
+    /// The CA that signed its serving certificate.
+    pub ca: PathBuf,
     procs: Vec<Child>,
+}
+
+/// A kubeconfig for the admin token of [`KubeApi`] at `server`.
+pub(crate) fn kubeconfig(server: &str, ca: Option<&str>) -> String {
+    let ca = ca.map_or(String::new(), |c| format!(", certificate-authority: {c}"));
+    [
+        "apiVersion: v1",
+        "kind: Config",
+        "clusters:",
+        "- name: test",
+        &format!("  cluster: {{server: \"{server}\"{ca}}}"),
+        "users:",
+        "- name: test",
+        "  user: {token: testtoken}",
+        "contexts:",
+        "- name: test",
+        "  context: {cluster: test, user: test}",
+        "current-context: test",
+    ]
+    .join("\n")
+        + "\n"
 }
 
 fn openssl(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
@@ -48,6 +73,8 @@ impl KubeApi {
         };
         let mut api = KubeApi {
             kubeconfig: dir.join("kubeconfig"),
+            port: api_port,
+            ca: dir.join("ca.crt"),
             procs: Vec::new(),
         };
         api.procs.push(
@@ -73,7 +100,9 @@ impl KubeApi {
                 .arg(format!("--tls-cert-file={}", p("tls.crt")))
                 .arg(format!("--tls-private-key-file={}", p("tls.key")))
                 .arg(format!("--token-auth-file={}", p("tokens.csv")))
-                .arg("--authorization-mode=AlwaysAllow")
+                // RBAC, as a cluster has it: the admin token is in system:masters; /flows readers
+                // are checked with SubjectAccessReview.
+                .arg("--authorization-mode=RBAC")
                 .arg(format!("--service-account-key-file={}", p("sa.key")))
                 .arg(format!(
                     "--service-account-signing-key-file={}",
@@ -89,24 +118,7 @@ impl KubeApi {
                 .context("starting kube-apiserver")?,
         );
         let server = format!("https://127.0.0.1:{api_port}");
-        let kubeconfig = [
-            "apiVersion: v1",
-            "kind: Config",
-            "clusters:",
-            "- name: test",
-            &format!(
-                "  cluster: {{server: \"{server}\", certificate-authority: {}}}",
-                p("ca.crt")
-            ),
-            "users:",
-            "- name: test",
-            "  user: {token: testtoken}",
-            "contexts:",
-            "- name: test",
-            "  context: {cluster: test, user: test}",
-            "current-context: test",
-        ];
-        std::fs::write(&api.kubeconfig, kubeconfig.join("\n") + "\n")?;
+        std::fs::write(&api.kubeconfig, kubeconfig(&server, Some(&p("ca.crt"))))?;
         wait_ready(dir, api_port)?;
         Ok(api)
     }

@@ -6,6 +6,7 @@
 //! test` builds them first. Like aya's `integration-test` crate, this one is a workspace member
 //! of its own, so neither product depends on the other or on test code.
 
+pub mod api_faults;
 pub mod kube;
 
 use std::{
@@ -239,6 +240,44 @@ pub fn curl_web(lab: &LabRun, pod: &str, timeout_s: u32) -> std::process::Output
 }
 
 /// Run `observer ARGS...`, which must succeed; returns its stdout.
+/// `observer explain ARGS...` run inside `node` (where the agents' /flows listen); must
+/// succeed. Its stdout.
+pub fn explain_in(lab: &LabRun, node: &str, args: &[&str]) -> Vec<u8> {
+    let bin_path = bin().to_string_lossy().into_owned();
+    let argv: Vec<&str> = [bin_path.as_str(), "explain"]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect();
+    let out = lab.exec(node, &argv).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// The HTTP status of a GET of `url` from inside `node`, with a bearer token if given.
+pub fn http_status(lab: &LabRun, node: &str, url: &str, token: Option<&str>) -> String {
+    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
+    let mut args = vec![
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-m",
+        "10",
+    ];
+    if let Some(a) = &auth {
+        args.extend(["-H", a.as_str()]);
+    }
+    args.push(url);
+    let out = lab.exec(node, &args).unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn observer(args: &[&str]) -> String {
     run_ok(&bin(), args)
 }

@@ -88,31 +88,22 @@ fn egress_policy_on_the_service_port_is_explained_and_fixed() {
     );
     assert!(v["explanation"].as_str().unwrap().contains("OBS-FW-pod-a"));
     // The same verdict from the agent's own endpoint (inside node-a) and selected by pod name.
-    let bin_path = bin().to_string_lossy().into_owned();
-    let out = lab
-        .exec(
-            "node-a",
-            &[
-                &bin_path,
-                "explain",
-                &format!("http://{FLOWS_ADDR}/flows"),
-                "--token-file",
-                &token,
-                "--pod",
-                "pod-a",
-                "--names",
-                &lab.names_file().to_string_lossy(),
-                "--format",
-                "json",
-            ],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = explain_in(
+        &lab,
+        "node-a",
+        &[
+            &format!("http://{FLOWS_ADDR}/flows"),
+            "--token-file",
+            &token,
+            "--pod",
+            "pod-a",
+            "--names",
+            &lab.names_file().to_string_lossy(),
+            "--format",
+            "json",
+        ],
     );
-    let from_http: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let from_http: Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(from_http[0]["layer"], "network_policy_egress");
     assert_eq!(
         from_http[0]["fix"]["network_policy"],
@@ -497,26 +488,6 @@ fn masqueraded_nodeport_blocked_between_nodes_gets_a_rule_for_the_node_network()
 }
 
 /// The HTTP status of GET `url` from inside `node`, with `token` as bearer if given.
-fn status_in(lab: &LabRun, node: &str, url: &str, token: Option<&str>) -> String {
-    let auth = token.map(|t| format!("Authorization: Bearer {t}"));
-    let mut args = vec![
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "-m",
-        "5",
-    ];
-    if let Some(a) = &auth {
-        args.extend(["-H", a.as_str()]);
-    }
-    args.push(url);
-    let out = lab.exec(node, &args).unwrap();
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn flow_records_are_served_only_on_their_own_listener_and_only_with_the_token() {
     // Asked for without a token file, the agent refuses to start.
@@ -542,16 +513,16 @@ fn flow_records_are_served_only_on_their_own_listener_and_only_with_the_token() 
     let secret = std::fs::read_to_string(&token).unwrap();
     // Not on the metrics listener any more; on its own, only with the token.
     assert_eq!(
-        status_in(&lab, "node-a", "http://127.0.0.1:9464/flows", None),
+        http_status(&lab, "node-a", "http://127.0.0.1:9464/flows", None),
         "404"
     );
-    assert_eq!(status_in(&lab, "node-a", &flows, None), "401");
+    assert_eq!(http_status(&lab, "node-a", &flows, None), "401");
     assert_eq!(
-        status_in(&lab, "node-a", &flows, Some("lab-flows-token-0123456788")),
+        http_status(&lab, "node-a", &flows, Some("lab-flows-token-0123456788")),
         "401"
     );
     assert_eq!(
-        status_in(&lab, "node-a", &flows, Some(secret.trim())),
+        http_status(&lab, "node-a", &flows, Some(secret.trim())),
         "200"
     );
     let m = lab.metrics("node-a").unwrap();

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use integration_test::api_faults::{ApiFaults, Fault};
 use integration_test::kube::KubeApi;
 use integration_test::*;
 
@@ -195,22 +196,33 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
     let lab = lab("kdry", None);
     let api = KubeApi::start(&lab.dir.join("kube"), 50 + (std::process::id() % 50) as u16)
         .expect("kube-apiserver starts");
-    let base = format!("{}/../deploy/base", env!("CARGO_MANIFEST_DIR"));
     // The Namespace must exist for the namespaced objects' dry run.
     api.kubectl(&["create", "namespace", "observer"], None)
         .unwrap();
-    let out = api
-        .kubectl(&["apply", "--dry-run=server", "-k", &base], None)
-        .unwrap();
-    for obj in [
-        "serviceaccount/observer",
-        "clusterrole.rbac.authorization.k8s.io/observer",
-        "daemonset.apps/observer",
-        "service/observer-metrics",
+    for (dir, extra) in [
+        ("base", None),
+        (
+            "overlays/flows-kubernetes-auth",
+            Some("clusterrole.rbac.authorization.k8s.io/observer-flows-reader"),
+        ),
     ] {
-        assert!(out.contains(obj), "{obj} missing: {out}");
+        let dir = format!("{}/../deploy/{dir}", env!("CARGO_MANIFEST_DIR"));
+        let out = api
+            .kubectl(&["apply", "--dry-run=server", "-k", &dir], None)
+            .unwrap();
+        for obj in [
+            "serviceaccount/observer",
+            "clusterrole.rbac.authorization.k8s.io/observer",
+            "daemonset.apps/observer",
+            "service/observer-metrics",
+        ]
+        .into_iter()
+        .chain(extra)
+        {
+            assert!(out.contains(obj), "{dir}: {obj} missing: {out}");
+        }
+        assert!(out.contains("(server dry run)"), "{out}");
     }
-    assert!(out.contains("(server dry run)"), "{out}");
 
     // The NetworkPolicies `explain` writes as fixes are valid objects for this apiserver: an
     // egress fix, an ingress fix, and both of a same-node drop (recorded lab logs).
@@ -249,48 +261,97 @@ fn deploy_manifests_pass_a_server_side_dry_run() {
     }
 }
 
-#[test]
-fn an_api_that_stops_answering_stops_no_record_and_names_come_back_with_it() {
-    let mut lab = lab("k8sdown", None);
-    let api = api(&lab, 100);
-    let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
+/// How the API server is broken in [`names_survive`].
+#[derive(Clone, Copy, PartialEq)]
+enum Broken {
+    /// It hangs (SIGSTOP): connections open, nothing answers.
+    Frozen,
+    /// It answers, wrongly.
+    Failing(Fault),
+}
+
+/// The API breaks under a running agent: records keep coming, named from what the agent knew;
+/// a pod it cannot hear of meanwhile has no name, and gets it once the API answers again. The
+/// agent reaches the API through [`ApiFaults`] in every case.
+fn names_survive(prefix: &str, slot: u16, broken: Broken) {
+    let mut lab = lab(prefix, None);
+    let api = api(&lab, slot);
+    let faults = ApiFaults::start(&api, &lab.dir.join("kube")).expect("API proxy");
+    let kubeconfig = faults.kubeconfig.to_string_lossy().into_owned();
     lab.start_agent(
         "node-a",
         &["--idle-timeout", "2s", "--kubeconfig", &kubeconfig],
     )
     .unwrap();
     let log = lab.dir.join("agent-node-a.log");
+    let read_log = || std::fs::read_to_string(&log).unwrap();
     let listed = (0..100).any(|_| {
         std::thread::sleep(Duration::from_millis(100));
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("services listed")
+        read_log().contains("services listed")
     });
     assert!(listed);
 
-    // The API hangs: records keep coming, named from what the agent already knew.
-    api.freeze(true);
+    match broken {
+        Broken::Frozen => api.freeze(true),
+        Broken::Failing(f) => faults.set(f),
+    }
     let during = next_connection(&lab, 1);
     assert_eq!(during["src_pod"]["name"], "frontend-7d9", "{during}");
     assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
 
-    // A pod the agent cannot hear of while the API hangs has no name yet...
+    // A pod the agent cannot hear of has no name yet...
     add_pod(&lab, "late", "node-a", "10.244.1.77");
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(curl_web(&lab, "late", 5).status.success());
     let from_late = |rs: &[serde_json::Value]| {
         rs.iter()
             .filter(|r| r["pre_dnat"]["src"] == "10.244.1.77" && r["final"] == true)
             .cloned()
             .collect::<Vec<_>>()
     };
-    let rs = lab
-        .wait_records("node-a", WAIT, |rs| !from_late(rs).is_empty())
-        .unwrap();
-    assert!(from_late(&rs)[0].get("src_pod").is_none());
+    let late_record = || {
+        let before = from_late(&lab.records("node-a").unwrap()).len();
+        assert!(curl_web(&lab, "late", 5).status.success());
+        let rs = lab
+            .wait_records("node-a", WAIT, |rs| from_late(rs).len() > before)
+            .unwrap();
+        from_late(&rs).pop().unwrap()
+    };
+    assert!(late_record().get("src_pod").is_none());
 
-    // ...and has one once the API answers again and the pod is there.
-    api.freeze(false);
+    // ...not even once it is in the API (a hung API server takes no kubectl either, so that
+    // pod comes after)...
+    if broken != Broken::Frozen {
+        create_late_pod(&api);
+    }
+    if broken == Broken::Failing(Fault::WatchGone) {
+        // ...except where lists still pass: 410 on a watch means list again, and that list
+        // names the pod while every watch still fails.
+        wait_named(late_record, "after a relist, with watches still gone");
+        assert!(read_log().contains("watching pods"), "the 410 is reported");
+    } else {
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(late_record().get("src_pod").is_none());
+    }
+
+    // ...and has one once the API answers again.
+    match broken {
+        Broken::Frozen => {
+            api.freeze(false);
+            create_late_pod(&api);
+        }
+        Broken::Failing(_) => faults.set(Fault::None),
+    }
+    wait_named(late_record, "after the API came back");
+    if let Broken::Failing(Fault::InternalError) = broken {
+        assert!(
+            read_log().contains("watching pods"),
+            "the 500s are reported"
+        );
+    }
+    lab_cmd(&["del-pod", "late", "--name", &lab.name]);
+}
+
+fn create_late_pod(api: &KubeApi) {
     api.kubectl(
         &["apply", "-f", "-"],
         Some(
@@ -313,21 +374,140 @@ fn an_api_that_stops_answering_stops_no_record_and_names_come_back_with_it() {
         None,
     )
     .unwrap();
+}
+
+/// New connections of the late pod until one is named `late-1`.
+fn wait_named(record: impl Fn() -> serde_json::Value, when: &str) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         std::thread::sleep(Duration::from_millis(1000));
-        let before = from_late(&lab.records("node-a").unwrap()).len();
-        assert!(curl_web(&lab, "late", 5).status.success());
-        let rs = lab
-            .wait_records("node-a", WAIT, |rs| from_late(rs).len() > before)
-            .unwrap();
-        if from_late(&rs).last().unwrap()["src_pod"]["name"] == "late-1" {
-            break;
+        if record()["src_pod"]["name"] == "late-1" {
+            return;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "the pod was never named after the API came back"
+            "the pod was never named {when}"
         );
     }
-    lab_cmd(&["del-pod", "late", "--name", &lab.name]);
+}
+
+#[test]
+fn an_api_that_stops_answering_stops_no_record_and_names_come_back_with_it() {
+    names_survive("k8sdown", 100, Broken::Frozen);
+}
+
+#[test]
+fn an_api_that_answers_500_stops_no_record_and_names_come_back_with_it() {
+    names_survive("k8s500", 200, Broken::Failing(Fault::InternalError));
+}
+
+#[test]
+fn watches_that_answer_410_gone_are_listed_again_and_name_new_pods() {
+    names_survive("k8s410", 250, Broken::Failing(Fault::WatchGone));
+}
+
+#[test]
+fn flows_are_served_to_the_users_rbac_allows_and_checked_by_the_api_server() {
+    let mut lab = lab("kflows", None);
+    let api = api(&lab, 150);
+    let rbac = format!(
+        "{}/../deploy/overlays/flows-kubernetes-auth/flows-rbac.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    api.kubectl(&["apply", "-f", &rbac], None).unwrap();
+    for sa in ["reader", "stranger"] {
+        api.kubectl(&["-n", "shop", "create", "serviceaccount", sa], None)
+            .unwrap();
+    }
+    api.kubectl(
+        &[
+            "create",
+            "clusterrolebinding",
+            "reader-reads-flows",
+            "--clusterrole=observer-flows-reader",
+            "--serviceaccount=shop:reader",
+        ],
+        None,
+    )
+    .unwrap();
+    let token = |sa: &str, audience: Option<&str>| {
+        let mut args = vec!["-n", "shop", "create", "token", sa];
+        if let Some(a) = audience {
+            args.extend(["--audience", a]);
+        }
+        api.kubectl(&args, None).unwrap().trim().to_owned()
+    };
+    let reader = token("reader", Some("observer"));
+    let stranger = token("stranger", Some("observer"));
+    let reader_for_the_api = token("reader", None);
+    let late_reader = token("reader", Some("observer"));
+
+    let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
+    lab.start_agent(
+        "node-a",
+        &[
+            "--kubeconfig",
+            &kubeconfig,
+            "--flows-addr",
+            FLOWS_ADDR,
+            "--flows-auth",
+            "kubernetes",
+        ],
+    )
+    .expect("agent starts");
+    let flows = format!("http://{FLOWS_ADDR}/flows");
+    let status = |t: Option<&str>| http_status(&lab, "node-a", &flows, t);
+    assert_eq!(status(None), "401");
+    assert_eq!(status(Some("not-a-token-at-all-0123456789")), "401");
+    assert_eq!(status(Some(&reader_for_the_api)), "401", "another audience");
+    assert_eq!(status(Some(&stranger)), "403", "RBAC does not allow it");
+    assert_eq!(status(Some(&reader)), "200");
+
+    // explain reads it with the reader's token.
+    let token_file = lab.dir.join("reader-token");
+    std::fs::write(&token_file, &reader).unwrap();
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    lab.wait_records("node-a", WAIT, |rs| rs.iter().any(|r| r["final"] == true))
+        .unwrap();
+    let out = explain_in(
+        &lab,
+        "node-a",
+        &[
+            &flows,
+            "--token-file",
+            &token_file.to_string_lossy(),
+            "--format",
+            "json",
+        ],
+    );
+    assert!(String::from_utf8_lossy(&out).contains("100.64.0.10"));
+
+    // The API hangs: a token it answered for a moment ago is still let in; one it never saw
+    // gets 503 within the review timeout, and the agent answers everything else meanwhile.
+    api.freeze(true);
+    assert_eq!(status(Some(&reader)), "200");
+    let asked = std::time::Instant::now();
+    assert_eq!(status(Some(&late_reader)), "503");
+    assert!(
+        asked.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
+    api.freeze(false);
+    assert_eq!(status(Some(&late_reader)), "200");
+
+    let m = lab.metrics("node-a").unwrap();
+    for (outcome, n) in [
+        ("unauthorized", 3.0),
+        ("forbidden", 1.0),
+        ("served", 4.0),
+        ("unavailable", 1.0),
+    ] {
+        assert_eq!(
+            metric(&m, "observer_flows_requests_total", &[("outcome", outcome)]),
+            Some(n),
+            "{outcome}"
+        );
+    }
 }

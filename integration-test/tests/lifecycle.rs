@@ -1,6 +1,7 @@
 //! Agent lifecycle against the real kernel: flush and detach on SIGTERM, clsact mode cleanup,
 //! and the errors a user can act on.
 
+use std::os::unix::fs::MetadataExt as _;
 use std::{
     collections::HashSet,
     process::{Command, Output},
@@ -163,6 +164,25 @@ fn a_restart_or_a_crash_keeps_the_counters_of_open_flows() {
     assert!(
         pin.join("CT_ORIG").exists(),
         "and its keys' conntrack tuples"
+    );
+    // Owners and modes as docs/config.md says: root's alone.
+    for (path, want) in [(pin.clone(), 0o700), (pin.join("FLOWS"), 0o600)] {
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (0, want),
+            "{}",
+            path.display()
+        );
+    }
+    let log_mode = std::fs::metadata(lab.dir.join("node-a.jsonl"))
+        .unwrap()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        log_mode & 0o027,
+        0,
+        "the flow log is not for others: {log_mode:o}"
     );
 
     // Agent 2 adopts it; connection 2 opens under agent 2, which then crashes.

@@ -44,6 +44,9 @@ pub enum LabCommand {
     Names(LabNameArgs),
     /// Traffic generator used inside pods: connect to ADDR:PORT and exchange a request.
     Client(ClientArgs),
+    /// Load generator used inside pods: short connections (or UDP exchanges) at a fixed rate for
+    /// a fixed time; prints what it did as JSON (answered, failed, not started, client ports).
+    Storm(StormArgs),
     /// Server run inside each pod by `lab up` (TCP answers like HTTP, UDP echoes).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -144,6 +147,28 @@ pub struct ClientArgs {
     /// 4-tuple; forces --concurrency 1).
     #[arg(long)]
     pub source_port: Option<u16>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StormArgs {
+    /// Destination, e.g. 100.64.0.10:443.
+    #[arg(long)]
+    pub to: SocketAddr,
+    #[arg(long, value_enum, default_value_t = L4::Tcp)]
+    pub proto: L4,
+    /// New connections (UDP: exchanges, each from a new socket) per second.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate: u32,
+    /// How long to keep starting them.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Per-exchange timeout.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// Connections open at once at most; one due while this many are open is not started
+    /// (and counted as such).
+    #[arg(long, default_value_t = 4000)]
+    pub max_in_flight: usize,
 }
 
 #[derive(Args, Debug, Clone)]

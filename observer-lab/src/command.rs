@@ -80,6 +80,14 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
                 1
             })
         }
+        LabCommand::Storm(a) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(crate::storm::storm(a));
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(0)
+        }
         LabCommand::Serve(a) => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

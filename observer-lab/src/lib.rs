@@ -9,7 +9,8 @@
 //!   iptables mode, `kubeproxy_nft` its nftables mode; `outside` is a host beyond the VPC and
 //!   the nodes' masquerade towards it; `socket_lb` loads the socket-level load balancer
 //!   (`observer-lab-ebpf`) for `--lb socket`;
-//! - `traffic` is the server in each backend pod and the client the tests use;
+//! - `traffic` is the server in each backend pod and the client the tests use; `storm` the
+//!   load generator of the storm bench (connections at a fixed rate, each counted);
 //! - `drive` runs a lab and its agents from outside, for the demo, the benches and the tests.
 
 pub mod cli;
@@ -26,6 +27,7 @@ pub mod netns;
 pub mod outside;
 pub mod policy;
 pub mod socket_lb;
+pub mod storm;
 pub mod traffic;
 
 pub use lab::{Lab, LabError};

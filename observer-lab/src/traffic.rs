@@ -119,10 +119,20 @@ async fn connect(args: &ClientArgs) -> std::io::Result<TcpStream> {
     }
 }
 
-/// One exchange: the answering pod's name, and the peer as the socket API reports it
-/// (getpeername() for TCP, the reply's source for UDP): behind a socket load balancer, the
-/// backend it connected to, or the Service address it shows replies as coming from.
-async fn exchange(args: &ClientArgs) -> Result<(String, String), String> {
+/// What one exchange saw.
+pub(crate) struct Exchange {
+    /// The answering pod's name.
+    pub answer: String,
+    /// The peer as the socket API reports it (getpeername() for TCP, the reply's source for
+    /// UDP): behind a socket load balancer, the backend it connected to, or the Service address
+    /// it shows replies as coming from.
+    pub peer: String,
+    /// The client's own port: with its address, what names the connection in flow records.
+    pub local_port: u16,
+}
+
+/// One exchange with `args.to`.
+pub(crate) async fn exchange(args: &ClientArgs) -> Result<Exchange, String> {
     match args.proto {
         L4::Tcp => {
             let mut s = timeout(args.timeout, connect(args))
@@ -133,6 +143,10 @@ async fn exchange(args: &ClientArgs) -> Result<(String, String), String> {
                 .peer_addr()
                 .map_err(|e| format!("getpeername: {e}"))?
                 .to_string();
+            let local_port = s
+                .local_addr()
+                .map_err(|e| format!("getsockname: {e}"))?
+                .port();
             tokio::time::sleep(args.hold).await;
             s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nUser-Agent: observer-lab\r\n\r\n")
                 .await
@@ -145,7 +159,11 @@ async fn exchange(args: &ClientArgs) -> Result<(String, String), String> {
             let text = String::from_utf8_lossy(&resp);
             text.split("\r\n\r\n")
                 .nth(1)
-                .map(|b| (b.trim().to_owned(), peer))
+                .map(|b| Exchange {
+                    answer: b.trim().to_owned(),
+                    peer,
+                    local_port,
+                })
                 .ok_or_else(|| "malformed answer".to_owned())
         }
         L4::Udp => {
@@ -167,10 +185,14 @@ async fn exchange(args: &ClientArgs) -> Result<(String, String), String> {
                 .await
                 .map_err(|_| "answer timed out".to_owned())?
                 .map_err(|e| format!("receive: {e}"))?;
-            Ok((
-                String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
-                from.to_string(),
-            ))
+            Ok(Exchange {
+                answer: String::from_utf8_lossy(&buf[..n]).trim().to_owned(),
+                peer: from.to_string(),
+                local_port: sock
+                    .local_addr()
+                    .map_err(|e| format!("getsockname: {e}"))?
+                    .port(),
+            })
         }
     }
 }
@@ -200,9 +222,9 @@ pub async fn client(args: ClientArgs) -> bool {
     let mut errors: BTreeMap<String, usize> = BTreeMap::new();
     for t in tasks {
         match t.await {
-            Ok(Ok((name, peer))) => {
-                *answers.entry(name).or_default() += 1;
-                *peers.entry(peer).or_default() += 1;
+            Ok(Ok(x)) => {
+                *answers.entry(x.answer).or_default() += 1;
+                *peers.entry(x.peer).or_default() += 1;
             }
             Ok(Err(e)) => *errors.entry(e).or_default() += 1,
             Err(e) => *errors.entry(e.to_string()).or_default() += 1,

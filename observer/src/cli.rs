@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::{
     explain::{ExplainArgs, SuggestArgs},
@@ -80,15 +80,32 @@ pub struct AgentArgs {
 
     /// Serve the recent flow records at /flows on this address, for `observer explain
     /// http://ADDR/flows`. Off by default: they name every pod's connections, processes and
-    /// labels. Needs --flows-token-file.
-    #[arg(long, env = "OBSERVER_FLOWS_ADDR", requires = "flows_token_file")]
+    /// labels. Needs --flows-token-file, or --flows-auth kubernetes.
+    #[arg(long, env = "OBSERVER_FLOWS_ADDR")]
     pub flows_addr: Option<SocketAddr>,
+
+    /// Who may read /flows: `token`, the holder of the bearer token in --flows-token-file;
+    /// `kubernetes`, a user whose token (for --flows-token-audience) the API server accepts
+    /// (TokenReview) and whom RBAC lets `get` the non-resource URL /flows
+    /// (SubjectAccessReview). `kubernetes` needs --kubernetes or --kubeconfig.
+    #[arg(long, env = "OBSERVER_FLOWS_AUTH", value_enum, default_value_t = FlowsAuthMode::Token, requires = "flows_addr")]
+    pub flows_auth: FlowsAuthMode,
 
     /// File holding the bearer token a /flows client must send (`Authorization: Bearer ...`;
     /// `observer explain --token-file`), e.g. a mounted Secret; read on each request, so a
     /// rotated token needs no restart.
     #[arg(long, env = "OBSERVER_FLOWS_TOKEN_FILE", requires = "flows_addr")]
     pub flows_token_file: Option<PathBuf>,
+
+    /// With --flows-auth kubernetes, the audience a reader's token must be issued for
+    /// (`kubectl create token SA --audience observer`): a token for the API server itself is
+    /// refused, so a token sent to /flows is of no use against the API.
+    #[arg(
+        long,
+        env = "OBSERVER_FLOWS_TOKEN_AUDIENCE",
+        default_value = "observer"
+    )]
+    pub flows_token_audience: String,
 
     /// Interval between interim records of long-lived connections.
     #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -160,6 +177,13 @@ pub struct AgentArgs {
     /// directory.
     #[arg(long, env = "OBSERVER_PIN_WAIT", default_value = "30s", value_parser = parse_duration)]
     pub pin_wait: Duration,
+}
+
+/// Who may read /flows (`--flows-auth`).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FlowsAuthMode {
+    Token,
+    Kubernetes,
 }
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {

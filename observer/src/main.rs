@@ -26,7 +26,11 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Agent(args) => {
-            let names = match agent::names(&args) {
+            if let Err(e) = agent::check_flows_args(&args) {
+                log::error!("{}", error_chain(&e));
+                std::process::exit(2);
+            }
+            let kube = match agent::names(&args) {
                 Ok(n) => n,
                 Err(e) => {
                     log::error!("{}", error_chain(&e));
@@ -50,7 +54,7 @@ fn main() {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match rt.block_on(agent::run(*args, names, pin)) {
+            match rt.block_on(agent::run(*args, kube, pin)) {
                 Ok(()) => 0,
                 Err(e) => {
                     log::error!("{}", error_chain(&e));

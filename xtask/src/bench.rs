@@ -13,6 +13,9 @@
 //! - Correlation throughput on synthetic input at 1k, 10k and 100k active connections.
 //! - Agent resident memory and kernel map memory.
 //! - The agent's memory for a large cluster's names (`kube_scale.rs`).
+//! - A connection storm at fixed rates, every connection checked for its record (`storm.rs`).
+//! - On request only (`--only soak`), minutes of load with the agents restarted every minute
+//!   (`soak.rs`).
 //!
 //! Numbers come from a 2-core machine with everything (both nodes, both pods, iperf3) on it:
 //! read them as ratios, not absolutes.
@@ -125,7 +128,21 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len() as f64
 }
 
-pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result<()> {
+/// What the storm part runs: rates (new connections/s) and seconds per rate.
+pub struct Storm {
+    pub rates: Vec<u32>,
+    pub seconds: u32,
+    /// The soak (`--only soak`, not part of a full run): minutes and connections/s.
+    pub soak_minutes: u32,
+    pub soak_rate: u32,
+}
+
+pub fn run(
+    seconds: u32,
+    only: Option<&str>,
+    cluster: Cluster,
+    storm: &Storm,
+) -> anyhow::Result<()> {
     let dir = crate::workspace_root().join("target/bench");
     let mut out = String::new();
     let part = |name: &str| only.is_none() || only == Some(name);
@@ -137,6 +154,12 @@ pub fn run(seconds: u32, only: Option<&str>, cluster: Cluster) -> anyhow::Result
     }
     if part("datapath") {
         out += &datapath(seconds, &dir)?;
+    }
+    if part("storm") {
+        out += &crate::storm::run(&storm.rates, storm.seconds, &dir)?;
+    }
+    if only == Some("soak") {
+        out += &crate::soak::run(storm.soak_minutes, storm.soak_rate, &dir)?;
     }
     if part("kube") {
         out += &crate::kube_scale::run(cluster)?;
@@ -334,8 +357,17 @@ fn datapath(seconds: u32, dir: &std::path::Path) -> anyhow::Result<String> {
     }))
 }
 
-fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
-    for node in ["node-a", "node-b"] {
+pub(crate) fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
+    start_agents_on(lab, &["node-a", "node-b"], extra)
+}
+
+/// Start an agent on each of `nodes`, on the agents' CPUs.
+pub(crate) fn start_agents_on(
+    lab: &mut LabRun,
+    nodes: &[&str],
+    extra: &[&str],
+) -> anyhow::Result<()> {
+    for &node in nodes {
         let args: Vec<&str> = ["--idle-timeout", "5s"]
             .into_iter()
             .chain(extra.iter().copied())
@@ -353,7 +385,7 @@ fn start_agents(lab: &mut LabRun, extra: &[&str]) -> anyhow::Result<()> {
 /// client, iperf3, and the packets' softirq work, which runs where they are sent) is kept on CPU 0
 /// and the agents on the others, so the connection rate shows what the agents cost the datapath,
 /// not how the scheduler shares one core between them.
-fn agent_cpus() -> Option<String> {
+pub(crate) fn agent_cpus() -> Option<String> {
     let n = online_cpus();
     (n >= 2).then(|| format!("1-{}", n - 1))
 }
@@ -365,7 +397,7 @@ fn online_cpus() -> usize {
 }
 
 /// Both agents' CPU seconds so far.
-fn agents_cpu(lab: &LabRun) -> f64 {
+pub(crate) fn agents_cpu(lab: &LabRun) -> f64 {
     lab.agents
         .iter()
         .map(|a| crate::proc::cpu_seconds(a.child.id()))
@@ -543,7 +575,7 @@ fn alternating_rows(what: &str, a: &Alternating) -> String {
     out
 }
 
-fn metric_sum(text: &str, name: &str) -> f64 {
+pub(crate) fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -12,6 +12,8 @@ mod kube_apiserver;
 mod kube_scale;
 mod proc;
 mod setup;
+mod soak;
+mod storm;
 
 use std::process::Command;
 
@@ -54,10 +56,25 @@ enum Task {
         seconds: u32,
         /// Run one part only: `programs` (each tc program under BPF_PROG_TEST_RUN next to
         /// reference programs), `userspace` (correlation throughput on synthetic input),
-        /// `datapath` (throughput, connection rate, per-program cost in the lab) or `kube` (the
-        /// agent's memory for a large cluster's names).
-        #[arg(long, value_parser = ["programs", "userspace", "datapath", "kube"])]
+        /// `datapath` (throughput, connection rate, per-program cost in the lab), `storm`
+        /// (connections at fixed rates, each checked for its record) or `kube` (the agent's
+        /// memory for a large cluster's names).
+        /// `soak` (minutes of load with the agents restarted every minute) runs only when
+        /// asked for.
+        #[arg(long, value_parser = ["programs", "userspace", "datapath", "storm", "kube", "soak"])]
         only: Option<String>,
+        /// New connections per second of the storm part, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000,20000")]
+        rates: Vec<u32>,
+        /// Seconds per storm rate.
+        #[arg(long, default_value_t = 30)]
+        storm_seconds: u32,
+        /// Minutes of the soak.
+        #[arg(long, default_value_t = 10)]
+        soak_minutes: u32,
+        /// New connections per second of the soak.
+        #[arg(long, default_value_t = 500)]
+        soak_rate: u32,
         /// Pods in the replayed cluster of the `kube` part.
         #[arg(long, default_value_t = 150_000)]
         pods: usize,
@@ -113,6 +130,10 @@ fn main() -> anyhow::Result<()> {
             only,
             pods,
             nodes,
+            rates,
+            storm_seconds,
+            soak_minutes,
+            soak_rate,
         } => {
             setup::ensure()?;
             build()?;
@@ -122,7 +143,13 @@ fn main() -> anyhow::Result<()> {
                 services: pods / 15,
                 namespaces: 1_000,
             };
-            bench::run(seconds, only.as_deref(), cluster)
+            let storm = bench::Storm {
+                rates,
+                seconds: storm_seconds,
+                soak_minutes,
+                soak_rate,
+            };
+            bench::run(seconds, only.as_deref(), cluster, &storm)
         }
         Task::Image => {
             setup::ensure()?;

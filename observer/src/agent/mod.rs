@@ -15,7 +15,7 @@ mod setup;
 
 use std::{
     path::PathBuf,
-    sync::{Arc, RwLock, atomic::Ordering},
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use setup::{enter_netns, names, pin_dir};
+pub use setup::{FromKubernetes, check_flows_args, enter_netns, names, pin_dir};
 
 use crate::{
     cli::AgentArgs,
@@ -36,6 +36,7 @@ use crate::{
         stage::{Stage, Wires},
     },
     export::{
+        flows_auth::FlowsAuth,
         http::{self, Health, RecentFlows},
         json::{FlowLog, JsonError},
         metrics::Metrics,
@@ -50,7 +51,6 @@ use crate::{
         pin::{PinDir, PinError},
         preflight::PreflightError,
     },
-    names::Names,
     readers::{self, DropNamer, KernelFlows, Rings, rule_trace::RuleTracer},
 };
 
@@ -86,6 +86,8 @@ pub enum AgentError {
     RingBuf(std::io::Error),
     #[error("the {stage} stage stopped: {why}")]
     Stage { stage: &'static str, why: String },
+    #[error("{0}")]
+    FlowsArgs(String),
     #[error("--flows-token-file {path}: {why}")]
     FlowsToken { path: PathBuf, why: String },
 }
@@ -94,14 +96,17 @@ pub enum AgentError {
 const RECENT_FLOWS: usize = 1000;
 /// Kernel events waiting for correlation; beyond it the reader waits and the rings fill.
 const EVENT_QUEUE: usize = 8192;
+/// How often losses (events, map inserts, records) are said in the log, if there were any.
+const LOSS_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Record batches waiting for the exporters.
 const RECORD_QUEUE: usize = 64;
 
 pub async fn run(
     args: AgentArgs,
-    names: Arc<RwLock<Names>>,
+    kube: FromKubernetes,
     pin: Option<PinDir>,
 ) -> Result<(), AgentError> {
+    let FromKubernetes { names, reviewer } = kube;
     let targets = setup::preflight(&args)?;
     let flow_log = FlowLog::open(&args.flow_log)?;
     let listener = http::bind(args.metrics_addr).await?;
@@ -126,22 +131,35 @@ pub async fn run(
         hooks: Default::default(),
     });
     let recent = Arc::new(RecentFlows::new(RECENT_FLOWS));
+    tokio::spawn(crate::export::metrics::warn_losses(
+        metrics.clone(),
+        LOSS_WARN_EVERY,
+    ));
     tokio::spawn(http::serve(listener, metrics.clone(), health.clone()));
     info!(
         "node {}: metrics on http://{}/metrics",
         args.node, args.metrics_addr
     );
-    if let (Some(l), Some(token)) = (flows_listener, &args.flows_token_file) {
+    if let Some(l) = flows_listener {
+        let auth = match (reviewer, &args.flows_token_file) {
+            (Some(r), _) => FlowsAuth::Kubernetes(r),
+            (None, Some(f)) => FlowsAuth::TokenFile(f.clone()),
+            (None, None) => {
+                return Err(AgentError::FlowsArgs(
+                    "/flows: no token file and no Kubernetes reviewer".into(),
+                ));
+            }
+        };
         info!(
-            "node {}: flow records on http://{}/flows, for clients with the token in {}",
+            "node {}: flow records on http://{}/flows, {}",
             args.node,
             args.flows_addr.expect("bound"),
-            token.display()
+            auth.describe()
         );
         tokio::spawn(http::serve_flows(
             l,
             recent.clone(),
-            Arc::new(token.clone()),
+            Arc::new(auth),
             metrics.clone(),
         ));
     }

@@ -10,7 +10,8 @@ use log::{info, warn};
 
 use super::AgentError;
 use crate::{
-    cli::AgentArgs,
+    cli::{AgentArgs, FlowsAuthMode},
+    export::flows_auth::{self, Reviewer},
     hooks::{
         ifaces,
         pin::{self, PinDir},
@@ -39,16 +40,57 @@ pub fn enter_netns(spec: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The flags that go together for /flows, checked before anything starts.
+pub fn check_flows_args(args: &AgentArgs) -> Result<(), AgentError> {
+    let Some(addr) = args.flows_addr else {
+        return Ok(());
+    };
+    let why = match (args.flows_auth, &args.flows_token_file) {
+        (FlowsAuthMode::Token, None) => {
+            "needs --flows-token-file (or --flows-auth kubernetes): /flows is never open to all"
+        }
+        (FlowsAuthMode::Kubernetes, Some(_)) => {
+            "--flows-token-file is for --flows-auth token; with kubernetes the API server checks tokens"
+        }
+        (FlowsAuthMode::Kubernetes, None) if args.kubeconfig.is_none() && !args.kubernetes => {
+            "--flows-auth kubernetes needs --kubernetes or --kubeconfig"
+        }
+        _ => return Ok(()),
+    };
+    Err(AgentError::FlowsArgs(format!("--flows-addr {addr}: {why}")))
+}
+
+/// What the Kubernetes thread serves the agent: names for records and, with `--flows-auth
+/// kubernetes`, reviews of /flows readers' tokens.
+pub struct FromKubernetes {
+    pub names: Arc<RwLock<Names>>,
+    pub reviewer: Option<Reviewer>,
+}
+
 /// Names for records: from a names file, from Kubernetes (watched on a thread of its own, started
 /// before `--netns` moves the agent, so it reaches the API from the host's network), or none.
-pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
+/// The same thread asks the API about /flows readers' tokens.
+pub fn names(args: &AgentArgs) -> Result<FromKubernetes, AgentError> {
     if let Some(file) = &args.names {
-        return Ok(Arc::new(RwLock::new(Names::from_file(file)?)));
+        return Ok(FromKubernetes {
+            names: Arc::new(RwLock::new(Names::from_file(file)?)),
+            reviewer: None,
+        });
     }
     let shared = Arc::new(RwLock::new(Names::default()));
     if args.kubeconfig.is_none() && !args.kubernetes {
-        return Ok(shared);
+        return Ok(FromKubernetes {
+            names: shared,
+            reviewer: None,
+        });
     }
+    let (reviewer, reviews) = match (args.flows_addr, args.flows_auth) {
+        (Some(_), FlowsAuthMode::Kubernetes) => {
+            let (r, q) = flows_auth::reviewer(&args.flows_token_audience);
+            (Some(r), Some(q))
+        }
+        _ => (None, None),
+    };
     let path = args.kubeconfig.clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let names = shared.clone();
@@ -63,6 +105,9 @@ pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
                 match crate::names::kube::client(path.as_deref()).await {
                     Ok(c) => {
                         let _ = tx.send(Ok(()));
+                        if let Some(q) = reviews {
+                            tokio::spawn(flows_auth::serve_reviews(c.clone(), q));
+                        }
                         crate::names::kube::watch(c, names).await;
                     }
                     Err(e) => {
@@ -73,7 +118,10 @@ pub fn names(args: &AgentArgs) -> Result<Arc<RwLock<Names>>, AgentError> {
         })
         .map_err(AgentError::Thread)?;
     match rx.recv() {
-        Ok(Ok(())) => Ok(shared),
+        Ok(Ok(())) => Ok(FromKubernetes {
+            names: shared,
+            reviewer,
+        }),
         Ok(Err(e)) => Err(AgentError::Kube(e)),
         Err(_) => Err(AgentError::Kube(crate::names::kube::KubeError::Config(
             "the Kubernetes thread stopped".into(),

@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 server for /metrics, /healthz and /readyz, and, on a listener of its own and
-//! only with a bearer token, /flows: a few read-only endpoints do not justify a web framework.
+//! only for whom `flows_auth` lets in, /flows: a few read-only endpoints do not justify a web
+//! framework.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -11,13 +12,16 @@ use std::{
     time::Duration,
 };
 
-use log::debug;
+use log::{debug, warn};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
 };
 
-use super::metrics::Metrics;
+use super::{
+    flows_auth::{FLOWS_PATH, FlowsAuth, Verdict},
+    metrics::Metrics,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -196,67 +200,47 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
 }
 
 /// /flows on a listener of its own (`--flows-addr`): every pod's connections, with pids and
-/// process names, so only for a client that sends the bearer token in `token_file`. The file is
-/// read on each request, so a rotated Secret takes effect without a restart.
+/// process names, so only for a client that `auth` lets in.
 pub async fn serve_flows(
     listener: TcpListener,
     flows: Arc<RecentFlows>,
-    token_file: Arc<std::path::PathBuf>,
+    auth: Arc<FlowsAuth>,
     metrics: Arc<Metrics>,
 ) {
     accept_loop(listener, "flows", move |mut s| {
-        let (flows, token_file, metrics) = (flows.clone(), token_file.clone(), metrics.clone());
+        let (flows, auth, metrics) = (flows.clone(), auth.clone(), metrics.clone());
         async move {
             let req = read_request(&mut s).await?;
-            if req.path != "/flows" {
+            if req.path != FLOWS_PATH {
                 return respond(&mut s, "404 Not Found", "text/plain", "", "not found\n").await;
             }
-            // A few bytes from a local file (a mounted Secret): not worth a blocking-pool trip.
-            let want = std::fs::read_to_string(token_file.as_path());
-            let allowed = match (&want, &req.bearer) {
-                (Ok(want), Some(got)) => same_token(want.trim(), got),
-                _ => false,
-            };
-            if let Err(e) = &want {
-                log::warn!("reading the /flows token {}: {e}", token_file.display());
+            let verdict = auth.check(req.bearer.as_deref()).await;
+            metrics.on_flows_request(verdict.outcome());
+            match verdict {
+                Verdict::Allowed => {
+                    respond(&mut s, "200 OK", "application/x-ndjson", "", &flows.body()).await
+                }
+                Verdict::Unauthenticated => {
+                    respond(
+                        &mut s,
+                        "401 Unauthorized",
+                        "text/plain",
+                        "WWW-Authenticate: Bearer realm=\"observer flows\"\r\n",
+                        "a valid bearer token is required (--token-file for observer explain)\n",
+                    )
+                    .await
+                }
+                Verdict::Forbidden => {
+                    let why = format!("this token's user may not get {FLOWS_PATH}\n");
+                    respond(&mut s, "403 Forbidden", "text/plain", "", &why).await
+                }
+                Verdict::Unavailable(why) => {
+                    warn!("/flows: the token could not be checked: {why}");
+                    let body = format!("the token could not be checked: {why}\n");
+                    respond(&mut s, "503 Service Unavailable", "text/plain", "", &body).await
+                }
             }
-            metrics.on_flows_request(allowed);
-            if !allowed {
-                return respond(
-                    &mut s,
-                    "401 Unauthorized",
-                    "text/plain",
-                    "WWW-Authenticate: Bearer realm=\"observer flows\"\r\n",
-                    "a bearer token is required (--token-file for observer explain)\n",
-                )
-                .await;
-            }
-            respond(&mut s, "200 OK", "application/x-ndjson", "", &flows.body()).await
         }
     })
     .await
-}
-
-/// Equal tokens, compared in time that does not depend on where they first differ.
-fn same_token(want: &str, got: &str) -> bool {
-    !want.is_empty()
-        && want.len() == got.len()
-        && want
-            .bytes()
-            .zip(got.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_token;
-
-    #[test]
-    fn tokens_must_match_exactly_and_an_empty_one_never_does() {
-        assert!(same_token("s3cret-token", "s3cret-token"));
-        assert!(!same_token("s3cret-token", "s3cret-tokeN"));
-        assert!(!same_token("s3cret-token", "s3cret"));
-        assert!(!same_token("", ""));
-    }
 }

@@ -1,6 +1,8 @@
 //! Prometheus metrics: one table, `observer_` prefix, bounded labels (points, protocols,
 //! Service VIP:port and target port: never pod IPs or client ports).
 
+use std::collections::BTreeMap;
+
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use observer_common::{Point, Stat};
@@ -36,6 +38,46 @@ pub struct Metrics {
     pub pending_refused: IntCounterVec,
     pub tuple_reuses: IntCounterVec,
     pub flows_requests: IntCounterVec,
+}
+
+/// The counters of things lost: kernel events, map inserts, socket and drop events refused,
+/// records not written, connections merged into one record (`tuple_reuses{outcome="merged"}`;
+/// its `split` series is not a loss and is left out).
+const LOSSES: &[&str] = &[
+    KERNEL_EVENTS_LOST.0,
+    MAP_FULL.0,
+    PENDING_REFUSED.0,
+    RECORDS_LOST.0,
+    RECORD_WRITE_ERRORS.0,
+    MAP_DELETE_ERRORS.0,
+    TUPLE_REUSES.0,
+];
+
+/// Says once per `every` what was lost since the last time, if anything: a loss shows in the
+/// log as well as in `/metrics`, without a line per lost event.
+pub async fn warn_losses(metrics: std::sync::Arc<Metrics>, every: std::time::Duration) {
+    let mut seen = metrics.losses();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let now = metrics.losses();
+        let grew: Vec<String> = now
+            .iter()
+            .filter_map(|(series, &v)| {
+                let d = v.saturating_sub(seen.get(series).copied().unwrap_or(0));
+                (d > 0).then(|| format!("{series} +{d}"))
+            })
+            .collect();
+        if !grew.is_empty() {
+            log::warn!(
+                "lost in the last {}: {} (counted in /metrics)",
+                humantime::format_duration(every),
+                grew.join(", ")
+            );
+        }
+        seen = now;
+    }
 }
 
 /// One metric: name, help text, label names (none for a plain counter or gauge).
@@ -174,7 +216,7 @@ const PENDING_REFUSED: Def = Def(
 );
 const FLOWS_REQUESTS: Def = Def(
     "observer_flows_requests_total",
-    "Requests to /flows (--flows-addr), by outcome: served, or refused for a missing or wrong bearer token.",
+    "Requests to /flows (--flows-addr), by outcome: served; unauthorized (no valid bearer token); forbidden (RBAC, --flows-auth kubernetes); unavailable (the API server could not check the token).",
     &["outcome"],
 );
 
@@ -260,7 +302,7 @@ impl Metrics {
         for kind in ["socket", "drop"] {
             self.pending_refused.with_label_values(&[kind]);
         }
-        for outcome in ["served", "unauthorized"] {
+        for outcome in ["served", "unauthorized", "forbidden", "unavailable"] {
             self.flows_requests.with_label_values(&[outcome]);
         }
         for reason in ["exporter_gone", "writer_gone", "write_failed"] {
@@ -298,8 +340,7 @@ impl Metrics {
         }
     }
 
-    pub fn on_flows_request(&self, served: bool) {
-        let outcome = if served { "served" } else { "unauthorized" };
+    pub fn on_flows_request(&self, outcome: &str) {
         self.flows_requests.with_label_values(&[outcome]).inc();
     }
 
@@ -366,11 +407,66 @@ impl Metrics {
         }
     }
 
+    /// Every loss counter's series (`name{label="value"}`) with its value. A loss is whatever
+    /// the agent saw happen and could not keep or record in full.
+    pub fn losses(&self) -> BTreeMap<String, u64> {
+        self.registry
+            .gather()
+            .iter()
+            .filter(|f| LOSSES.contains(&f.name()))
+            .flat_map(|f| {
+                f.get_metric().iter().map(move |m| {
+                    let labels: Vec<String> = m
+                        .get_label()
+                        .iter()
+                        .filter(|l| l.name() != "node")
+                        .map(|l| format!("{}=\"{}\"", l.name(), l.value()))
+                        .collect();
+                    let series = if labels.is_empty() {
+                        f.name().to_owned()
+                    } else {
+                        format!("{}{{{}}}", f.name(), labels.join(","))
+                    };
+                    (series, m.get_counter().get_value() as u64)
+                })
+            })
+            .filter(|(series, _)| !series.contains("outcome=\"split\""))
+            .collect()
+    }
+
     pub fn encode(&self) -> String {
         let mut buf = String::new();
         prometheus::TextEncoder::new()
             .encode_utf8(&self.registry.gather(), &mut buf)
             .expect("text encoding does not fail");
         buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_are_every_loss_series_and_nothing_else() {
+        let m = Metrics::new("n1");
+        m.kernel_stat(Stat::FlowEventsLost).inc_by(3);
+        m.kernel_stat(Stat::TupleReused).inc();
+        m.kernel_stat(Stat::TupleReuseMerged).inc_by(2);
+        m.records_lost.with_label_values(&["write_failed"]).inc();
+        m.kernel_stat(Stat::Truncated).inc();
+        let l = m.losses();
+        assert_eq!(l["observer_kernel_events_lost_total{ring=\"flow\"}"], 3);
+        assert_eq!(l["observer_tuple_reuses_total{outcome=\"merged\"}"], 2);
+        assert_eq!(l["observer_records_lost_total{reason=\"write_failed\"}"], 1);
+        assert_eq!(
+            l["observer_map_full_total{map=\"flows\"}"], 0,
+            "primed at zero"
+        );
+        assert!(
+            !l.keys()
+                .any(|k| k.contains("split") || k.contains("parse_errors")),
+            "a split connection or a malformed packet is not a lost one: {l:?}"
+        );
     }
 }

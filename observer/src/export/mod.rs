@@ -1,6 +1,7 @@
 //! Exporters, the pipeline's last stage (`stage`): JSON flow log, Prometheus metrics, and the
 //! HTTP endpoints (/metrics, /healthz, /readyz, /flows).
 
+pub mod flows_auth;
 pub mod http;
 pub mod json;
 pub mod metrics;

@@ -103,7 +103,19 @@ impl PinDir {
                 Err(e) => return Err(lock_err(e)),
             }
         };
-        std::fs::create_dir_all(dir).map_err(|source| PinError::Create {
+        // Only root reads or writes the pins: the directory is 0700 whatever the umask, and
+        // the kernel creates each pinned map file 0600 (`bpf_obj_do_pin`, kernel/bpf/inode.c).
+        let create = || -> io::Result<()> {
+            use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
+            // fchmod on the open directory: chmod(2) by path is not in the DaemonSet's seccomp
+            // profile (deploy/base/seccomp-observer.json), fchmod(2) is.
+            std::fs::File::open(dir)?.set_permissions(std::fs::Permissions::from_mode(0o700))
+        };
+        create().map_err(|source| PinError::Create {
             dir: dir.to_owned(),
             source,
         })?;

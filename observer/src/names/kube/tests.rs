@@ -1,6 +1,7 @@
 //! Recorded API answers replayed through tower-test: the field-selected, paged pod list, the
 //! metadata-only namespace list, watch events, and a relist (after 410 Gone) that drops what
-//! the cluster no longer has. Fast; in addition to the real kube-apiserver tests
+//! the cluster no longer has; and objects of any shape through the indexer (`objects`). Fast; in
+//! addition to the real kube-apiserver tests
 //! (`integration-test/tests/kubernetes.rs`), not instead.
 
 use std::time::Duration;
@@ -181,4 +182,161 @@ async fn a_replayed_api_fills_follows_and_relists_the_names() {
         "db-1"
     );
     server.abort();
+}
+
+/// Pods, Services and Namespaces as the API could send them: any field there or not, any
+/// string where an address goes, any number where a port goes. Each one that deserializes goes
+/// into and out of the names without a panic, and only what parses as an address is indexed.
+mod objects {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            "\\PC{0,12}".prop_map(Value::from),
+            Just(Value::from("10.244.1.10")),
+            Just(Value::from("fd00::a")),
+            Just(Value::from("10.244.1.999")),
+            Just(Value::from("")),
+        ]
+    }
+
+    /// A value of `inner`, or the field left out (`Null` is removed).
+    fn field(inner: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop_oneof![3 => inner, 1 => Just(Value::Null)]
+    }
+
+    /// Anything: a value of `inner`, of another type, or nothing.
+    fn anything(inner: impl Strategy<Value = Value>) -> impl Strategy<Value = Value> {
+        prop_oneof![
+            field(inner),
+            any::<i64>().prop_map(Value::from),
+            Just(json!({"unexpected": [1, "x"]})),
+            Just(json!([null, true])),
+        ]
+    }
+
+    fn labels() -> impl Strategy<Value = Value> {
+        prop::collection::btree_map("\\PC{0,8}", "\\PC{0,8}", 0..4).prop_map(|m| json!(m))
+    }
+
+    fn prune(v: Value) -> Value {
+        match v {
+            Value::Object(m) => Value::Object(
+                m.into_iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, v)| (k, prune(v)))
+                    .collect(),
+            ),
+            Value::Array(a) => Value::Array(a.into_iter().map(prune).collect()),
+            v => v,
+        }
+    }
+
+    fn metadata() -> impl Strategy<Value = Value> {
+        (field(text()), field(text()), field(labels())).prop_map(|(name, namespace, labels)| {
+            json!({"name": name, "namespace": namespace, "labels": labels, "resourceVersion": "1"})
+        })
+    }
+
+    fn pod() -> impl Strategy<Value = Value> {
+        (
+            metadata(),
+            field(any::<bool>().prop_map(Value::from)),
+            field(text()),
+            field(text()),
+            prop::collection::vec(field(text()), 0..3),
+        )
+            .prop_map(|(metadata, host_network, node, pod_ip, ips)| {
+                let pod_ips: Vec<Value> = ips.into_iter().map(|ip| json!({"ip": ip})).collect();
+                prune(json!({
+                    "metadata": metadata,
+                    "spec": {"hostNetwork": host_network, "nodeName": node, "containers": []},
+                    "status": {"podIP": pod_ip, "podIPs": pod_ips},
+                }))
+            })
+    }
+
+    fn service() -> impl Strategy<Value = Value> {
+        let port = (
+            field(text()),
+            field(prop_oneof![3 => 0..=65535i32, 1 => any::<i32>()].prop_map(Value::from)),
+            field(prop_oneof![
+                any::<i32>().prop_map(Value::from),
+                "\\PC{0,8}".prop_map(Value::from)
+            ]),
+            field(prop_oneof![Just(Value::from("TCP")), text()]),
+        )
+            .prop_map(|(name, port, target, proto)| {
+                json!({"name": name, "port": port, "targetPort": target, "protocol": proto})
+            });
+        (
+            metadata(),
+            field(text()),
+            prop::collection::vec(text(), 0..3),
+            prop::collection::vec(port, 0..3),
+        )
+            .prop_map(|(metadata, ip, ips, ports)| {
+                prune(json!({
+                    "metadata": metadata,
+                    "spec": {"clusterIP": ip, "clusterIPs": ips, "ports": ports},
+                }))
+            })
+    }
+
+    /// Into the names, then out again: whatever went in is gone.
+    fn round_trip<K: Indexed>(o: &K, n: &mut Names) {
+        o.upsert(n);
+        o.remove(n);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        #[test]
+        fn any_pod_the_api_could_send_is_indexed_by_the_addresses_it_has(v in pod()) {
+            let Ok(p) = serde_json::from_value::<Pod>(v.clone()) else { return Ok(()) };
+            let mut n = Names::default();
+            let keys = p.upsert(&mut n);
+            let host = p.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+            for ip in &keys {
+                prop_assert!(!host, "a host-network pod is no pod identity: {v}");
+                prop_assert!(n.pod(&ip.to_string()).is_some());
+            }
+            round_trip(&p, &mut n);
+            prop_assert_eq!(n.pod_count(), 0, "{}", v);
+        }
+
+        #[test]
+        fn any_service_the_api_could_send_is_indexed_by_the_ports_it_has(v in service()) {
+            let Ok(s) = serde_json::from_value::<Service>(v.clone()) else { return Ok(()) };
+            let mut n = Names::default();
+            for (ip, port, _) in s.upsert(&mut n) {
+                let spec = s.spec.as_ref().expect("entries come from a spec");
+                prop_assert!(spec.ports.iter().flatten().any(|p| i64::from(p.port) == i64::from(port)));
+                prop_assert!(ip.to_string().parse::<IpAddr>().is_ok());
+            }
+            round_trip(&s, &mut n);
+            prop_assert!(n.services.is_empty(), "{}", v);
+        }
+
+        #[test]
+        fn any_json_for_a_pod_or_service_is_refused_or_indexed(
+            v in prop::collection::vec(anything(text()), 3),
+            o in prop_oneof![pod(), service()],
+        ) {
+            // A well-formed object with a value of any type in one place.
+            let mut o = o;
+            o["metadata"]["name"] = v[0].clone();
+            o["spec"][if v[1].is_string() { "nodeName" } else { "ports" }] = v[1].clone();
+            o["status"] = v[2].clone();
+            if let Ok(p) = serde_json::from_value::<Pod>(o.clone()) {
+                round_trip(&p, &mut Names::default());
+            }
+            if let Ok(s) = serde_json::from_value::<Service>(o) {
+                round_trip(&s, &mut Names::default());
+            }
+        }
+    }
 }

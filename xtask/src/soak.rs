@@ -1,0 +1,301 @@
+//! `cargo xtask bench --only soak`: a steady connection load for minutes while both agents are
+//! restarted every minute (SIGTERM and SIGKILL in turn), their flow maps pinned on a bpf
+//! filesystem of the soak's own so each new agent adopts the open flows.
+//!
+//! Read with bpftool after every restart and at the end: the programs, links and maps of the
+//! agents (nothing may pile up: one agent's worth per node while they run, none of their programs
+//! or links once they are gone, only the pinned maps until the pins go, then nothing). Each
+//! minute's agents' largest RSS. At the end every connection the generator made is looked up in
+//! both nodes' flow logs, as in the storm.
+
+use std::{
+    collections::HashSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use observer_lab::drive::LabRun;
+use serde_json::Value;
+
+use crate::storm;
+
+const LAB: &str = "soak";
+
+/// The agents' kernel objects by bpftool: programs and links of ours, and maps that are ours
+/// by name or used by one of our programs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Objects {
+    progs: usize,
+    links: usize,
+    maps: usize,
+}
+
+const PROGRAM_PREFIXES: &[&str] = &["tc_", "sock_", "nf_", "trace_kfree"];
+const MAP_NAMES: &[&str] = &[
+    "FLOWS",
+    "CT_ORIG",
+    "SOCKS",
+    "FLOW_EVENTS",
+    "SOCKET_EVENTS",
+    "DROP_EVENTS",
+    "FILTER_SEEN",
+    "STATS",
+];
+
+fn bpftool(what: &str) -> anyhow::Result<Vec<Value>> {
+    let out = Command::new("bpftool")
+        .args(["-j", what, "show"])
+        .output()
+        .context("bpftool")?;
+    Ok(serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default())
+}
+
+fn objects() -> anyhow::Result<Objects> {
+    let progs: Vec<Value> = bpftool("prog")?
+        .into_iter()
+        .filter(|p| {
+            let n = p["name"].as_str().unwrap_or_default();
+            PROGRAM_PREFIXES.iter().any(|x| n.starts_with(x))
+        })
+        .collect();
+    let prog_ids: HashSet<u64> = progs.iter().filter_map(|p| p["id"].as_u64()).collect();
+    let used: HashSet<u64> = progs
+        .iter()
+        .flat_map(|p| p["map_ids"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m.as_u64())
+        .collect();
+    let links = bpftool("link")?
+        .iter()
+        .filter(|l| {
+            l["prog_id"]
+                .as_u64()
+                .is_some_and(|id| prog_ids.contains(&id))
+        })
+        .count();
+    let maps = bpftool("map")?
+        .iter()
+        .filter(|m| {
+            m["id"].as_u64().is_some_and(|id| used.contains(&id))
+                || MAP_NAMES.contains(&m["name"].as_str().unwrap_or_default())
+        })
+        .count();
+    Ok(Objects {
+        progs: progs.len(),
+        links,
+        maps,
+    })
+}
+
+/// The kernel frees a dead agent's objects shortly after it exits: read until two reads agree.
+fn settled() -> anyhow::Result<Objects> {
+    let mut last = objects()?;
+    for _ in 0..50 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = objects()?;
+        if now == last {
+            return Ok(now);
+        }
+        last = now;
+    }
+    Ok(last)
+}
+
+/// A bpf filesystem of the soak's own, unmounted when dropped.
+struct Bpffs(PathBuf);
+
+impl Bpffs {
+    fn mount(path: PathBuf) -> anyhow::Result<Bpffs> {
+        std::fs::create_dir_all(&path)?;
+        crate::run(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path))?;
+        Ok(Bpffs(path))
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+/// One restart: when, how, and what the kernel held once the new agents were up.
+struct Restart {
+    minute: u32,
+    signal: &'static str,
+    objects: Objects,
+    /// The largest RSS of the agents that ran the minute before, per node (KiB).
+    rss_kib: Vec<u64>,
+}
+
+pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
+    let bins = crate::bins();
+    let _ = Command::new(&bins.lab)
+        .args(["down", "--name", LAB])
+        .output();
+    let mut lab = LabRun::up(&bins, LAB, None, dir)?;
+    for node in ["node-a", "node-b"] {
+        let _ = std::fs::remove_file(dir.join(format!("{node}.jsonl")));
+    }
+    let _pinned = match crate::bench::agent_cpus() {
+        Some(cpus) => {
+            println!("==> soak load on CPU 0, agents on CPUs {cpus} (taskset)");
+            Some(crate::proc::pin_self(0)?)
+        }
+        None => None,
+    };
+    storm::widen_ports(&lab)?;
+    let before = settled()?;
+    let bpffs = Bpffs::mount(dir.join("bpffs"))?;
+    let pin_args = |node: &str| -> Vec<String> {
+        vec![
+            "--pin-dir".into(),
+            bpffs.0.join(node).to_string_lossy().into_owned(),
+        ]
+    };
+    let start = |lab: &mut LabRun, node: &str| -> anyhow::Result<()> {
+        let args = pin_args(node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::bench::start_agents_on(lab, &[node], &args)
+    };
+    for node in ["node-a", "node-b"] {
+        start(&mut lab, node)?;
+    }
+    let running = settled()?;
+    let total = minutes * 60;
+    println!(
+        "==> soak: {rate} new connections/s for {minutes} min, both agents restarted every minute (SIGTERM, SIGKILL in turn)"
+    );
+    let generator = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("pod-a")])
+        .arg(&lab.bins.lab)
+        .args(["storm", "--to", &format!("{}:443", storm::VIP)])
+        .args(["--rate", &rate.to_string()])
+        .args(["--duration", &format!("{total}s")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting observer-lab storm")?;
+    let generator = std::thread::spawn(move || generator.wait_with_output());
+    let t0 = Instant::now();
+    let mut restarts = Vec::new();
+    for minute in 1..minutes {
+        let mut rss = vec![0u64; lab.agents.len()];
+        while t0.elapsed() < Duration::from_secs(u64::from(minute) * 60) {
+            for (i, a) in lab.agents.iter().rev().take(2).enumerate() {
+                rss[i] = rss[i].max(crate::proc::memory_kib(a.child.id()).0);
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let signal = if minute % 2 == 1 {
+            "SIGTERM"
+        } else {
+            "SIGKILL"
+        };
+        for node in ["node-a", "node-b"] {
+            if signal == "SIGTERM" {
+                lab.stop_agent(node)?;
+            } else {
+                lab.kill_agent(node)?;
+            }
+            start(&mut lab, node)?;
+        }
+        let objects = settled()?;
+        println!("    minute {minute}: {signal}, restarted; kernel objects {objects:?}");
+        rss.truncate(2);
+        restarts.push(Restart {
+            minute,
+            signal,
+            objects,
+            rss_kib: rss,
+        });
+    }
+    let report = storm::generator_report(generator)?;
+    storm::drain(&lab, &mut || {})?;
+    let sent = storm::sent_ports(&report);
+    let nodes = storm::reconcile_nodes(&lab, &sent)?;
+    lab.stop_agents()?;
+    let stopped = settled()?;
+    let pins: Vec<String> = walk(&bpffs.0);
+    drop(bpffs);
+    let unpinned = settled()?;
+    drop(lab);
+
+    let mut text = String::new();
+    let _ = writeln!(
+        text,
+        "\nsoak: {rate} new connections/s for {minutes} min through {}:443, both agents restarted every minute",
+        storm::VIP
+    );
+    let _ = writeln!(
+        text,
+        "  kernel objects of the agents (bpftool: programs, links, maps)\n  before any agent {before:?}\n  both running      {running:?}"
+    );
+    for r in &restarts {
+        let _ = writeln!(
+            text,
+            "  minute {:>2} {}: {:?}{}; RSS of the agents before it: {}",
+            r.minute,
+            r.signal,
+            r.objects,
+            if r.objects == running {
+                ""
+            } else {
+                " (NOT as at start)"
+            },
+            r.rss_kib
+                .iter()
+                .map(|k| format!("{:.1} MiB", *k as f64 / 1024.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let _ = writeln!(
+        text,
+        "  all stopped       {stopped:?} (pins left: {})\n  pins removed      {unpinned:?}{}",
+        pins.join(", "),
+        if unpinned == before {
+            " = as before any agent"
+        } else {
+            " (NOT as before: leaked)"
+        }
+    );
+    let answered = report["answered"].as_u64().unwrap_or(0);
+    let _ = writeln!(
+        text,
+        "  connections: {answered} answered, failed {}, not started {}",
+        report["failed"],
+        report["not_started"].as_u64().unwrap_or(0)
+    );
+    for (node, r) in &nodes {
+        let _ = writeln!(
+            text,
+            "  {node}: {} with their final record, {} missing, {} records no connection claims, {} flagged (gap or incomplete), {} lines cut short",
+            r.matched, r.missing, r.extra, r.flagged, r.torn
+        );
+    }
+    Ok(text)
+}
+
+/// Files under a directory, relative to it.
+fn walk(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(
+                walk(&p)
+                    .into_iter()
+                    .map(|f| format!("{}/{f}", e.file_name().to_string_lossy())),
+            );
+        } else {
+            out.push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
