@@ -12,7 +12,7 @@ use std::{
     collections::HashSet,
     fmt::Write as _,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -152,36 +152,51 @@ pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
     storm::widen_ports(&lab)?;
     let before = settled()?;
     let bpffs = Bpffs::mount(dir.join("bpffs"))?;
-    let pin_args = |node: &str| -> Vec<String> {
-        vec![
-            "--pin-dir".into(),
-            bpffs.0.join(node).to_string_lossy().into_owned(),
-        ]
-    };
-    let start = |lab: &mut LabRun, node: &str| -> anyhow::Result<()> {
-        let args = pin_args(node);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        crate::bench::start_agents_on(lab, &[node], &args)
-    };
     for node in ["node-a", "node-b"] {
-        start(&mut lab, node)?;
+        start_pinned(&mut lab, &bpffs, node)?;
     }
     let running = settled()?;
-    let total = minutes * 60;
     println!(
         "==> soak: {rate} new connections/s for {minutes} min, both agents restarted every minute (SIGTERM, SIGKILL in turn)"
     );
-    let generator = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("pod-a")])
-        .arg(&lab.bins.lab)
-        .args(["storm", "--to", &format!("{}:443", storm::VIP)])
-        .args(["--rate", &rate.to_string()])
-        .args(["--duration", &format!("{total}s")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting observer-lab storm")?;
-    let generator = std::thread::spawn(move || generator.wait_with_output());
+    let generator = storm::start_generator(&lab, rate, minutes * 60)?;
+    let restarts = restart_every_minute(&mut lab, &bpffs, minutes)?;
+    let generator = storm::generator_report(generator)?;
+    storm::drain(&lab, &mut || {})?;
+    let nodes = storm::reconcile_nodes(&lab, &storm::sent_ports(&generator))?;
+    lab.stop_agents()?;
+    let stopped = settled()?;
+    let pins: Vec<String> = walk(&bpffs.0);
+    drop(bpffs);
+    let unpinned = settled()?;
+    drop(lab);
+    Ok(report(&Soak {
+        minutes,
+        rate,
+        before,
+        running,
+        restarts,
+        stopped,
+        pins,
+        unpinned,
+        generator,
+        nodes,
+    }))
+}
+
+/// An agent on `node` with its flow map pinned in the soak's own bpffs.
+fn start_pinned(lab: &mut LabRun, bpffs: &Bpffs, node: &str) -> anyhow::Result<()> {
+    let dir = bpffs.0.join(node).to_string_lossy().into_owned();
+    crate::bench::start_agents_on(lab, &[node], &["--pin-dir", &dir])
+}
+
+/// Until the last minute: at each full minute both agents go (SIGTERM and SIGKILL in turn) and
+/// new ones start; meanwhile each second the agents' RSS is sampled.
+fn restart_every_minute(
+    lab: &mut LabRun,
+    bpffs: &Bpffs,
+    minutes: u32,
+) -> anyhow::Result<Vec<Restart>> {
     let t0 = Instant::now();
     let mut restarts = Vec::new();
     for minute in 1..minutes {
@@ -203,7 +218,7 @@ pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
             } else {
                 lab.kill_agent(node)?;
             }
-            start(&mut lab, node)?;
+            start_pinned(lab, bpffs, node)?;
         }
         let objects = settled()?;
         println!("    minute {minute}: {signal}, restarted; kernel objects {objects:?}");
@@ -215,17 +230,33 @@ pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
             rss_kib: rss,
         });
     }
-    let report = storm::generator_report(generator)?;
-    storm::drain(&lab, &mut || {})?;
-    let sent = storm::sent_ports(&report);
-    let nodes = storm::reconcile_nodes(&lab, &sent)?;
-    lab.stop_agents()?;
-    let stopped = settled()?;
-    let pins: Vec<String> = walk(&bpffs.0);
-    drop(bpffs);
-    let unpinned = settled()?;
-    drop(lab);
+    Ok(restarts)
+}
 
+/// What a soak saw, for its report.
+struct Soak {
+    minutes: u32,
+    rate: u32,
+    before: Objects,
+    running: Objects,
+    restarts: Vec<Restart>,
+    stopped: Objects,
+    pins: Vec<String>,
+    unpinned: Objects,
+    generator: Value,
+    nodes: Vec<(String, storm::Reconciled)>,
+}
+
+fn report(s: &Soak) -> String {
+    let Soak {
+        minutes,
+        rate,
+        before,
+        running,
+        stopped,
+        unpinned,
+        ..
+    } = s;
     let mut text = String::new();
     let _ = writeln!(
         text,
@@ -236,14 +267,14 @@ pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
         text,
         "  kernel objects of the agents (bpftool: programs, links, maps)\n  before any agent {before:?}\n  both running      {running:?}"
     );
-    for r in &restarts {
+    for r in &s.restarts {
         let _ = writeln!(
             text,
             "  minute {:>2} {}: {:?}{}; RSS of the agents before it: {}",
             r.minute,
             r.signal,
             r.objects,
-            if r.objects == running {
+            if r.objects == *running {
                 ""
             } else {
                 " (NOT as at start)"
@@ -258,28 +289,29 @@ pub fn run(minutes: u32, rate: u32, dir: &Path) -> anyhow::Result<String> {
     let _ = writeln!(
         text,
         "  all stopped       {stopped:?} (pins left: {})\n  pins removed      {unpinned:?}{}",
-        pins.join(", "),
+        s.pins.join(", "),
         if unpinned == before {
             " = as before any agent"
         } else {
             " (NOT as before: leaked)"
         }
     );
-    let answered = report["answered"].as_u64().unwrap_or(0);
+    let g = &s.generator;
     let _ = writeln!(
         text,
-        "  connections: {answered} answered, failed {}, not started {}",
-        report["failed"],
-        report["not_started"].as_u64().unwrap_or(0)
+        "  connections: {} answered, failed {}, not started {}",
+        g["answered"].as_u64().unwrap_or(0),
+        g["failed"],
+        g["not_started"].as_u64().unwrap_or(0)
     );
-    for (node, r) in &nodes {
+    for (node, r) in &s.nodes {
         let _ = writeln!(
             text,
             "  {node}: {} with their final record, {} missing, {} records no connection claims, {} flagged (gap or incomplete), {} lines cut short",
             r.matched, r.missing, r.extra, r.flagged, r.torn
         );
     }
-    Ok(text)
+    text
 }
 
 /// Files under a directory, relative to it.

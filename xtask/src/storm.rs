@@ -86,10 +86,27 @@ pub fn run(rates: &[u32], seconds: u32, dir: &std::path::Path) -> anyhow::Result
     Ok(report(&runs, seconds))
 }
 
+/// A running `observer-lab storm`, its output read on a thread of its own.
+pub(crate) type Generator = std::thread::JoinHandle<std::io::Result<std::process::Output>>;
+
+/// `observer-lab storm` in pod-a to the Service at `rate` for `seconds`. Its report (every
+/// client port) is larger than a pipe, so it is read while the storm runs.
+pub(crate) fn start_generator(lab: &LabRun, rate: u32, seconds: u32) -> anyhow::Result<Generator> {
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("pod-a")])
+        .arg(&lab.bins.lab)
+        .args(["storm", "--to", &format!("{VIP}:443")])
+        .args(["--rate", &rate.to_string()])
+        .args(["--duration", &format!("{seconds}s")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting observer-lab storm")?;
+    Ok(std::thread::spawn(move || child.wait_with_output()))
+}
+
 /// The JSON report of an `observer-lab storm` whose output `waiting` reads.
-pub(crate) fn generator_report(
-    waiting: std::thread::JoinHandle<std::io::Result<std::process::Output>>,
-) -> anyhow::Result<Value> {
+pub(crate) fn generator_report(waiting: Generator) -> anyhow::Result<Value> {
     let out = waiting
         .join()
         .map_err(|_| anyhow::anyhow!("the storm's reader panicked"))??;
@@ -123,16 +140,7 @@ fn one_rate(lab: &mut LabRun, rate: u32, seconds: u32) -> anyhow::Result<RateRun
     let refused_before = conntrack_refused(lab)?;
     let cpu_before = crate::bench::agents_cpu(lab);
 
-    let generator = Command::new("ip")
-        .args(["netns", "exec", &lab.ns("pod-a")])
-        .arg(&lab.bins.lab)
-        .args(["storm", "--to", &format!("{VIP}:443")])
-        .args(["--rate", &rate.to_string()])
-        .args(["--duration", &format!("{seconds}s")])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting observer-lab storm")?;
+    let generator = start_generator(lab, rate, seconds)?;
     let (mut rss_max_kib, mut map_max) = (0u64, 0f64);
     let sample = |rss: &mut u64, map: &mut f64| {
         for a in &lab.agents {
@@ -145,8 +153,6 @@ fn one_rate(lab: &mut LabRun, rate: u32, seconds: u32) -> anyhow::Result<RateRun
             ));
         }
     };
-    // Its report (every client port) is larger than a pipe: read it while it runs.
-    let generator = std::thread::spawn(move || generator.wait_with_output());
     while !generator.is_finished() {
         sample(&mut rss_max_kib, &mut map_max);
         std::thread::sleep(Duration::from_secs(1));

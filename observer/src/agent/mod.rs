@@ -97,7 +97,7 @@ const RECENT_FLOWS: usize = 1000;
 /// Kernel events waiting for correlation; beyond it the reader waits and the rings fill.
 const EVENT_QUEUE: usize = 8192;
 /// How often losses (events, map inserts, records) are said in the log, if there were any.
-const LOSS_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const LOSS_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Record batches waiting for the exporters.
 const RECORD_QUEUE: usize = 64;
 
