@@ -430,17 +430,20 @@ fn flows_are_served_to_the_users_rbac_allows_and_checked_by_the_api_server() {
         None,
     )
     .unwrap();
-    let token = |sa: &str, audience: Option<&str>| {
-        let mut args = vec!["-n", "shop", "create", "token", sa];
+    let token = |sa: &str, audience: Option<&str>, ttl: &str| {
+        let mut args = vec!["-n", "shop", "create", "token", sa, "--duration", ttl];
         if let Some(a) = audience {
             args.extend(["--audience", a]);
         }
         api.kubectl(&args, None).unwrap().trim().to_owned()
     };
-    let reader = token("reader", Some("observer"));
-    let stranger = token("stranger", Some("observer"));
-    let reader_for_the_api = token("reader", None);
-    let late_reader = token("reader", Some("observer"));
+    let reader = token("reader", Some("observer"), "1h");
+    let stranger = token("stranger", Some("observer"), "1h");
+    let reader_for_the_api = token("reader", None, "1h");
+    // Another lifetime: a token asked for in the same second with the same claims would be
+    // the very same token, already reviewed and cached.
+    let late_reader = token("reader", Some("observer"), "2h");
+    assert_ne!(late_reader, reader);
 
     let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
     lab.start_agent(

@@ -1,4 +1,4 @@
-//! Command line: `observer agent`, `observer explain`, `observer suggest`, `observer test-run`.
+//! Command line: `observer agent`, `observer observe`, `observer explain`, `observer suggest`, `observer test-run`.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -29,6 +29,9 @@ pub struct Cli {
 pub enum Command {
     /// Attach the kernel programs in this network namespace and write flow records and metrics.
     Agent(Box<AgentArgs>),
+    /// Watch flow records as they are written, from flow logs or agents, filtered on their own
+    /// fields: namespace, pod, Service, node, IP, port, verdict, ...
+    Observe(Box<crate::observe::ObserveArgs>),
     /// Explain a connection from the agents' flow records: which tuple each layer saw, where it
     /// stopped, why, and the fix in that layer's terms.
     Explain(ExplainArgs),
@@ -106,6 +109,17 @@ pub struct AgentArgs {
         default_value = "observer"
     )]
     pub flows_token_audience: String,
+
+    /// Records queued for each client following /flows (`observe -f`); a client that lets this
+    /// many pile up is disconnected and counted (observer_flows_followers_dropped_total), so a
+    /// stalled reader costs at most this many records of memory.
+    #[arg(
+        long,
+        env = "OBSERVER_FLOWS_FOLLOW_QUEUE",
+        default_value_t = crate::export::recent::FOLLOW_QUEUE,
+        requires = "flows_addr"
+    )]
+    pub flows_follow_queue: usize,
 
     /// Interval between interim records of long-lived connections.
     #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
@@ -246,7 +260,7 @@ mod fuzz {
         /// Any words after `observer agent` or `observer explain`: parsed or refused by clap.
         #[test]
         fn any_flags_parse_or_are_refused(
-            sub in prop_oneof![Just("agent"), Just("explain"), Just("suggest")],
+            sub in prop_oneof![Just("agent"), Just("observe"), Just("explain"), Just("suggest")],
             words in prop::collection::vec(
                 prop_oneof![
                     "--[a-z-]{1,16}",

@@ -1,8 +1,8 @@
 //! observer: eBPF live flow observer for Kubernetes nodes.
 //!
 //! Pipeline: `hooks` (attach kernel programs) -> `events` (ring buffers) -> `correlate`
-//! (pre-DNAT <-> post-DNAT <-> hops) -> `export` (JSON flow log, Prometheus); `explain` reads
-//! the records afterwards. The lab to watch it in is a program of its own (`observer-lab`).
+//! (pre-DNAT <-> post-DNAT <-> hops) -> `export` (JSON flow log, Prometheus, /flows); `observe`
+//! and `explain` read the records (`flow_sources`). The lab to watch it in is a program of its own (`observer-lab`).
 
 mod agent;
 mod cli;
@@ -10,8 +10,10 @@ mod clock;
 mod correlate;
 mod explain;
 mod export;
+mod flow_sources;
 mod hooks;
 mod names;
+mod observe;
 mod readers;
 mod record;
 mod test_run;
@@ -62,6 +64,7 @@ fn main() {
                 }
             }
         }
+        Command::Observe(args) => report(observe::observe(*args)),
         Command::Explain(args) => report(explain::explain(args)),
         Command::Suggest(args) => report(explain::suggest(args)),
         Command::TestRun(args) => report(test_run::run(args)),

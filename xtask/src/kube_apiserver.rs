@@ -1,6 +1,7 @@
 //! A real kube-apiserver for the tests: no registry ships one, so it is built once from Debian's
 //! `kubernetes` source package (1.20.2, full upstream tree with vendor/) with Debian's Go 1.19,
-//! offline, and cached (FACTS.md §4). About 7 minutes on 2 cores the first time.
+//! offline (`make WHAT=cmd/kube-apiserver`: plain `go build` lacks the generated openapi code;
+//! kubernetes/build/README.md), and cached. About 7 minutes on 2 cores the first time.
 
 use std::{path::PathBuf, process::Command};
 

@@ -4,7 +4,8 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages: the toolchain that builds Rust for BPF (FACTS.md §3), the LLVM bpf-linker
+/// Debian packages: the toolchain that builds Rust for BPF (Debian's rustc-web 1.96 with
+/// rust-web-src: `-Z build-std=core` needs the std sources; aya-build, docs.rs/aya-build), the LLVM bpf-linker
 /// links against, and the tools the lab and the tests drive.
 const PACKAGES: &[&str] = &[
     "rustc-web",

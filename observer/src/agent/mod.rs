@@ -37,9 +37,10 @@ use crate::{
     },
     export::{
         flows_auth::FlowsAuth,
-        http::{self, Health, RecentFlows},
+        http::{self, Health},
         json::{FlowLog, JsonError},
         metrics::Metrics,
+        recent::RecentFlows,
         stage::Exporter,
     },
     hooks::{
@@ -130,7 +131,14 @@ pub async fn run(
         ready: false.into(),
         hooks: Default::default(),
     });
-    let recent = Arc::new(RecentFlows::new(RECENT_FLOWS));
+    let recent = {
+        let m = metrics.clone();
+        Arc::new(RecentFlows::new(
+            RECENT_FLOWS,
+            args.flows_follow_queue,
+            move || m.flows_followers_dropped.inc(),
+        ))
+    };
     tokio::spawn(crate::export::metrics::warn_losses(
         metrics.clone(),
         LOSS_WARN_EVERY,
@@ -162,6 +170,14 @@ pub async fn run(
             Arc::new(auth),
             metrics.clone(),
         ));
+        let (recent, metrics) = (recent.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                metrics.flows_followers.set(recent.followers() as i64);
+            }
+        });
     }
 
     let exporter = Exporter {

@@ -14,57 +14,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context as _, bail};
 
 pub use crate::names::Names;
-use crate::record::{FlowRecord, SCHEMA_READ};
+use crate::{
+    flow_sources::{Line, agent, foreign_schema},
+    record::FlowRecord,
+};
 pub use args::{ExplainArgs, Format, SuggestArgs};
 pub use story::{Endpoint, Story, stitch};
-
-/// The most of an agent's answer read (it serves 1,000 final records and the open connections'
-/// latest: a few MiB).
-const FETCH_MAX: u64 = 64 << 20;
-
-/// GET an agent's /flows (plain HTTP; `--flows-addr` of the agent), with its bearer token if
-/// given; a slow or silent agent is given up on, and a huge answer cut off, with an error.
-fn fetch(url: &str, token: Option<&str>) -> anyhow::Result<String> {
-    use std::{
-        io::{Read as _, Write as _},
-        net::ToSocketAddrs as _,
-        time::Duration,
-    };
-    let rest = url.strip_prefix("http://").context("only http:// URLs")?;
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/flows".to_owned()), |(h, p)| (h, format!("/{p}")));
-    let addr = host
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {host}"))?
-        .next()
-        .with_context(|| format!("{host} has no address"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-        .with_context(|| format!("connecting to {host}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n{auth}\r\n")?;
-    let mut raw = Vec::new();
-    s.take(FETCH_MAX + 1)
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading from {host}"))?;
-    if raw.len() as u64 > FETCH_MAX {
-        bail!("{url}: the answer is over {} MiB", FETCH_MAX >> 20);
-    }
-    let resp = String::from_utf8_lossy(&raw);
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .context("malformed HTTP answer")?;
-    let status = head.lines().next().unwrap_or_default();
-    if status.contains(" 401 ") {
-        bail!("{url}: {status}: the agent wants its /flows token (--token-file)");
-    }
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        bail!("{url}: {status}");
-    }
-    Ok(body.to_owned())
-}
 
 /// Records read from the given logs, and the lines that could not be read (file, line number).
 #[derive(Debug, Default)]
@@ -80,7 +35,7 @@ fn load(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Loaded> {
     let mut out = Loaded::default();
     for f in files {
         let text = match f.to_str().filter(|s| s.starts_with("http://")) {
-            Some(url) => fetch(url, token)?,
+            Some(url) => agent::fetch_blocking(url, token)?,
             None => {
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
             }
@@ -90,30 +45,15 @@ fn load(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Loaded> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
         {
-            // Parsed once; the schema is looked at on its own only when the line is no record.
-            let (record, schema) = match serde_json::from_str::<FlowRecord>(line) {
-                Ok(r) => {
-                    let schema = r.schema.clone();
-                    (Some(r), Some(schema))
+            match Line::parse(line) {
+                Line::Record(r) => out.records.push(*r),
+                Line::Foreign(schema) => {
+                    bail!(
+                        "{}",
+                        foreign_schema(&format!("{}:{}", f.display(), i + 1), &schema)
+                    )
                 }
-                Err(_) => (
-                    None,
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("schema")?.as_str().map(str::to_owned)),
-                ),
-            };
-            if let Some(other) = schema.filter(|s| !SCHEMA_READ.contains(&s.as_str())) {
-                bail!(
-                    "{}:{}: a record of schema {other:?}; this observer reads {} (use the observer release that wrote it)",
-                    f.display(),
-                    i + 1,
-                    SCHEMA_READ.join(", ")
-                );
-            }
-            match record {
-                Some(r) => out.records.push(r),
-                None => out.skipped.push((f.display().to_string(), i + 1)),
+                Line::Bad => out.skipped.push((f.display().to_string(), i + 1)),
             }
         }
     }

@@ -1,26 +1,26 @@
-//! A minimal HTTP/1.1 server for /metrics, /healthz and /readyz, and, on a listener of its own and
-//! only for whom `flows_auth` lets in, /flows: a few read-only endpoints do not justify a web
-//! framework.
+//! The agent's HTTP endpoints, on hyper: /metrics, /healthz and /readyz for Prometheus and the
+//! kubelet, and, on a listener of its own and only for whom `flows_auth` lets in, /flows (the
+//! recent records, or with `?follow=1` every record as it is made).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    convert::Infallible,
     net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Arc, atomic::AtomicBool, atomic::Ordering},
     time::Duration,
 };
 
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt as _, Full, StreamBody, combinators::BoxBody};
+use hyper::{body::Frame, service::service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use tokio::{net::TcpListener, sync::Notify};
 
 use super::{
     flows_auth::{FLOWS_PATH, FlowsAuth, Verdict},
     metrics::Metrics,
+    recent::{Follow, RecentFlows},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,55 +40,6 @@ pub struct Health {
     pub hooks: std::sync::OnceLock<String>,
 }
 
-/// What /flows serves for `observer explain http://NODE:9464/flows`: the last final records, and
-/// the newest interim record of each connection still open (until its final record replaces it).
-pub struct RecentFlows {
-    lines: Mutex<VecDeque<String>>,
-    cap: usize,
-    /// Connection -> its newest interim record.
-    open: Mutex<HashMap<String, String>>,
-}
-
-/// Open connections kept at most; beyond it a new one waits for its final record to be served.
-const OPEN_MAX: usize = 10_000;
-
-impl RecentFlows {
-    pub fn new(cap: usize) -> RecentFlows {
-        RecentFlows {
-            lines: Default::default(),
-            cap,
-            open: Default::default(),
-        }
-    }
-
-    /// Keep a record of connection `conn`: a final one ends its open entry.
-    pub fn push(&self, conn: String, json_line: String, is_final: bool) {
-        let mut open = self.open.lock().expect("not poisoned");
-        if !is_final {
-            if open.len() < OPEN_MAX || open.contains_key(&conn) {
-                open.insert(conn, json_line);
-            }
-            return;
-        }
-        open.remove(&conn);
-        drop(open);
-        let mut l = self.lines.lock().expect("not poisoned");
-        if l.len() == self.cap {
-            l.pop_front();
-        }
-        l.push_back(json_line);
-    }
-
-    pub fn body(&self) -> String {
-        let l = self.lines.lock().expect("not poisoned");
-        let open = self.open.lock().expect("not poisoned");
-        l.iter()
-            .chain(open.values())
-            .flat_map(|s| [s.as_str(), "\n"])
-            .collect()
-    }
-}
-
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
     TcpListener::bind(addr)
         .await
@@ -96,73 +47,97 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 }
 
 /// A client gets this long to send its request and take the answer: a stuck scraper holds one
-/// task and a socket for that long, never the agent's loop.
+/// task and a socket for that long, never the agent's loop. A following client has no such
+/// limit; it is closed when it falls behind instead.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What a request asked for: its path and, if sent, its bearer token.
-struct Request {
-    path: String,
-    bearer: Option<String>,
-}
+type Body = BoxBody<Bytes, Infallible>;
 
-async fn read_request(s: &mut TcpStream) -> std::io::Result<Request> {
-    // Headers only, and at most 4 KiB of them: nothing here takes a body.
-    let mut buf = vec![0u8; 4096];
-    let mut n = 0;
-    while n < buf.len() {
-        let r = s.read(&mut buf[n..]).await?;
-        if r == 0 {
-            break;
-        }
-        n += r;
-        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    let req = String::from_utf8_lossy(&buf[..n]);
-    let path = req.split_whitespace().nth(1).unwrap_or("/").to_owned();
-    let bearer = req.lines().skip(1).find_map(|l| {
-        let (name, value) = l.split_once(':')?;
-        let value = value.trim();
-        (name.trim().eq_ignore_ascii_case("authorization"))
-            .then(|| value.strip_prefix("Bearer ").map(|t| t.trim().to_owned()))?
-    });
-    Ok(Request { path, bearer })
-}
-
-async fn respond(
-    s: &mut TcpStream,
-    status: &str,
-    ctype: &str,
-    extra: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n",
-        body.len()
+fn text(status: StatusCode, ctype: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(ctype),
     );
-    s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
-    s.shutdown().await
+    r
 }
 
-/// Accept forever; each connection is answered by `answer` in a task of its own, within
-/// [`CLIENT_TIMEOUT`].
-async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, answer: F)
+/// What one connection's answer needs from its request handler: whether it became a stream
+/// (no overall timeout then) and the signal to close it (a follower dropped for lagging).
+#[derive(Default)]
+struct Conn {
+    streaming: AtomicBool,
+    close: Arc<Notify>,
+}
+
+/// Kernel send buffer of a /flows connection: with the per-client queue, what a client that
+/// stopped reading can hold up before it is dropped (Linux would grow it to `tcp_wmem`'s 4 MiB).
+const FLOWS_SNDBUF: usize = 256 << 10;
+/// hyper's own buffer per connection, likewise.
+const FLOWS_HYPER_BUF: usize = 64 << 10;
+
+/// Accept forever; each connection is served (one request, no keep-alive) in a task of its own.
+/// `bounded` caps the connection's send buffers (a following client's).
+async fn accept_loop<F, Fut>(listener: TcpListener, what: &'static str, bounded: bool, answer: F)
 where
-    F: Fn(TcpStream) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = std::io::Result<()>> + Send,
+    F: Fn(Request<hyper::body::Incoming>, Arc<Conn>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Response<Body>> + Send + 'static,
 {
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
         let answer = answer.clone();
+        if bounded
+            && let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(FLOWS_SNDBUF)
+        {
+            debug!("{what} client {peer}: SO_SNDBUF: {e}");
+        }
         tokio::spawn(async move {
-            match tokio::time::timeout(CLIENT_TIMEOUT, answer(stream)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => debug!("{what} client {peer}: {e}"),
-                Err(_) => debug!("{what} client {peer}: timed out"),
+            let conn = Arc::new(Conn::default());
+            let svc = {
+                let conn = conn.clone();
+                service_fn(move |req| {
+                    let fut = answer(req, conn.clone());
+                    async move { Ok::<_, Infallible>(fut.await) }
+                })
+            };
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_TIMEOUT)
+                .keep_alive(false);
+            if bounded {
+                builder.max_buf_size(FLOWS_HYPER_BUF);
+            }
+            let serving = builder.serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(serving);
+            let deadline = tokio::time::sleep(CLIENT_TIMEOUT);
+            tokio::pin!(deadline);
+            let mut timed = true;
+            loop {
+                tokio::select! {
+                    r = &mut serving => {
+                        if let Err(e) = r {
+                            debug!("{what} client {peer}: {e}");
+                        }
+                        return;
+                    }
+                    () = &mut deadline, if timed => {
+                        // A stream has no overall limit: it is closed when it falls behind.
+                        if conn.streaming.load(Ordering::Relaxed) {
+                            timed = false;
+                            continue;
+                        }
+                        debug!("{what} client {peer}: timed out");
+                        return;
+                    }
+                    () = conn.close.notified() => {
+                        debug!("{what} client {peer}: fell behind, closed");
+                        return;
+                    }
+                }
             }
         });
     }
@@ -170,33 +145,78 @@ where
 
 /// /metrics, /healthz and /readyz: what Prometheus and the kubelet read, no secrets in them.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
-    accept_loop(listener, "metrics", move |mut s| {
+    accept_loop(listener, "metrics", false, move |req, _conn| {
         let (metrics, health) = (metrics.clone(), health.clone());
         async move {
-            let req = read_request(&mut s).await?;
-            let (status, ctype, body) = match req.path.as_str() {
-                "/metrics" => (
-                    "200 OK",
+            match req.uri().path() {
+                "/metrics" => text(
+                    StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
                     metrics.encode(),
                 ),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                "/readyz" if health.ready.load(Ordering::Relaxed) => (
-                    "200 OK",
+                "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
+                "/readyz" if health.ready.load(Ordering::Relaxed) => text(
+                    StatusCode::OK,
                     "text/plain",
                     format!("ready\n{}\n", health.hooks.get().map_or("", String::as_str)),
                 ),
-                "/readyz" => (
-                    "503 Service Unavailable",
+                "/readyz" => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "hooks not attached yet\n".to_owned(),
+                    "hooks not attached yet\n",
                 ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-            };
-            respond(&mut s, status, ctype, "", &body).await
+                _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+            }
         }
     })
     .await
+}
+
+/// `/flows` query: `follow=1` streams; `last=N` limits the final records sent first.
+#[derive(Debug, Default, PartialEq)]
+struct FlowsQuery {
+    follow: bool,
+    last: Option<usize>,
+}
+
+impl FlowsQuery {
+    fn parse(q: Option<&str>) -> Result<FlowsQuery, String> {
+        let mut out = FlowsQuery::default();
+        for kv in q.unwrap_or_default().split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "follow" => out.follow = matches!(v, "" | "1" | "true"),
+                "last" => out.last = Some(v.parse().map_err(|_| format!("last={v}: not a count"))?),
+                _ => return Err(format!("unknown parameter {k:?} (follow, last)")),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Header of a following answer: how many of its first lines were already recorded (the
+/// snapshot); the rest are new. `observer observe` tells history from live by it.
+pub const SNAPSHOT_LINES: &str = "x-observer-snapshot-lines";
+
+fn stream(f: Follow) -> Response<Body> {
+    let n = f.snapshot.len();
+    let history = futures_util::stream::iter(f.snapshot);
+    let live =
+        futures_util::stream::unfold(
+            f.live,
+            |mut rx| async move { rx.recv().await.map(|b| (b, rx)) },
+        );
+    let frames = futures_util::StreamExt::map(futures_util::StreamExt::chain(history, live), |b| {
+        Ok::<_, Infallible>(Frame::data(b))
+    });
+    let mut r = Response::new(StreamBody::new(frames).boxed());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    h.insert(SNAPSHOT_LINES, n.into());
+    r
 }
 
 /// /flows on a listener of its own (`--flows-addr`): every pod's connections, with pids and
@@ -207,40 +227,89 @@ pub async fn serve_flows(
     auth: Arc<FlowsAuth>,
     metrics: Arc<Metrics>,
 ) {
-    accept_loop(listener, "flows", move |mut s| {
+    accept_loop(listener, "flows", true, move |req, conn| {
         let (flows, auth, metrics) = (flows.clone(), auth.clone(), metrics.clone());
         async move {
-            let req = read_request(&mut s).await?;
-            if req.path != FLOWS_PATH {
-                return respond(&mut s, "404 Not Found", "text/plain", "", "not found\n").await;
+            if req.uri().path() != FLOWS_PATH {
+                return text(StatusCode::NOT_FOUND, "text/plain", "not found\n");
             }
-            let verdict = auth.check(req.bearer.as_deref()).await;
+            let query = match FlowsQuery::parse(req.uri().query()) {
+                Ok(q) => q,
+                Err(e) => return text(StatusCode::BAD_REQUEST, "text/plain", e + "\n"),
+            };
+            let bearer = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim);
+            let verdict = auth.check(bearer).await;
             metrics.on_flows_request(verdict.outcome());
             match verdict {
-                Verdict::Allowed => {
-                    respond(&mut s, "200 OK", "application/x-ndjson", "", &flows.body()).await
+                Verdict::Allowed if query.follow => {
+                    match flows.follow(query.last, conn.close.clone()) {
+                        Some(f) => {
+                            conn.streaming.store(true, Ordering::Relaxed);
+                            stream(f)
+                        }
+                        None => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "too many clients follow this agent's flows; try again later\n",
+                        ),
+                    }
                 }
+                Verdict::Allowed => text(
+                    StatusCode::OK,
+                    "application/x-ndjson",
+                    flows.body(query.last),
+                ),
                 Verdict::Unauthenticated => {
-                    respond(
-                        &mut s,
-                        "401 Unauthorized",
+                    let mut r = text(
+                        StatusCode::UNAUTHORIZED,
                         "text/plain",
-                        "WWW-Authenticate: Bearer realm=\"observer flows\"\r\n",
                         "a valid bearer token is required (--token-file for observer explain)\n",
-                    )
-                    .await
+                    );
+                    r.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        header::HeaderValue::from_static("Bearer realm=\"observer flows\""),
+                    );
+                    r
                 }
-                Verdict::Forbidden => {
-                    let why = format!("this token's user may not get {FLOWS_PATH}\n");
-                    respond(&mut s, "403 Forbidden", "text/plain", "", &why).await
-                }
+                Verdict::Forbidden => text(
+                    StatusCode::FORBIDDEN,
+                    "text/plain",
+                    format!("this token's user may not get {FLOWS_PATH}\n"),
+                ),
                 Verdict::Unavailable(why) => {
                     warn!("/flows: the token could not be checked: {why}");
-                    let body = format!("the token could not be checked: {why}\n");
-                    respond(&mut s, "503 Service Unavailable", "text/plain", "", &body).await
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("the token could not be checked: {why}\n"),
+                    )
                 }
             }
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FlowsQuery;
+
+    #[test]
+    fn flows_query() {
+        assert_eq!(FlowsQuery::parse(None).unwrap(), FlowsQuery::default());
+        assert_eq!(
+            FlowsQuery::parse(Some("follow=1&last=5")).unwrap(),
+            FlowsQuery {
+                follow: true,
+                last: Some(5)
+            }
+        );
+        assert!(FlowsQuery::parse(Some("last=x")).is_err());
+        assert!(FlowsQuery::parse(Some("grep=1")).is_err());
+    }
 }

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub pending_refused: IntCounterVec,
     pub tuple_reuses: IntCounterVec,
     pub flows_requests: IntCounterVec,
+    pub flows_followers: IntGauge,
+    pub flows_followers_dropped: IntCounter,
 }
 
 /// The counters of things lost: kernel events, map inserts, socket and drop events refused,
@@ -219,6 +221,16 @@ const FLOWS_REQUESTS: Def = Def(
     "Requests to /flows (--flows-addr), by outcome: served; unauthorized (no valid bearer token); forbidden (RBAC, --flows-auth kubernetes); unavailable (the API server could not check the token).",
     &["outcome"],
 );
+const FLOWS_FOLLOWERS: Def = Def(
+    "observer_flows_followers",
+    "Clients following /flows now (`/flows?follow=1`, `observer observe -f`).",
+    &[],
+);
+const FLOWS_FOLLOWERS_DROPPED: Def = Def(
+    "observer_flows_followers_dropped_total",
+    "Clients following /flows that were disconnected because they fell behind (more records waiting for them than the per-client queue holds).",
+    &[],
+);
 
 /// Registers metrics of the table in one registry.
 struct Reg<'a>(&'a Registry);
@@ -280,6 +292,8 @@ impl Metrics {
             pending_refused: r.counter_vec(PENDING_REFUSED),
             tuple_reuses: r.counter_vec(TUPLE_REUSES),
             flows_requests: r.counter_vec(FLOWS_REQUESTS),
+            flows_followers: r.gauge(FLOWS_FOLLOWERS),
+            flows_followers_dropped: r.counter(FLOWS_FOLLOWERS_DROPPED),
             registry,
         };
         m.prime();

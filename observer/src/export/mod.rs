@@ -1,8 +1,9 @@
 //! Exporters, the pipeline's last stage (`stage`): JSON flow log, Prometheus metrics, and the
-//! HTTP endpoints (/metrics, /healthz, /readyz, /flows).
+//! HTTP endpoints (/metrics, /healthz, /readyz, /flows; `recent` keeps what /flows serves).
 
 pub mod flows_auth;
 pub mod http;
 pub mod json;
 pub mod metrics;
+pub mod recent;
 pub mod stage;

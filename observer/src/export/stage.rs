@@ -8,7 +8,7 @@ use std::sync::{Arc, RwLock};
 use log::warn;
 use tokio::sync::mpsc;
 
-use super::{http::RecentFlows, json::FlowLog, metrics::Metrics};
+use super::{json::FlowLog, metrics::Metrics, recent::RecentFlows};
 use crate::{names::Names, record::FlowRecord};
 
 /// Batches waiting for the writer.
@@ -55,10 +55,11 @@ impl Exporter {
         }
         for r in batch.iter() {
             self.metrics.on_record(r);
-            if let Ok(line) = serde_json::to_string(r) {
-                self.recent.push(r.connection_id(), line, r.is_final);
-            }
         }
+        self.recent.push(batch.iter().filter_map(|r| {
+            let line = serde_json::to_string(r).ok()?;
+            Some((r.connection_id(), line, r.is_final))
+        }));
     }
 }
 
@@ -128,7 +129,7 @@ mod tests {
             },
         );
         let metrics = Arc::new(Metrics::new("node-a"));
-        let recent = Arc::new(RecentFlows::new(10));
+        let recent = Arc::new(RecentFlows::new(10, 16, || {}));
         let exporter = Exporter {
             names: Arc::new(RwLock::new(names)),
             metrics: metrics.clone(),
@@ -170,7 +171,7 @@ mod tests {
             2 * n as u64
         );
         assert!(
-            recent.body().lines().count() == 2 * n,
+            recent.body(None).iter().filter(|b| **b == b'\n').count() == 2 * n,
             "final records are kept for /flows"
         );
         std::fs::remove_dir_all(&dir).unwrap();

@@ -1,6 +1,7 @@
 //! Just enough of the kernel's BTF (/sys/kernel/btf/vmlinux) to find struct member offsets and
 //! enum values at load time. Rust BPF objects carry no CO-RE relocations, so programs that read
-//! kernel structs get the offsets of the running kernel as globals (FACTS.md §2).
+//! kernel structs get the offsets of the running kernel as globals (rustc emits no BTF field
+//! relocations: rust-lang/rust#158412; the format: Documentation/bpf/btf.rst).
 
 use std::{collections::HashMap, path::Path};
 

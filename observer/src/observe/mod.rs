@@ -1,0 +1,419 @@
+//! `observer observe`: the live view. Records from flow logs (followed like `tail -F`) and from
+//! agents' `/flows` (streamed with `?follow=1`), merged, filtered on their own fields, one line
+//! each. History first (sorted by time, the last N if asked), then what happens.
+
+mod args;
+mod filter;
+mod render;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    io::{IsTerminal as _, Write as _},
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+pub use args::ObserveArgs;
+use filter::Filter;
+pub use render::{Color, Output};
+
+use crate::flow_sources::{Line, agent, foreign_schema, tail::Tail};
+
+/// How often a followed file is looked at for new lines and rotation.
+const FILE_POLL: Duration = Duration::from_millis(200);
+/// Wait before following an agent again after its stream ended (a restart, a rolling update).
+const RECONNECT_AFTER: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug)]
+enum Source {
+    File(PathBuf),
+    Agent(agent::AgentUrl),
+}
+
+impl Source {
+    fn parse(s: &str) -> anyhow::Result<Source> {
+        if s.starts_with("http://") || s.starts_with("https://") {
+            return Ok(Source::Agent(agent::AgentUrl::parse(s)?));
+        }
+        let p = PathBuf::from(s);
+        std::fs::metadata(&p).with_context(|| format!("{s}: no such flow log"))?;
+        Ok(Source::File(p))
+    }
+
+    fn name(&self) -> String {
+        match self {
+            Source::File(p) => p.display().to_string(),
+            Source::Agent(u) => u.to_string(),
+        }
+    }
+}
+
+/// What a source's reader hands the printer.
+enum Event {
+    /// A line already written when observe started (line number in its source).
+    History(usize, usize, String),
+    /// The source has no more history.
+    HistoryDone,
+    /// A line written since.
+    Live(usize, usize, String),
+    /// Said once on stderr (a source that failed, ended or came back).
+    Note(usize, String),
+    /// The source failed and is given up on.
+    Failed(usize, String),
+}
+
+pub fn observe(args: ObserveArgs) -> anyhow::Result<i32> {
+    let filter = Filter::from_args(&args.filters, SystemTime::now())?;
+    let sources: Vec<Source> = args
+        .sources
+        .iter()
+        .map(|s| Source::parse(s))
+        .collect::<anyhow::Result<_>>()?;
+    let token = args
+        .token_file
+        .as_ref()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| t.trim().to_owned())
+                .with_context(|| format!("reading --token-file {}", f.display()))
+        })
+        .transpose()?;
+    let color = match args.color {
+        Color::Auto => std::io::stdout().is_terminal(),
+        Color::Always => true,
+        Color::Never => false,
+    };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args, filter, sources, token, color))
+}
+
+/// History the user asked for: all of it without `-f`, else only with `--last`.
+fn history_wanted(args: &ObserveArgs) -> Option<usize> {
+    match (args.follow, args.last) {
+        (_, Some(n)) => Some(n),
+        (false, None) => None,
+        (true, None) => Some(0),
+    }
+}
+
+async fn run(
+    args: ObserveArgs,
+    filter: Filter,
+    sources: Vec<Source>,
+    token: Option<String>,
+    color: bool,
+) -> anyhow::Result<i32> {
+    let (tx, mut rx) = mpsc::channel::<Event>(4096);
+    let want = history_wanted(&args);
+    for (i, s) in sources.iter().enumerate() {
+        let tx = tx.clone();
+        match s.clone() {
+            Source::File(p) => {
+                let follow = args.follow;
+                std::thread::spawn(move || read_file(i, &p, follow, &tx));
+            }
+            Source::Agent(u) => {
+                let (token, follow) = (token.clone(), args.follow);
+                tokio::spawn(async move { read_agent(i, u, token, follow, want, tx).await });
+            }
+        }
+    }
+    drop(tx);
+
+    let mut out = Printer {
+        args: &args,
+        filter: &filter,
+        sources: &sources,
+        color,
+        skipped: vec![(0, None); sources.len()],
+        foreign: vec![None; sources.len()],
+        failed: 0,
+    };
+    // History: every source's, sorted by time, the last `want` of it.
+    let mut history: Vec<(String, Box<crate::record::FlowRecord>, String)> = Vec::new();
+    let mut pending = sources.len();
+    while pending > 0 {
+        let Some(ev) = rx.recv().await else { break };
+        match ev {
+            Event::History(i, n, line) => {
+                if let Some(r) = out.parse(i, n, &line).filter(|r| filter.matches(r)) {
+                    history.push((r.time.clone(), r, line));
+                }
+            }
+            Event::HistoryDone => pending -= 1,
+            Event::Failed(i, e) => {
+                out.fail(i, &e);
+                pending -= 1;
+            }
+            Event::Note(i, e) => eprintln!("observe: {}: {e}", sources[i].name()),
+            // Not expected before a source's history is done; printed in order anyway.
+            Event::Live(i, n, line) => {
+                out.print(i, n, &line)?;
+            }
+        }
+    }
+    history.sort_by(|a, b| a.0.cmp(&b.0));
+    let skip = want.map_or(0, |n| history.len().saturating_sub(n));
+    for (_, r, raw) in history.iter().skip(skip) {
+        if !out.write(r, raw)? {
+            return Ok(0);
+        }
+    }
+    if args.follow {
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Live(i, n, line) | Event::History(i, n, line) => {
+                    if !out.print(i, n, &line)? {
+                        return Ok(0);
+                    }
+                }
+                Event::Note(i, e) => eprintln!("observe: {}: {e}", sources[i].name()),
+                Event::Failed(i, e) => out.fail(i, &e),
+                Event::HistoryDone => {}
+            }
+        }
+    }
+    out.report();
+    Ok(i32::from(out.failed > 0))
+}
+
+struct Printer<'a> {
+    args: &'a ObserveArgs,
+    filter: &'a Filter,
+    sources: &'a [Source],
+    color: bool,
+    /// Per source: lines that were no record, and the first of them.
+    skipped: Vec<(usize, Option<usize>)>,
+    /// Per source: a foreign schema seen (said once).
+    foreign: Vec<Option<String>>,
+    failed: usize,
+}
+
+impl Printer<'_> {
+    fn parse(&mut self, i: usize, n: usize, line: &str) -> Option<Box<crate::record::FlowRecord>> {
+        if line.trim().is_empty() {
+            return None;
+        }
+        match Line::parse(line) {
+            Line::Record(r) => Some(r),
+            Line::Foreign(schema) => {
+                if self.foreign[i].as_ref() != Some(&schema) {
+                    let at = format!("{}:{n}", self.sources[i].name());
+                    eprintln!(
+                        "observe: {}; such records are skipped",
+                        foreign_schema(&at, &schema)
+                    );
+                    self.foreign[i] = Some(schema);
+                }
+                None
+            }
+            Line::Bad => {
+                let s = &mut self.skipped[i];
+                s.0 += 1;
+                if s.1.is_none() {
+                    s.1 = Some(n);
+                    if self.args.follow {
+                        eprintln!(
+                            "observe: {}:{n}: not a flow record (cut short or corrupt), skipped; such lines are counted at the end",
+                            self.sources[i].name()
+                        );
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Print `line` if it is a record the filter admits; false once stdout is closed.
+    fn print(&mut self, i: usize, n: usize, line: &str) -> anyhow::Result<bool> {
+        match self.parse(i, n, line) {
+            Some(r) if self.filter.matches(&r) => self.write(&r, line),
+            _ => Ok(true),
+        }
+    }
+
+    fn write(&self, r: &crate::record::FlowRecord, raw: &str) -> anyhow::Result<bool> {
+        let text = render::line(r, raw, self.args.output, self.color);
+        let mut stdout = std::io::stdout().lock();
+        match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+            Ok(()) => Ok(true),
+            // `observe ... | head`: the reader is gone, so is the point of going on.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+            Err(e) => Err(e).context("writing to stdout"),
+        }
+    }
+
+    fn fail(&mut self, i: usize, e: &str) {
+        self.failed += 1;
+        eprintln!("observe: {}: {e}", self.sources[i].name());
+    }
+
+    fn report(&self) {
+        for (i, (n, first)) in self.skipped.iter().enumerate() {
+            if let Some(first) = first {
+                eprintln!(
+                    "observe: {}: skipped {n} line(s) that are not flow records (cut short or corrupt), first at line {first}",
+                    self.sources[i].name()
+                );
+            }
+        }
+    }
+}
+
+/// A flow log: its lines so far as history, then (`-f`) what is appended, across rotation.
+fn read_file(i: usize, path: &std::path::Path, follow: bool, tx: &mpsc::Sender<Event>) {
+    let mut t = match Tail::open(path) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = tx.blocking_send(Event::Failed(i, format!("opening: {e}")));
+            return;
+        }
+    };
+    let send_all = |lines: Vec<(usize, String)>, live: bool| {
+        lines.into_iter().all(|(n, l)| {
+            let ev = if live {
+                Event::Live(i, n, l)
+            } else {
+                Event::History(i, n, l)
+            };
+            tx.blocking_send(ev).is_ok()
+        })
+    };
+    match t.read() {
+        Ok(lines) => {
+            if !send_all(lines, false) {
+                return;
+            }
+        }
+        Err(e) => {
+            let _ = tx.blocking_send(Event::Failed(i, format!("reading: {e}")));
+            return;
+        }
+    }
+    if tx.blocking_send(Event::HistoryDone).is_err() || !follow {
+        return;
+    }
+    let mut rotations = t.rotations;
+    loop {
+        std::thread::sleep(FILE_POLL);
+        match t.read() {
+            Ok(lines) => {
+                if t.rotations != rotations {
+                    rotations = t.rotations;
+                    let _ =
+                        tx.blocking_send(Event::Note(i, "rotated; following the new file".into()));
+                }
+                if !send_all(lines, true) {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.blocking_send(Event::Failed(i, format!("reading: {e}")));
+                return;
+            }
+        }
+    }
+}
+
+/// An agent's /flows: its recent records as history; with `-f`, then every new one, followed
+/// again (new records only) when the agent restarts.
+async fn read_agent(
+    i: usize,
+    url: agent::AgentUrl,
+    token: Option<String>,
+    follow: bool,
+    want: Option<usize>,
+    tx: mpsc::Sender<Event>,
+) {
+    let token = token.as_deref();
+    if !follow {
+        match agent::fetch(&url, token).await {
+            Ok(body) => {
+                for (n, l) in body.lines().enumerate() {
+                    if tx
+                        .send(Event::History(i, n + 1, l.to_owned()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = tx.send(Event::HistoryDone).await;
+            }
+            Err(e) => {
+                let _ = tx.send(Event::Failed(i, format!("{e:#}"))).await;
+            }
+        }
+        return;
+    }
+    let mut first = true;
+    let mut line_no = 0;
+    loop {
+        let last = if first { want } else { Some(0) };
+        match agent::follow(&url, token, last).await {
+            Ok(mut f) => {
+                if !first {
+                    let _ = tx.send(Event::Note(i, "following again".into())).await;
+                }
+                let mut history = f.history;
+                if first && history == 0 {
+                    first = false;
+                    let _ = tx.send(Event::HistoryDone).await;
+                }
+                let ended = loop {
+                    match f.lines().await {
+                        Ok(Some(lines)) => {
+                            for l in lines {
+                                line_no += 1;
+                                let ev = if history > 0 {
+                                    history -= 1;
+                                    Event::History(i, line_no, l)
+                                } else {
+                                    Event::Live(i, line_no, l)
+                                };
+                                if tx.send(ev).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if first && history == 0 {
+                                first = false;
+                                let _ = tx.send(Event::HistoryDone).await;
+                            }
+                        }
+                        Ok(None) => break "the agent ended the stream".to_owned(),
+                        Err(e) => {
+                            break format!(
+                                "the stream was cut ({e:#}): the agent stopped, or dropped this client for falling behind (observer_flows_followers_dropped_total); records written until it is followed again are not shown"
+                            );
+                        }
+                    }
+                };
+                if first {
+                    first = false;
+                    let _ = tx.send(Event::HistoryDone).await;
+                }
+                let note = format!("{ended}; following again in {RECONNECT_AFTER:?}");
+                let _ = tx.send(Event::Note(i, note)).await;
+            }
+            Err(e) if first => {
+                // Said once; the others go on, and this one is tried again.
+                first = false;
+                let _ = tx
+                    .send(Event::Note(
+                        i,
+                        format!("{e:#}; trying again every {RECONNECT_AFTER:?}"),
+                    ))
+                    .await;
+                let _ = tx.send(Event::HistoryDone).await;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(RECONNECT_AFTER).await;
+    }
+}
