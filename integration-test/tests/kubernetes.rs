@@ -50,24 +50,30 @@ fn api(lab: &LabRun, slot: u16) -> KubeApi {
         ("shop", "frontend-7d9", "10.244.1.10"),
         ("payments", "web-5f6", "10.244.2.10"),
     ] {
-        let patch = format!(r#"{{"status":{{"podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
-        api.kubectl(
-            &[
-                "-n",
-                ns,
-                "patch",
-                "pod",
-                pod,
-                "--subresource=status",
-                "--type=merge",
-                "-p",
-                &patch,
-            ],
-            None,
-        )
-        .unwrap();
+        publish_status(&api, ns, pod, ip, None);
     }
     api
+}
+
+/// What a kubelet would report for `pod`: its IP, and its phase if given.
+fn publish_status(api: &KubeApi, ns: &str, pod: &str, ip: &str, phase: Option<&str>) {
+    let phase = phase.map_or(String::new(), |p| format!(r#""phase":"{p}","#));
+    let patch = format!(r#"{{"status":{{{phase}"podIP":"{ip}","podIPs":[{{"ip":"{ip}"}}]}}}}"#);
+    api.kubectl(
+        &[
+            "-n",
+            ns,
+            "patch",
+            "pod",
+            pod,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+        None,
+    )
+    .unwrap();
 }
 
 #[test]
@@ -513,4 +519,153 @@ fn flows_are_served_to_the_users_rbac_allows_and_checked_by_the_api_server() {
             "{outcome}"
         );
     }
+}
+
+/// The agents' DaemonSet pods as the API would hold them (no kubelet here: their status is
+/// published by hand): two agents on the lab's nodes, one whose port answers nothing, one not
+/// running.
+const AGENT_PODS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: observer}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: observer-a, namespace: observer, labels: {app.kubernetes.io/name: observer}}
+spec: {nodeName: node-a, containers: [{name: agent, image: example.invalid/none, ports: [{name: metrics, containerPort: 9464}, {name: flows, containerPort: 9465}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: observer-b, namespace: observer, labels: {app.kubernetes.io/name: observer}}
+spec: {nodeName: node-b, containers: [{name: agent, image: example.invalid/none, ports: [{name: flows, containerPort: 9465}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: observer-c, namespace: observer, labels: {app.kubernetes.io/name: observer}}
+spec: {nodeName: node-c, containers: [{name: agent, image: example.invalid/none, ports: [{name: flows, containerPort: 9399}]}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: observer-d, namespace: observer, labels: {app.kubernetes.io/name: observer}}
+spec: {nodeName: node-d, containers: [{name: agent, image: example.invalid/none, ports: [{name: flows, containerPort: 9465}]}]}
+"#;
+
+#[test]
+fn observe_and_explain_find_every_agent_through_the_api_and_name_those_that_do_not_answer() {
+    let token = flows_token_file();
+    let lab = lab_with_agent_args(
+        "kfind",
+        "1s",
+        None,
+        &["--flows-addr", "0.0.0.0:9465", "--flows-token-file", &token],
+    );
+    let api = api(&lab, 300);
+    api.kubectl(&["apply", "-f", "-"], Some(AGENT_PODS))
+        .unwrap();
+    // node-c's "agent" is node-a's address on a port nothing listens on.
+    for (pod, ip) in [
+        ("observer-a", "10.200.0.1"),
+        ("observer-b", "10.200.0.2"),
+        ("observer-c", "10.200.0.1"),
+    ] {
+        publish_status(&api, "observer", pod, ip, Some("Running"));
+    }
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    for node in ["node-a", "node-b"] {
+        lab.wait_records(node, WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["final"] == true && r["post_dnat"]["dport"] == 8443)
+        })
+        .unwrap();
+    }
+    // Asked from a pod of the cluster (pod-a: the pod range may reach every node), as an
+    // in-cluster client would be; the API itself from the host.
+    let kubeconfig = api.kubeconfig.to_string_lossy().into_owned();
+    let find = [
+        "--kubeconfig",
+        kubeconfig.as_str(),
+        "--netns",
+        &lab.ns("pod-a"),
+        "--token-file",
+        &token,
+    ];
+    let run = |sub: &str, extra: &[&str]| {
+        std::process::Command::new(bin())
+            .arg(sub)
+            .args(find)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = run("observe", &["--pod", "payments/pod-b", "-o", "json"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "one agent did not answer: {stderr}"
+    );
+    for said in [
+        "agent on node-a (observer-a): http://10.200.0.1:9465/flows",
+        "agent on node-b (observer-b)",
+        "node-c (http://10.200.0.1:9399/flows): did not answer",
+        "pod observer-d is no agent to ask: on node-d: not running",
+    ] {
+        assert!(stderr.contains(said), "{said:?} not in: {stderr}");
+    }
+    let mut nodes: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["post_dnat"]["dport"] == 8443)
+        .map(|r| r["node"].as_str().unwrap().to_owned())
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    assert_eq!(
+        nodes,
+        ["node-a", "node-b"],
+        "both nodes' records, from their agents"
+    );
+
+    let out = run(
+        "explain",
+        &["--service", "100.64.0.10:443", "--format", "json"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("node-c (http://10.200.0.1:9399/flows): did not answer"),
+        "{stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "answered", "{v:#}");
+
+    // The same through kubectl: a link named kubectl-observer on the PATH is its plugin, and
+    // finds the agents with kubectl's kubeconfig.
+    let plugin_dir = lab.dir.join("plugins");
+    std::fs::create_dir_all(&plugin_dir).unwrap();
+    std::os::unix::fs::symlink(bin(), plugin_dir.join("kubectl-observer")).unwrap();
+    let path = format!(
+        "{}:{}",
+        plugin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("kubectl")
+        .args([
+            "observer",
+            "explain",
+            "--netns",
+            &lab.ns("pod-a"),
+            "--token-file",
+            &token,
+        ])
+        .args(["--service", "100.64.0.10:443", "--format", "json"])
+        .env("PATH", path)
+        .env("KUBECONFIG", &api.kubeconfig)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("agent on node-b (observer-b)"), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["outcome"], "answered", "{v:#}");
 }

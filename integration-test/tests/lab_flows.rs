@@ -1190,3 +1190,152 @@ fn a_pod_recreated_under_the_same_name_a_flapping_uplink_and_a_moved_veth_are_fo
     );
     lab_cmd(&["del-pod", "again", "--name", &lab.name]);
 }
+
+/// The first final record of `node` whose `tuple` (`pre_dnat`, `post_dnat`) goes to `dport`,
+/// waited for.
+fn final_record(lab: &LabRun, node: &str, tuple: &str, dport: u16) -> serde_json::Value {
+    let is = |r: &serde_json::Value| r["final"] == true && r[tuple]["dport"] == dport;
+    let recs = lab
+        .wait_records(node, WAIT, |rs| rs.iter().any(is))
+        .unwrap();
+    recs.into_iter().find(|r| is(r)).unwrap()
+}
+
+/// Rename `pod`'s node-side veth on `node` to `new` the way a CNI names it, keeping its routes
+/// (they go with the link when it is set down).
+fn rename_pod_iface(lab: &LabRun, node: &str, pod: &str, new: &str) {
+    let old = observer_lab::model::host_veth(pod);
+    let sh = |script: &str| {
+        let out = lab.exec(node, &["sh", "-c", script]).unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let routes = [
+        sh(&format!("ip -4 route show dev {old}")),
+        sh(&format!(
+            "ip -6 route show dev {old} | grep -v '^fe80' || true"
+        )),
+    ];
+    sh(&format!(
+        "ip link set {old} down && ip link set {old} name {new} && ip link set {new} up"
+    ));
+    for (family, table) in ["-4", "-6"].iter().zip(&routes) {
+        for r in table.lines().filter(|l| !l.trim().is_empty()) {
+            sh(&format!("ip {family} route replace {r} dev {new}"));
+        }
+    }
+}
+
+#[test]
+fn pod_interfaces_are_found_whatever_the_cni_names_them() {
+    let mut lab = lab("cni", None);
+    // Calico's, Cilium's and GKE's names for the host side of a pod's veth.
+    rename_pod_iface(&lab, "node-a", "pod-a", "cali0a1b2c3d4e5");
+    rename_pod_iface(&lab, "node-a", "pod-api-1", "lxc5f6e7d8c9b0a");
+    rename_pod_iface(&lab, "node-b", "pod-b", "gke3c4d5e6f7a");
+    let names = lab.names_file().to_string_lossy().into_owned();
+    for node in ["node-a", "node-b"] {
+        // No --pod-iface: the default finds them.
+        lab.start_agent(node, &["--idle-timeout", "1s", "--names", &names])
+            .unwrap();
+    }
+    let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
+    assert!(
+        log.contains("\"cali0a1b2c3d4e5\"") && log.contains("\"lxc5f6e7d8c9b0a\""),
+        "the agent says which pod interfaces it found: {log}"
+    );
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let r = final_record(&lab, "node-a", "pre_dnat", 443);
+    assert_eq!(
+        hop(&r, "pod_ingress", "orig").unwrap()["iface"],
+        "cali0a1b2c3d4e5",
+        "{r:#}"
+    );
+    let r = final_record(&lab, "node-b", "post_dnat", 8443);
+    assert_eq!(
+        hop(&r, "pod_egress", "orig").unwrap()["iface"],
+        "gke3c4d5e6f7a",
+        "{r:#}"
+    );
+    assert_eq!(
+        r["observed_as"], "receiver",
+        "node-b knows pod-b as its own pod: {r:#}"
+    );
+}
+
+/// An agent started the way people start one in a namespace, `ip netns exec NS observer agent`
+/// (which mounts a sysfs of its own over /sys, hiding the cgroup v2 mount): it finds the host's
+/// cgroup hierarchy itself, and its socket hooks name the process.
+#[test]
+fn an_agent_under_ip_netns_exec_finds_the_cgroup_hierarchy_itself() {
+    struct Agent(std::process::Child);
+    impl Drop for Agent {
+        fn drop(&mut self) {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let _ = self.0.wait();
+        }
+    }
+    let lab = lab("nsexec", None);
+    let cgroup2_before = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .matches(" - cgroup2 ")
+        .count();
+    let flow_log = lab.dir.join("node-a.jsonl");
+    let log = lab.dir.join("agent-node-a.log");
+    let agent = Agent(
+        Command::new("ip")
+            .args(["netns", "exec", &lab.ns("node-a")])
+            .arg(bin())
+            .args([
+                "agent",
+                "--node",
+                "node-a",
+                "--no-pin",
+                "--idle-timeout",
+                "1s",
+            ])
+            .args(["--metrics-addr", "127.0.0.1:9464", "--flow-log"])
+            .arg(&flow_log)
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while !lab
+        .http("node-a", "/readyz")
+        .is_ok_and(|b| b.contains("ready"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let said = std::fs::read_to_string(&log).unwrap();
+    // The host's hierarchy through /proc/1/root where PID 1 lets us, else mounted privately.
+    assert!(
+        said.contains("using the host's: /proc/1/root/")
+            || said.contains("mounted it on /sys/fs/cgroup in this process's own mount namespace"),
+        "{said}"
+    );
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    let r = final_record(&lab, "node-a", "pre_dnat", 443);
+    assert_eq!(r["socket"]["comm"], "curl", "the socket hooks ran: {r:#}");
+    drop(agent);
+    let cgroup2_mounts = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .matches(" - cgroup2 ")
+            .count()
+    };
+    assert_eq!(
+        cgroup2_mounts(),
+        cgroup2_before,
+        "nothing mounted in the host's namespace"
+    );
+}

@@ -60,9 +60,12 @@ pub struct AgentArgs {
     #[arg(long = "uplink", env = "OBSERVER_UPLINKS", value_delimiter = ',')]
     pub uplinks: Vec<String>,
 
-    /// Glob for host-side pod veths; uplinks are excluded. Checked every second, so pods created
-    /// later are picked up and deleted ones forgotten.
-    #[arg(long, env = "OBSERVER_POD_IFACE", default_value = "veth*")]
+    /// Pods' host-side interfaces: `auto` (default), every veth whose peer is in another network
+    /// namespace, whatever the CNI names it (Calico `cali*`, Cilium `lxc*`, GKE `gke*`, AWS
+    /// `eni*`, bridge CNIs' `veth*`); or a glob such as `cali*` to narrow it. Uplinks are
+    /// excluded. Checked every second, so pods created later are picked up and deleted ones
+    /// forgotten; the agent says at start which it found.
+    #[arg(long, env = "OBSERVER_POD_IFACE", default_value = "auto")]
     pub pod_iface: String,
 
     /// cgroup v2 directory for the socket hooks. Default: the cgroup v2 mount point.
@@ -193,6 +196,31 @@ pub struct AgentArgs {
     pub pin_wait: Duration,
 }
 
+/// Run as `kubectl observer ...` (the binary, or a link to it, named `kubectl-observer` on the
+/// PATH), `observe` and `explain` find the agents with the kubeconfig kubectl uses ($KUBECONFIG,
+/// else ~/.kube/config) unless told otherwise.
+pub fn as_kubectl_plugin(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let invoked = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "kubectl-observer");
+    let sub = args.get(1).and_then(|a| a.to_str());
+    if !invoked || !matches!(sub, Some("observe" | "explain")) {
+        return args;
+    }
+    let told = args.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|a| a.starts_with("--kubeconfig") || a == "--kubernetes")
+    });
+    let kubeconfig = std::env::var_os("KUBECONFIG")
+        .and_then(|v| std::env::split_paths(&v).next())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".kube/config")));
+    if let Some(k) = kubeconfig.filter(|_| !told) {
+        args.splice(2..2, ["--kubeconfig".into(), k.into_os_string()]);
+    }
+    args
+}
+
 /// Who may read /flows (`--flows-auth`).
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 pub enum FlowsAuthMode {
@@ -215,6 +243,35 @@ mod tests {
     use clap::CommandFactory as _;
 
     use super::Cli;
+
+    #[test]
+    fn as_a_kubectl_plugin_observe_and_explain_use_kubectls_kubeconfig() {
+        let args = |v: &[&str]| {
+            v.iter()
+                .map(Into::into)
+                .collect::<Vec<std::ffi::OsString>>()
+        };
+        // SAFETY: no other test reads KUBECONFIG.
+        unsafe { std::env::set_var("KUBECONFIG", "/k/one:/k/two") };
+        assert_eq!(
+            super::as_kubectl_plugin(args(&["/usr/bin/kubectl-observer", "observe", "-f"])),
+            args(&[
+                "/usr/bin/kubectl-observer",
+                "observe",
+                "--kubeconfig",
+                "/k/one",
+                "-f"
+            ])
+        );
+        for unchanged in [
+            &["observer", "observe", "-f"][..],
+            &["kubectl-observer", "observe", "--kubernetes"],
+            &["kubectl-observer", "explain", "--kubeconfig=/x"],
+            &["kubectl-observer", "agent"],
+        ] {
+            assert_eq!(super::as_kubectl_plugin(args(unchanged)), args(unchanged));
+        }
+    }
 
     /// Every agent flag can be set from the environment (a DaemonSet's `env:`), and
     /// docs/config.md lists it with that variable.

@@ -25,7 +25,7 @@ fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_target(false)
         .init();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(cli::as_kubectl_plugin(std::env::args_os().collect()));
     let code = match cli.command {
         Command::Agent(args) => {
             if let Err(e) = agent::check_flows_args(&args) {

@@ -47,7 +47,7 @@ use crate::{
         FilterStatus, HookError, Hooks, KernelMaps, Role,
         drop::{DropConfig, Kallsyms},
         filter::{FilterHooks, FilterOffsets},
-        follow::{Follower, Interfaces},
+        follow::{Follower, Interfaces, PodIfaces},
         nat::NatOffsets,
         pin::{PinDir, PinError},
         preflight::PreflightError,
@@ -360,14 +360,16 @@ impl Pipeline {
         let mut follower = Follower {
             hooks,
             uplinks: targets.uplinks.clone(),
-            pod_glob: args.pod_iface.clone(),
+            pods: PodIfaces::parse(&args.pod_iface),
             metrics: metrics.clone(),
         };
         let first = follower.sync();
         correlation.set_interfaces(&first);
         info!(
-            "ready: uplinks {:?}, pod interfaces matching {:?}",
-            targets.uplinks, args.pod_iface
+            "ready: uplinks {:?}; pod interfaces ({}): {:?}",
+            targets.uplinks,
+            follower.pods,
+            follower.hooks.pod_ifaces()
         );
         let status = hook_status(&targets, drop_cfg.is_some(), &filter_status);
         let pipeline = Self::spawn(

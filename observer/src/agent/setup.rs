@@ -144,7 +144,13 @@ pub fn pin_dir(args: &AgentArgs) -> Result<Option<PinDir>, AgentError> {
                     .map_or_else(|| ns.clone(), |n| n.to_string_lossy().into_owned()),
                 None => "host".to_owned(),
             };
-            let dir = Path::new(pin::DEFAULT_ROOT).join(own);
+            let mut dir = Path::new(pin::DEFAULT_ROOT).join(own);
+            // Under `ip netns exec` /sys is a sysfs of its own: the host's bpffs is still there.
+            let host = preflight::host_path(&dir);
+            if !pin::on_bpffs(&dir) && pin::on_bpffs(&host) {
+                info!("no bpf filesystem here (ip netns exec?); pinning in the host's");
+                dir = host;
+            }
             if !pin::on_bpffs(&dir) {
                 warn!(
                     "{} is not on a bpf filesystem: open flows' counters will not survive a \

@@ -17,8 +17,8 @@ pub enum Format {
 pub struct ExplainArgs {
     /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl, or agents'
     /// endpoints (`--flows-addr`), e.g. http://10.0.0.5:9465/flows (the last 1000 final
-    /// records).
-    #[arg(required = true)]
+    /// records); none needed with --kubeconfig or --kubernetes, which find every agent.
+    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes"])]
     pub files: Vec<PathBuf>,
     /// File with the bearer token the agents' /flows endpoints want (their
     /// --flows-token-file).
@@ -42,6 +42,8 @@ pub struct ExplainArgs {
     /// Every matching connection, not only the latest.
     #[arg(long)]
     pub all: bool,
+    #[command(flatten)]
+    pub discover: crate::flow_sources::discover::DiscoverArgs,
 }
 
 #[derive(Args, Debug, Clone)]

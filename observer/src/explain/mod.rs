@@ -15,7 +15,11 @@ use anyhow::{Context as _, bail};
 
 pub use crate::names::Names;
 use crate::{
-    flow_sources::{Line, agent, foreign_schema},
+    flow_sources::{
+        Line, agent,
+        discover::{self, Agent},
+        foreign_schema,
+    },
     record::FlowRecord,
 };
 pub use args::{ExplainArgs, Format, SuggestArgs};
@@ -73,16 +77,65 @@ pub fn explain(args: ExplainArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// Read the logs, saying once per file which lines were skipped.
-fn read(files: &[PathBuf], token_file: Option<&PathBuf>) -> anyhow::Result<Vec<FlowRecord>> {
-    let token = token_file
+fn read_token(token_file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    token_file
         .map(|f| {
             std::fs::read_to_string(f)
                 .map(|t| t.trim().to_owned())
                 .with_context(|| format!("reading --token-file {}", f.display()))
         })
-        .transpose()?;
-    let loaded = load(files, token.as_deref())?;
+        .transpose()
+}
+
+/// Ask each agent found through the API, in parallel: their records, and the nodes whose
+/// agents answered (one that answered with no record is evidence too). One that does not
+/// answer is named on stderr; the others still count.
+fn ask_agents(
+    agents: &[Agent],
+    token: Option<&str>,
+) -> anyhow::Result<(Vec<FlowRecord>, Vec<String>)> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answers = rt.block_on(futures_util::future::join_all(agents.iter().map(
+        |a| async move {
+            let url = agent::AgentUrl::parse(&a.url)?;
+            agent::fetch(&url, token).await
+        },
+    )));
+    let (mut records, mut nodes) = (Vec::new(), Vec::new());
+    for (a, answer) in agents.iter().zip(answers) {
+        match answer {
+            Ok(body) => {
+                eprintln!("explain: {} ({}): answered", a.node, a.url);
+                nodes.push(a.node.clone());
+                let mut skipped = 0;
+                for line in body.lines().filter(|l| !l.trim().is_empty()) {
+                    match Line::parse(line) {
+                        Line::Record(r) => records.push(*r),
+                        Line::Foreign(schema) => bail!("{}", foreign_schema(&a.url, &schema)),
+                        Line::Bad => skipped += 1,
+                    }
+                }
+                if skipped > 0 {
+                    log::warn!(
+                        "{}: skipped {skipped} line(s) that are not flow records",
+                        a.url
+                    );
+                }
+            }
+            Err(e) => eprintln!("explain: {} ({}): did not answer: {e:#}", a.node, a.url),
+        }
+    }
+    if nodes.is_empty() {
+        bail!("no agent answered");
+    }
+    Ok((records, nodes))
+}
+
+/// Read the logs, saying once per file which lines were skipped.
+fn read(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Vec<FlowRecord>> {
+    let loaded = load(files, token)?;
     let mut by_file: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
     for (f, line) in &loaded.skipped {
         by_file.entry(f).or_default().push(*line);
@@ -99,10 +152,21 @@ fn read(files: &[PathBuf], token_file: Option<&PathBuf>) -> anyhow::Result<Vec<F
 
 /// What `explain` prints for `args`.
 pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
-    let records = read(&args.files, args.token_file.as_ref())?;
+    let token = read_token(args.token_file.as_ref())?;
+    let agents = discover::agents_and_netns(&args.discover)?;
+    let mut records = read(&args.files, token.as_deref())?;
+    let mut answered = vec![];
+    if !agents.is_empty() {
+        let (found, nodes) = ask_agents(&agents, token.as_deref())?;
+        records.extend(found);
+        answered = nodes;
+    }
     let names = names(args.names.as_deref(), &records)?;
     let stories = select(&records, args, &names)?;
-    let nodes = nodes(&records, &args.files);
+    let mut nodes = nodes(&records, &args.files);
+    nodes.extend(answered);
+    nodes.sort();
+    nodes.dedup();
     let verdicts: Vec<_> = stories
         .iter()
         .map(|s| (s, s.verdict(&nodes, &names)))

@@ -27,6 +27,7 @@ fn args(files: Vec<PathBuf>, service: Option<&str>, client: Option<&str>) -> Exp
         names: None,
         format: Format::Json,
         all: false,
+        discover: Default::default(),
     }
 }
 

@@ -1,7 +1,9 @@
 //! Where `explain` and `observe` read flow records from: flow-log files (followed across
-//! rotation by `tail`) and agents' `/flows` (`agent`), one JSON record a line.
+//! rotation by `tail`) and agents' `/flows` (`agent`; found through the Kubernetes API by
+//! `discover`), one JSON record a line.
 
 pub mod agent;
+pub mod discover;
 pub mod tail;
 
 use crate::record::{FlowRecord, SCHEMA_READ};

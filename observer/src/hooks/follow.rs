@@ -19,6 +19,7 @@ use tokio::{
 use super::{
     Hooks, Role,
     ifaces::{self, glob_match},
+    netlink::{self, Link},
 };
 use crate::export::metrics::Metrics;
 
@@ -41,45 +42,99 @@ pub struct Plan {
     pub gone: Vec<String>,
 }
 
-/// Decide from the interfaces `present` now (index, name) and those `attached` (name -> index).
+/// Which interfaces are pods' (`--pod-iface`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodIfaces {
+    /// A veth (or netkit device) whose peer is in another network namespace: how every CNI
+    /// that gives pods their own namespace connects them (Calico `cali*`, Cilium `lxc*`, GKE
+    /// `gke*`, AWS VPC CNI `eni*`, bridge CNIs' `veth*`).
+    Auto,
+    Glob(String),
+}
+
+impl PodIfaces {
+    pub fn parse(s: &str) -> PodIfaces {
+        if s == "auto" {
+            PodIfaces::Auto
+        } else {
+            PodIfaces::Glob(s.to_owned())
+        }
+    }
+
+    fn admits(&self, l: &Link) -> bool {
+        match self {
+            PodIfaces::Auto => {
+                l.peer_elsewhere && matches!(l.kind.as_deref(), Some("veth" | "netkit"))
+            }
+            PodIfaces::Glob(g) => glob_match(g, &l.name),
+        }
+    }
+}
+
+impl std::fmt::Display for PodIfaces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodIfaces::Auto => write!(f, "veths whose peer is in another network namespace"),
+            PodIfaces::Glob(g) => write!(f, "matching {g:?}"),
+        }
+    }
+}
+
+/// Decide from the interfaces `present` now and those `attached` (name -> index).
 pub fn plan(
-    present: &[(u32, String)],
+    present: &[Link],
     attached: &BTreeMap<String, u32>,
     uplinks: &[String],
-    pod_glob: &str,
+    pods: &PodIfaces,
 ) -> Plan {
     Plan {
         attach: present
             .iter()
-            .filter(|(_, n)| !uplinks.contains(n) && glob_match(pod_glob, n))
-            .map(|(_, n)| n.clone())
+            .filter(|l| !uplinks.contains(&l.name) && pods.admits(l))
+            .map(|l| l.name.clone())
             .collect(),
         gone: attached
             .iter()
-            .filter(|(name, idx)| !present.iter().any(|(i, n)| n == *name && i == *idx))
+            .filter(|(name, idx)| !present.iter().any(|l| &l.name == *name && l.index == **idx))
             .map(|(name, _)| name.clone())
             .collect(),
     }
 }
 
+/// The namespace's interfaces; without rtnetlink (never seen), names only, so only globs match.
+fn present() -> Vec<Link> {
+    netlink::links().unwrap_or_else(|e| {
+        warn!("listing interfaces over rtnetlink: {e}; pod interfaces are then found by --pod-iface globs only");
+        ifaces::list()
+            .into_iter()
+            .map(|(index, name)| Link {
+                index,
+                name,
+                kind: None,
+                peer_elsewhere: false,
+            })
+            .collect()
+    })
+}
+
 pub struct Follower {
     pub hooks: Hooks,
     pub uplinks: Vec<String>,
-    pub pod_glob: String,
+    pub pods: PodIfaces,
     pub metrics: Arc<Metrics>,
 }
 
 impl Follower {
     /// One scan: attach, forget, and say what the node's interfaces are now.
     pub fn sync(&mut self) -> Interfaces {
-        let present = ifaces::list();
+        let present = present();
         let attached: BTreeMap<String, u32> = self
             .hooks
             .attached()
             .iter()
             .map(|(n, a)| (n.clone(), a.ifindex))
             .collect();
-        let plan = plan(&present, &attached, &self.uplinks, &self.pod_glob);
+        let plan = plan(&present, &attached, &self.uplinks, &self.pods);
         // Forget first: an interface deleted and created again under its name (a restarted pod)
         // is then attached again in this same scan, not one scan later.
         for name in &plan.gone {
@@ -92,14 +147,7 @@ impl Follower {
                 warn!("{e}");
             }
         }
-        let pod_ifaces: Vec<&str> = self
-            .hooks
-            .attached()
-            .iter()
-            .filter(|(_, a)| a.role == Role::Pod)
-            .map(|(n, _)| n.as_str())
-            .collect();
-        let local_pods = ifaces::pod_routes(&pod_ifaces)
+        let local_pods = ifaces::pod_routes(&self.hooks.pod_ifaces())
             .into_iter()
             .map(|(ip, _)| ip)
             .collect();
@@ -116,7 +164,7 @@ impl Follower {
                 .set(n as i64);
         }
         Interfaces {
-            names: present.into_iter().collect(),
+            names: present.into_iter().map(|l| (l.index, l.name)).collect(),
             local_pods,
         }
     }
@@ -149,14 +197,55 @@ impl Follower {
 mod tests {
     use super::*;
 
+    fn link(index: u32, name: &str, kind: Option<&str>, peer_elsewhere: bool) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            kind: kind.map(Into::into),
+            peer_elsewhere,
+        }
+    }
+
+    #[test]
+    fn pods_are_veths_with_their_peer_elsewhere_whatever_the_cni_names_them() {
+        let present = vec![
+            link(1, "lo", None, false),
+            link(2, "eth0", None, false),
+            link(3, "cali0a1b2c3d4e5", Some("veth"), true),
+            link(4, "lxc12ab", Some("veth"), true),
+            link(5, "gke9f8e7d", Some("veth"), true),
+            link(6, "eni1a2b3c", Some("veth"), true),
+            link(7, "veth1234", Some("veth"), true),
+            // Both ends on the node (e.g. a node-local pair), a bridge, a tunnel: no pod.
+            link(8, "vethlocal", Some("veth"), false),
+            link(9, "cni0", Some("bridge"), false),
+            link(10, "vxlan.calico", Some("vxlan"), false),
+            link(11, "lxc_health", Some("veth"), true),
+        ];
+        let p = plan(&present, &BTreeMap::new(), &[], &PodIfaces::Auto);
+        assert_eq!(
+            p.attach,
+            [
+                "cali0a1b2c3d4e5",
+                "lxc12ab",
+                "gke9f8e7d",
+                "eni1a2b3c",
+                "veth1234",
+                "lxc_health"
+            ]
+        );
+        let glob = plan(&present, &BTreeMap::new(), &[], &PodIfaces::parse("cali*"));
+        assert_eq!(glob.attach, ["cali0a1b2c3d4e5"], "a glob overrides");
+    }
+
     #[test]
     fn pods_are_attached_by_glob_and_a_recreated_interface_counts_as_gone() {
         let present = vec![
-            (1, "lo".to_owned()),
-            (2, "eth0".to_owned()),
-            (7, "veth0a".to_owned()),
-            (9, "veth0b".to_owned()),
-            (11, "vethup".to_owned()),
+            link(1, "lo", None, false),
+            link(2, "eth0", None, false),
+            link(7, "veth0a", Some("veth"), true),
+            link(9, "veth0b", Some("veth"), true),
+            link(11, "vethup", Some("veth"), true),
         ];
         let attached: BTreeMap<String, u32> = [
             ("eth0".to_owned(), 2),
@@ -170,7 +259,7 @@ mod tests {
             &present,
             &attached,
             &["eth0".into(), "vethup".into()],
-            "veth*",
+            &PodIfaces::parse("veth*"),
         );
         assert_eq!(p.attach, ["veth0a", "veth0b"], "uplinks are never pods");
         assert_eq!(p.gone, ["veth0b", "vethgone"]);

@@ -12,6 +12,7 @@ pub mod filter;
 pub mod follow;
 pub mod ifaces;
 pub mod nat;
+pub mod netlink;
 mod object;
 pub mod pin;
 pub mod preflight;
@@ -235,6 +236,15 @@ impl Hooks {
 
     pub fn attached(&self) -> &BTreeMap<String, TcAttachment> {
         &self.attached
+    }
+
+    /// Names of the pod interfaces attached now.
+    pub fn pod_ifaces(&self) -> Vec<&str> {
+        self.attached
+            .iter()
+            .filter(|(_, a)| a.role == Role::Pod)
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 }
 

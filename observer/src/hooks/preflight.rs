@@ -13,7 +13,7 @@ pub enum PreflightError {
     )]
     NotCgroup2(PathBuf),
     #[error(
-        "no cgroup v2 mount found in /proc/self/mountinfo (`ip netns exec` remounts /sys: use `observer agent --netns NAME` instead), or pass --cgroup PATH or --no-socket-hooks"
+        "no cgroup v2 mount found in /proc/self/mountinfo, nor the host's through /proc/1/root, and none could be mounted here (in a container, mount the host's /sys/fs/cgroup, or share the host's PID namespace), or pass --cgroup PATH or --no-socket-hooks"
     )]
     NoCgroup2,
     #[error("interface {0} does not exist in this network namespace")]
@@ -59,17 +59,81 @@ pub fn check_capabilities() -> Result<(), PreflightError> {
     }
 }
 
-/// The first cgroup v2 mount point.
+/// The first mount point of `fstype` in a mountinfo table (proc(5)).
+pub fn mount_of(mountinfo: &str, fstype: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|l| {
+        // `... mountpoint options - fstype source superopts`
+        let (pre, post) = l.split_once(" - ")?;
+        (post.split_whitespace().next()? == fstype)
+            .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// `path` of the host's mount namespace (init's), reached through /proc/1/root: what a process
+/// in a mount namespace of its own (`ip netns exec`, a container sharing the host's PID
+/// namespace) sees of the host's mounts.
+pub fn host_path(path: &Path) -> PathBuf {
+    Path::new("/proc/1/root").join(path.strip_prefix("/").unwrap_or(path))
+}
+
+/// The cgroup v2 hierarchy: the first cgroup2 mount here, else the host's. `ip netns exec`
+/// mounts a sysfs of its own over /sys, hiding /sys/fs/cgroup; the hierarchy is the same one
+/// through the host's mount (cgroup namespaces aside).
 pub fn cgroup2_mount() -> Result<PathBuf, PreflightError> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .find_map(|l| {
-            // `... mountpoint options - fstype source superopts`
-            let (pre, post) = l.split_once(" - ")?;
-            (post.split_whitespace().next()? == "cgroup2")
-                .then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
-        })
-        .ok_or(PreflightError::NoCgroup2)
+    let own = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(p) = mount_of(&own, "cgroup2") {
+        return Ok(p);
+    }
+    let host = std::fs::read_to_string("/proc/1/mountinfo").unwrap_or_default();
+    if let Some(p) = mount_of(&host, "cgroup2").map(|m| host_path(&m))
+        && check_cgroup2(&p).is_ok()
+    {
+        log::info!(
+            "no cgroup v2 mount here (ip netns exec?); using the host's: {}",
+            p.display()
+        );
+        return Ok(p);
+    }
+    mount_own_cgroup2()
+}
+
+/// In a mount namespace of its own (`ip netns exec` makes one, whose mounts do not propagate
+/// back), mount the cgroup v2 hierarchy where it belongs: the mount goes with the namespace and
+/// the host's mounts are untouched. Never in the parent's namespace.
+fn mount_own_cgroup2() -> Result<PathBuf, PreflightError> {
+    let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() }.to_string();
+    let own = ns("self");
+    if own.is_none() || own == ns(&parent) {
+        return Err(PreflightError::NoCgroup2);
+    }
+    let dir = Path::new("/sys/fs/cgroup");
+    let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+    let (fstype, target) = (c("cgroup2"), c("/sys/fs/cgroup"));
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: mount(2) with NUL-terminated strings we own and no data.
+    let rc = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        log::warn!(
+            "mounting cgroup2 on /sys/fs/cgroup in this mount namespace: {}",
+            std::io::Error::last_os_error()
+        );
+        return Err(PreflightError::NoCgroup2);
+    }
+    log::info!(
+        "no cgroup v2 mount here (ip netns exec?): mounted it on /sys/fs/cgroup in this process's own mount namespace"
+    );
+    check_cgroup2(dir)?;
+    Ok(dir.to_owned())
 }
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -96,4 +160,26 @@ pub fn check_interface(name: &str) -> Result<(), PreflightError> {
 /// tracepoint planned next will need it; report its absence early.
 pub fn has_btf() -> bool {
     Path::new("/sys/kernel/btf/vmlinux").exists()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mounts_by_type() {
+        let info = "22 1 0:21 / /sys rw,nosuid - sysfs sysfs rw\n\
+                    30 22 0:26 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                    31 22 0:27 / /sys/fs/bpf rw - bpf bpf rw,mode=700\n";
+        assert_eq!(
+            mount_of(info, "cgroup2"),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(mount_of(info, "bpf"), Some(PathBuf::from("/sys/fs/bpf")));
+        assert_eq!(mount_of(info, "tmpfs"), None);
+        assert_eq!(
+            host_path(Path::new("/sys/fs/cgroup")),
+            PathBuf::from("/proc/1/root/sys/fs/cgroup")
+        );
+    }
 }

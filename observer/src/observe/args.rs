@@ -17,8 +17,9 @@ observer observe node-a.jsonl --last 20 --ip 10.244.0.0/16 --port 8443 -o wide"
 )]
 pub struct ObserveArgs {
     /// Flow logs (JSON lines) of one or more agents, or agents' endpoints (`--flows-addr`),
-    /// e.g. http://10.0.0.5:9465/flows.
-    #[arg(required = true, value_name = "LOG|URL")]
+    /// e.g. http://10.0.0.5:9465/flows; none needed with --kubeconfig or --kubernetes, which find
+    /// every agent of the cluster.
+    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes"], value_name = "LOG|URL")]
     pub sources: Vec<String>,
     /// Keep printing records as they are written: files are followed like `tail -F` (across
     /// rotation), agents streamed, and followed again after a restart.
@@ -39,6 +40,8 @@ pub struct ObserveArgs {
 
     #[command(flatten)]
     pub filters: FilterArgs,
+    #[command(flatten)]
+    pub discover: crate::flow_sources::discover::DiscoverArgs,
 }
 
 /// What `observe` selects; see [`super::filter::Filter`].

@@ -21,7 +21,7 @@ pub use args::ObserveArgs;
 use filter::Filter;
 pub use render::{Color, Output};
 
-use crate::flow_sources::{Line, agent, foreign_schema, tail::Tail};
+use crate::flow_sources::{Line, agent, discover, foreign_schema, tail::Tail};
 
 /// How often a followed file is looked at for new lines and rotation.
 const FILE_POLL: Duration = Duration::from_millis(200);
@@ -31,13 +31,14 @@ const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 enum Source {
     File(PathBuf),
-    Agent(agent::AgentUrl),
+    /// An agent, with its node when found through the API.
+    Agent(agent::AgentUrl, Option<String>),
 }
 
 impl Source {
     fn parse(s: &str) -> anyhow::Result<Source> {
         if s.starts_with("http://") || s.starts_with("https://") {
-            return Ok(Source::Agent(agent::AgentUrl::parse(s)?));
+            return Ok(Source::Agent(agent::AgentUrl::parse(s)?, None));
         }
         let p = PathBuf::from(s);
         std::fs::metadata(&p).with_context(|| format!("{s}: no such flow log"))?;
@@ -47,7 +48,8 @@ impl Source {
     fn name(&self) -> String {
         match self {
             Source::File(p) => p.display().to_string(),
-            Source::Agent(u) => u.to_string(),
+            Source::Agent(u, None) => u.to_string(),
+            Source::Agent(u, Some(node)) => format!("{node} ({u})"),
         }
     }
 }
@@ -68,11 +70,14 @@ enum Event {
 
 pub fn observe(args: ObserveArgs) -> anyhow::Result<i32> {
     let filter = Filter::from_args(&args.filters, SystemTime::now())?;
-    let sources: Vec<Source> = args
+    let mut sources: Vec<Source> = args
         .sources
         .iter()
         .map(|s| Source::parse(s))
         .collect::<anyhow::Result<_>>()?;
+    for a in discover::agents_and_netns(&args.discover)? {
+        sources.push(Source::Agent(agent::AgentUrl::parse(&a.url)?, Some(a.node)));
+    }
     let token = args
         .token_file
         .as_ref()
@@ -118,7 +123,7 @@ async fn run(
                 let follow = args.follow;
                 std::thread::spawn(move || read_file(i, &p, follow, &tx));
             }
-            Source::Agent(u) => {
+            Source::Agent(u, _) => {
                 let (token, follow) = (token.clone(), args.follow);
                 tokio::spawn(async move { read_agent(i, u, token, follow, want, tx).await });
             }
@@ -347,7 +352,9 @@ async fn read_agent(
                 let _ = tx.send(Event::HistoryDone).await;
             }
             Err(e) => {
-                let _ = tx.send(Event::Failed(i, format!("{e:#}"))).await;
+                let _ = tx
+                    .send(Event::Failed(i, format!("did not answer: {e:#}")))
+                    .await;
             }
         }
         return;
