@@ -8,6 +8,7 @@
 
 pub mod api_faults;
 pub mod kube;
+pub mod otlp;
 
 use std::{
     path::PathBuf,

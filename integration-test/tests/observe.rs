@@ -182,7 +182,7 @@ fn in_pod_range(ip: &Value) -> bool {
 
 #[test]
 fn observe_follows_a_rotated_flow_log_and_selects_what_an_independent_reading_does() {
-    let lab = lab_with_agents("obsf", "1s");
+    let mut lab = lab_with_agents("obsf", "1s");
     let log_b = lab.dir.join("node-b.jsonl");
     // Follows the receiving node's log from the root namespace: files need no network.
     let mut obs = Observe::start(
@@ -216,8 +216,10 @@ fn observe_follows_a_rotated_flow_log_and_selects_what_an_independent_reading_do
     assert!(obs.seen.len() > before);
     let stderr = obs.stop();
     assert!(stderr.contains("rotated"), "{stderr}");
-    // Let both agents close what is open.
+    // Let both agents close what is open, then stop them: the logs hold still while observe
+    // and this test read them.
     std::thread::sleep(Duration::from_secs(3));
+    lab.stop_agents().unwrap();
 
     // Without -f: every file, filters against a reading of the logs done here.
     let files = [lab.dir.join("node-a.jsonl"), rotated.clone(), log_b.clone()];

@@ -124,6 +124,22 @@ pub struct AgentArgs {
     )]
     pub flows_follow_queue: usize,
 
+    /// Also send every record to this OTLP/gRPC receiver, e.g. an OpenTelemetry Collector
+    /// (`http://otel-collector.observability:4317`), as a log record: the JSON record as body,
+    /// its fields as attributes (docs/shipping-logs.md). The flow log stays as it is.
+    #[arg(long, env = "OBSERVER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// Records queued for the OTLP receiver while it is down or slow; beyond that they are
+    /// counted lost (observer_records_lost_total{reason="otlp_queue_full"}).
+    #[arg(
+        long,
+        env = "OBSERVER_OTLP_QUEUE",
+        default_value_t = 100_000,
+        requires = "otlp_endpoint"
+    )]
+    pub otlp_queue: usize,
+
     /// Interval between interim records of long-lived connections.
     #[arg(long, env = "OBSERVER_FLUSH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub flush_interval: Duration,

@@ -31,6 +31,17 @@ pub enum ObservedAs {
     Transit,
 }
 
+impl ObservedAs {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ObservedAs::Sender => "sender",
+            ObservedAs::Receiver => "receiver",
+            ObservedAs::Local => "local",
+            ObservedAs::Transit => "transit",
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {

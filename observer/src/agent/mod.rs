@@ -89,6 +89,8 @@ pub enum AgentError {
     Stage { stage: &'static str, why: String },
     #[error("{0}")]
     FlowsArgs(String),
+    #[error("{0}")]
+    Otlp(String),
     #[error("--flows-token-file {path}: {why}")]
     FlowsToken { path: PathBuf, why: String },
 }
@@ -180,10 +182,18 @@ pub async fn run(
         });
     }
 
+    let otlp = match &args.otlp_endpoint {
+        Some(e) => Some(
+            crate::export::otlp::Otlp::start(e, &args.node, args.otlp_queue, metrics.clone())
+                .map_err(|e| AgentError::Otlp(e.to_string()))?,
+        ),
+        None => None,
+    };
     let exporter = Exporter {
         names,
         metrics: metrics.clone(),
         recent,
+        otlp,
     };
     let (mut pipeline, hooks) =
         Pipeline::start(&args, targets, pin.as_ref(), metrics, exporter, flow_log)?;

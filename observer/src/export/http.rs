@@ -20,7 +20,7 @@ use tokio::{net::TcpListener, sync::Notify};
 use super::{
     flows_auth::{FLOWS_PATH, FlowsAuth, Verdict},
     metrics::Metrics,
-    recent::{Follow, RecentFlows},
+    recent::{Follow, RecentFlows, Select},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -172,11 +172,12 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Hea
     .await
 }
 
-/// `/flows` query: `follow=1` streams; `last=N` limits the final records sent first.
+/// `/flows` query: `follow=1` streams; `last=N` limits the final records sent first, `since=T`
+/// to those written after T.
 #[derive(Debug, Default, PartialEq)]
 struct FlowsQuery {
     follow: bool,
-    last: Option<usize>,
+    select: Select,
 }
 
 impl FlowsQuery {
@@ -186,8 +187,15 @@ impl FlowsQuery {
             let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
             match k {
                 "follow" => out.follow = matches!(v, "" | "1" | "true"),
-                "last" => out.last = Some(v.parse().map_err(|_| format!("last={v}: not a count"))?),
-                _ => return Err(format!("unknown parameter {k:?} (follow, last)")),
+                "last" => {
+                    out.select.last = Some(v.parse().map_err(|_| format!("last={v}: not a count"))?)
+                }
+                "since" => {
+                    humantime::parse_rfc3339_weak(v)
+                        .map_err(|_| format!("since={v}: not an RFC 3339 time"))?;
+                    out.select.since = Some(v.to_owned())
+                }
+                _ => return Err(format!("unknown parameter {k:?} (follow, last, since)")),
             }
         }
         Ok(out)
@@ -247,7 +255,7 @@ pub async fn serve_flows(
             metrics.on_flows_request(verdict.outcome());
             match verdict {
                 Verdict::Allowed if query.follow => {
-                    match flows.follow(query.last, conn.close.clone()) {
+                    match flows.follow(&query.select, conn.close.clone()) {
                         Some(f) => {
                             conn.streaming.store(true, Ordering::Relaxed);
                             stream(f)
@@ -262,7 +270,7 @@ pub async fn serve_flows(
                 Verdict::Allowed => text(
                     StatusCode::OK,
                     "application/x-ndjson",
-                    flows.body(query.last),
+                    flows.body(&query.select),
                 ),
                 Verdict::Unauthenticated => {
                     let mut r = text(
@@ -297,18 +305,23 @@ pub async fn serve_flows(
 
 #[cfg(test)]
 mod tests {
-    use super::FlowsQuery;
+    use super::{FlowsQuery, Select};
 
     #[test]
     fn flows_query() {
         assert_eq!(FlowsQuery::parse(None).unwrap(), FlowsQuery::default());
         assert_eq!(
-            FlowsQuery::parse(Some("follow=1&last=5")).unwrap(),
+            FlowsQuery::parse(Some("follow=1&last=5&since=2026-12-02T13:00:00.000000000Z"))
+                .unwrap(),
             FlowsQuery {
                 follow: true,
-                last: Some(5)
+                select: Select {
+                    last: Some(5),
+                    since: Some("2026-12-02T13:00:00.000000000Z".into())
+                }
             }
         );
+        assert!(FlowsQuery::parse(Some("since=yesterday")).is_err());
         assert!(FlowsQuery::parse(Some("last=x")).is_err());
         assert!(FlowsQuery::parse(Some("grep=1")).is_err());
     }

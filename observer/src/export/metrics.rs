@@ -7,7 +7,7 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registr
 
 use observer_common::{Point, Stat};
 
-use crate::record::{FlowRecord, ObservedAs};
+use crate::record::FlowRecord;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -40,6 +40,8 @@ pub struct Metrics {
     pub flows_requests: IntCounterVec,
     pub flows_followers: IntGauge,
     pub flows_followers_dropped: IntCounter,
+    pub otlp_exported: IntCounter,
+    pub otlp_export_failures: IntCounter,
 }
 
 /// The counters of things lost: kernel events, map inserts, socket and drop events refused,
@@ -231,6 +233,16 @@ const FLOWS_FOLLOWERS_DROPPED: Def = Def(
     "Clients following /flows that were disconnected because they fell behind (more records waiting for them than the per-client queue holds).",
     &[],
 );
+const OTLP_EXPORTED: Def = Def(
+    "observer_otlp_records_exported_total",
+    "Flow records the OTLP receiver (--otlp-endpoint) took.",
+    &[],
+);
+const OTLP_EXPORT_FAILURES: Def = Def(
+    "observer_otlp_export_failures_total",
+    "OTLP Export calls that failed (receiver down, slow or refusing); the batch is tried again.",
+    &[],
+);
 
 /// Registers metrics of the table in one registry.
 struct Reg<'a>(&'a Registry);
@@ -294,6 +306,8 @@ impl Metrics {
             flows_requests: r.counter_vec(FLOWS_REQUESTS),
             flows_followers: r.gauge(FLOWS_FOLLOWERS),
             flows_followers_dropped: r.counter(FLOWS_FOLLOWERS_DROPPED),
+            otlp_exported: r.counter(OTLP_EXPORTED),
+            otlp_export_failures: r.counter(OTLP_EXPORT_FAILURES),
             registry,
         };
         m.prime();
@@ -319,7 +333,13 @@ impl Metrics {
         for outcome in ["served", "unauthorized", "forbidden", "unavailable"] {
             self.flows_requests.with_label_values(&[outcome]);
         }
-        for reason in ["exporter_gone", "writer_gone", "write_failed"] {
+        for reason in [
+            "exporter_gone",
+            "writer_gone",
+            "write_failed",
+            "otlp_queue_full",
+            "otlp_rejected",
+        ] {
             self.records_lost.with_label_values(&[reason]);
         }
         for e in [
@@ -364,12 +384,7 @@ impl Metrics {
         if !rec.is_final {
             return;
         }
-        let observed = match rec.observed_as {
-            ObservedAs::Sender => "sender",
-            ObservedAs::Receiver => "receiver",
-            ObservedAs::Local => "local",
-            ObservedAs::Transit => "transit",
-        };
+        let observed = rec.observed_as.as_str();
         self.flows
             .with_label_values(&[
                 rec.proto.as_str(),

@@ -51,11 +51,24 @@ struct Follower {
     dropped: Arc<Notify>,
 }
 
+/// Which of the kept records a request wants first.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Select {
+    /// The last N final records (and no open ones when 0); all kept if None.
+    pub last: Option<usize>,
+    /// Only records written after this time (RFC 3339 as records have it: a follower picking
+    /// up where it was cut off).
+    pub since: Option<String>,
+}
+
+/// A record as kept: when it was written, and its JSON line.
+type Line = (String, Bytes);
+
 #[derive(Default)]
 struct State {
-    finals: VecDeque<Bytes>,
+    finals: VecDeque<Line>,
     /// Connection -> its newest interim record.
-    open: HashMap<String, Bytes>,
+    open: HashMap<String, Line>,
     followers: Vec<Follower>,
 }
 
@@ -83,18 +96,18 @@ impl RecentFlows {
         }
     }
 
-    /// Keep a batch of records, each (connection, JSON line without its newline, final), and
-    /// hand it to the followers: a final record ends its connection's open entry.
-    pub fn push(&self, batch: impl IntoIterator<Item = (String, String, bool)>) {
+    /// Keep a batch of records, each (connection, time, JSON line without its newline, final),
+    /// and hand it to the followers: a final record ends its connection's open entry.
+    pub fn push(&self, batch: impl IntoIterator<Item = (String, String, String, bool)>) {
         // Made before the lock: /flows readers wait for it.
         let mut chunk = Vec::new();
-        let lines: Vec<(String, Bytes, bool)> = batch
+        let lines: Vec<(String, Line, bool)> = batch
             .into_iter()
-            .map(|(conn, json_line, is_final)| {
+            .map(|(conn, time, json_line, is_final)| {
                 let mut line = json_line.into_bytes();
                 line.push(b'\n');
                 chunk.extend_from_slice(&line);
-                (conn, Bytes::from(line), is_final)
+                (conn, (time, Bytes::from(line)), is_final)
             })
             .collect();
         let n = lines.len();
@@ -125,30 +138,36 @@ impl RecentFlows {
         });
     }
 
-    /// The last `last` final records (all kept, if None) and the open connections' latest.
-    fn snapshot(st: &State, last: Option<usize>) -> Vec<Bytes> {
-        let skip = last.map_or(0, |n| st.finals.len().saturating_sub(n));
-        let open = if last == Some(0) { 0 } else { st.open.len() };
+    /// What `sel` selects of the final records, and the open connections' latest.
+    fn snapshot(st: &State, sel: &Select) -> Vec<Bytes> {
+        let skip = sel.last.map_or(0, |n| st.finals.len().saturating_sub(n));
+        let open = if sel.last == Some(0) {
+            0
+        } else {
+            st.open.len()
+        };
+        // RFC 3339 with nanoseconds, UTC, fixed width: ordered as text.
+        let after = |(t, _): &&Line| sel.since.as_ref().is_none_or(|s| t > s);
         st.finals
             .iter()
             .skip(skip)
             .chain(st.open.values().take(open))
-            .cloned()
+            .filter(after)
+            .map(|(_, b)| b.clone())
             .collect()
     }
 
-    /// The last `last` final records (all kept, if None) and the open connections' latest, as
-    /// one body.
-    pub fn body(&self, last: Option<usize>) -> Bytes {
+    /// What `sel` selects, as one body.
+    pub fn body(&self, sel: &Select) -> Bytes {
         let st = self.state.lock().expect("not poisoned");
-        Bytes::from(Self::snapshot(&st, last).concat())
+        Bytes::from(Self::snapshot(&st, sel).concat())
     }
 
     /// A new follower: the snapshot and the live queue are taken under one lock, so no record
     /// is missed or sent twice between them. `dropped` is notified if it falls behind (its
     /// connection is then closed, even if the client stopped reading). None when
     /// [`FOLLOWERS_MAX`] already follow.
-    pub fn follow(&self, last: Option<usize>, dropped: Arc<Notify>) -> Option<Follow> {
+    pub fn follow(&self, sel: &Select, dropped: Arc<Notify>) -> Option<Follow> {
         let mut st = self.state.lock().expect("not poisoned");
         st.followers.retain(|f| !f.tx.is_closed());
         if st.followers.len() >= FOLLOWERS_MAX {
@@ -162,7 +181,7 @@ impl RecentFlows {
             dropped,
         });
         Some(Follow {
-            snapshot: Self::snapshot(&st, last),
+            snapshot: Self::snapshot(&st, sel),
             live: Live { rx, queued },
         })
     }
@@ -184,22 +203,35 @@ mod tests {
     fn a_follower_gets_the_snapshot_then_every_new_record_once() {
         let r = RecentFlows::new(3, FOLLOW_QUEUE, || {});
         for i in 0..5 {
-            r.push([(format!("c{i}"), format!("final {i}"), true)]);
+            r.push([(format!("c{i}"), format!("t{i}"), format!("final {i}"), true)]);
         }
-        r.push([("o".into(), "open 1".into(), false)]);
-        let mut f = r.follow(Some(2), Default::default()).unwrap();
+        r.push([("o".into(), "t5".into(), "open 1".into(), false)]);
+        let last = |n| Select {
+            last: Some(n),
+            since: None,
+        };
+        let mut f = r.follow(&last(2), Default::default()).unwrap();
         let snap: Vec<_> = f.snapshot.iter().map(|b| b.as_ref()).collect();
         assert_eq!(snap, [&b"final 3\n"[..], b"final 4\n", b"open 1\n"]);
-        r.push([("o".into(), "final o".into(), true)]);
+        r.push([("o".into(), "t6".into(), "final o".into(), true)]);
         assert_eq!(f.live.rx.try_recv().unwrap().0.as_ref(), b"final o\n");
         assert!(f.live.rx.try_recv().is_err(), "nothing twice");
         assert_eq!(
-            String::from_utf8(r.body(None).to_vec()).unwrap(),
+            String::from_utf8(r.body(&Select::default()).to_vec()).unwrap(),
             "final 3\nfinal 4\nfinal o\n",
             "the open entry ended with its final record"
         );
-        let none = r.follow(Some(0), Default::default()).unwrap();
+        let none = r.follow(&last(0), Default::default()).unwrap();
         assert!(none.snapshot.is_empty(), "last=0: only what comes next");
+        let since = Select {
+            last: None,
+            since: Some("t4".into()),
+        };
+        assert_eq!(
+            String::from_utf8(r.body(&since).to_vec()).unwrap(),
+            "final o\n",
+            "since: only what was written after"
+        );
     }
 
     #[test]
@@ -210,16 +242,17 @@ mod tests {
             counted.fetch_add(1, Ordering::Relaxed);
         });
         let slow = Arc::new(Notify::new());
-        let _slow = r.follow(None, slow.clone()).unwrap();
-        let mut fast = r.follow(None, Default::default()).unwrap();
+        let all = Select::default();
+        let _slow = r.follow(&all, slow.clone()).unwrap();
+        let mut fast = r.follow(&all, Default::default()).unwrap();
         // One batch larger than the queue: a follower that keeps up is not dropped for it.
-        r.push((0..FOLLOW_QUEUE + 10).map(|i| (format!("c{i}"), format!("{i}"), true)));
+        r.push((0..FOLLOW_QUEUE + 10).map(|i| (format!("c{i}"), "t".into(), format!("{i}"), true)));
         let recv = |l: &mut Live| futures_util::FutureExt::now_or_never(l.recv()).flatten();
         assert!(recv(&mut fast.live).is_some());
         assert_eq!(dropped.load(Ordering::Relaxed), 0);
         // The next batch finds the fast one's queue empty, the slow one's still full.
-        r.push([("x".into(), "x".into(), true)]);
-        r.push([("y".into(), "y".into(), true)]);
+        r.push([("x".into(), "t".into(), "x".into(), true)]);
+        r.push([("y".into(), "t".into(), "y".into(), true)]);
         assert!(recv(&mut fast.live).is_some() && recv(&mut fast.live).is_some());
         assert_eq!(dropped.load(Ordering::Relaxed), 1);
         assert_eq!(r.followers(), 1, "the slow one is gone");
@@ -232,7 +265,7 @@ mod tests {
     #[test]
     fn followers_are_bounded() {
         let r = RecentFlows::new(10, FOLLOW_QUEUE, || {});
-        let follow = || r.follow(None, Default::default());
+        let follow = || r.follow(&Select::default(), Default::default());
         let held: Vec<_> = (0..FOLLOWERS_MAX).map(|_| follow().unwrap()).collect();
         assert!(follow().is_none());
         drop(held);

@@ -18,6 +18,8 @@ pub struct Exporter {
     pub names: Arc<RwLock<Names>>,
     pub metrics: Arc<Metrics>,
     pub recent: Arc<RecentFlows>,
+    /// `--otlp-endpoint`: records also go there.
+    pub otlp: Option<super::otlp::Otlp>,
 }
 
 impl Exporter {
@@ -56,10 +58,18 @@ impl Exporter {
         for r in batch.iter() {
             self.metrics.on_record(r);
         }
-        self.recent.push(batch.iter().filter_map(|r| {
-            let line = serde_json::to_string(r).ok()?;
-            Some((r.connection_id(), line, r.is_final))
-        }));
+        let lines: Vec<Option<String>> = batch
+            .iter()
+            .map(|r| serde_json::to_string(r).ok())
+            .collect();
+        if let Some(o) = &self.otlp {
+            o.offer(batch, &lines);
+        }
+        self.recent.push(
+            batch.iter().zip(lines).filter_map(|(r, line)| {
+                Some((r.connection_id(), r.time.clone(), line?, r.is_final))
+            }),
+        );
     }
 }
 
@@ -134,6 +144,7 @@ mod tests {
             names: Arc::new(RwLock::new(names)),
             metrics: metrics.clone(),
             recent: recent.clone(),
+            otlp: None,
         };
         let (tx, rx) = mpsc::channel(2);
         let task = tokio::spawn(exporter.run(log, rx));
@@ -171,7 +182,12 @@ mod tests {
             2 * n as u64
         );
         assert!(
-            recent.body(None).iter().filter(|b| **b == b'\n').count() == 2 * n,
+            recent
+                .body(&Default::default())
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                == 2 * n,
             "final records are kept for /flows"
         );
         std::fs::remove_dir_all(&dir).unwrap();

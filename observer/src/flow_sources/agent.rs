@@ -16,6 +16,12 @@ use hyper_util::rt::TokioIo;
 pub const FETCH_MAX: usize = 64 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// When a record line was written (its `time`), without parsing the rest.
+pub fn time_of(line: &str) -> Option<&str> {
+    let rest = &line[line.find("\"time\":\"")? + 8..];
+    Some(&rest[..rest.find('"')?])
+}
+
 /// The agent's header naming how many first lines of a followed answer are history.
 const SNAPSHOT_LINES: &str = "x-observer-snapshot-lines";
 
@@ -132,16 +138,21 @@ pub struct Followed {
     partial: Vec<u8>,
 }
 
-/// Follow the agent's records, the last `last` final ones first (all it keeps, if None).
+/// Follow the agent's records: first the last `last` final ones (all it keeps, if None), or
+/// those written after `since` (picking up where a cut stream left off).
 pub async fn follow(
     url: &AgentUrl,
     token: Option<&str>,
     last: Option<usize>,
+    since: Option<&str>,
 ) -> anyhow::Result<Followed> {
-    let q = match last {
-        Some(n) => format!("follow=1&last={n}"),
-        None => "follow=1".to_owned(),
-    };
+    let mut q = "follow=1".to_owned();
+    if let Some(n) = last {
+        q += &format!("&last={n}");
+    }
+    if let Some(t) = since {
+        q += &format!("&since={t}");
+    }
     let resp = get(url, &url.with_query(&q), token).await?;
     let history = resp
         .headers()
@@ -186,6 +197,14 @@ impl Followed {
 #[cfg(test)]
 mod tests {
     use super::AgentUrl;
+
+    #[test]
+    fn record_times() {
+        let l =
+            r#"{"schema":"observer.flow/v3","time":"2026-12-02T14:29:46.147781029Z","node":"a"}"#;
+        assert_eq!(super::time_of(l), Some("2026-12-02T14:29:46.147781029Z"));
+        assert_eq!(super::time_of("{}"), None);
+    }
 
     #[test]
     fn agent_urls() {

@@ -2,6 +2,11 @@
 //! enum values at load time. Rust BPF objects carry no CO-RE relocations, so programs that read
 //! kernel structs get the offsets of the running kernel as globals (rustc emits no BTF field
 //! relocations: rust-lang/rust#158412; the format: Documentation/bpf/btf.rst).
+//!
+//! Not aya-obj's BTF parser, though it reads the same file: in aya-obj 0.3 (src/btf/btf.rs,
+//! src/btf/types.rs) members and their offsets, enum values and the string table are
+//! crate-private (`type_by_id`, `string_at`, `Struct::members`, `Enum::variants`); its public
+//! API finds a type's id by name and re-encodes BTF for loading, which answers neither question.
 
 use std::{collections::HashMap, path::Path};
 

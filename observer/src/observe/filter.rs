@@ -6,7 +6,7 @@ use std::{net::IpAddr, time::SystemTime};
 
 use anyhow::{Context as _, bail};
 
-use crate::record::{FlowRecord, ObservedAs, TupleView};
+use crate::record::{FlowRecord, TupleView};
 
 /// One flag's values: wanted (any of) and excluded (none of).
 #[derive(Clone, Debug)]
@@ -246,9 +246,7 @@ impl Filter {
                 .port
                 .admits(|p| tuples().any(|t: &TupleView| t.sport == *p || t.dport == *p))
             && self.protocol.admits(|p| r.proto.eq_ignore_ascii_case(p))
-            && self
-                .observed_as
-                .admits(|o| observed_as(&r.observed_as) == o)
+            && self.observed_as.admits(|o| r.observed_as.as_str() == o)
             && self.last_seen.admits(|p| &r.last_seen.point == p)
             && self.drop_reason.admits(|d| {
                 r.drop
@@ -258,15 +256,6 @@ impl Filter {
             && self.verdict.admits(|v| verdict(r) == v)
             && self.translated.is_none_or(|t| r.translated == t)
             && in_time()
-    }
-}
-
-pub fn observed_as(o: &ObservedAs) -> &'static str {
-    match o {
-        ObservedAs::Sender => "sender",
-        ObservedAs::Receiver => "receiver",
-        ObservedAs::Local => "local",
-        ObservedAs::Transit => "transit",
     }
 }
 

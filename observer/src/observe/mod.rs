@@ -361,12 +361,21 @@ async fn read_agent(
     }
     let mut first = true;
     let mut line_no = 0;
+    // The newest record time seen: a stream cut off (a restart) is picked up after it.
+    let mut seen: Option<String> = None;
     loop {
-        let last = if first { want } else { Some(0) };
-        match agent::follow(&url, token, last).await {
+        let (last, since) = match (&seen, first) {
+            (_, true) => (want, None),
+            (Some(t), false) => (None, Some(t.as_str())),
+            (None, false) => (Some(0), None),
+        };
+        match agent::follow(&url, token, last, since).await {
             Ok(mut f) => {
                 if !first {
-                    let _ = tx.send(Event::Note(i, "following again".into())).await;
+                    let from = seen.as_deref().unwrap_or("now");
+                    let _ = tx
+                        .send(Event::Note(i, format!("following again, from {from}")))
+                        .await;
                 }
                 let mut history = f.history;
                 if first && history == 0 {
@@ -378,6 +387,11 @@ async fn read_agent(
                         Ok(Some(lines)) => {
                             for l in lines {
                                 line_no += 1;
+                                if let Some(t) = agent::time_of(&l)
+                                    && seen.as_deref().is_none_or(|s| t > s)
+                                {
+                                    seen = Some(t.to_owned());
+                                }
                                 let ev = if history > 0 {
                                     history -= 1;
                                     Event::History(i, line_no, l)
@@ -396,16 +410,18 @@ async fn read_agent(
                         Ok(None) => break "the agent ended the stream".to_owned(),
                         Err(e) => {
                             break format!(
-                                "the stream was cut ({e:#}): the agent stopped, or dropped this client for falling behind (observer_flows_followers_dropped_total); records written until it is followed again are not shown"
+                                "the stream was cut ({e:#}): the agent stopped, or dropped this client for falling behind (observer_flows_followers_dropped_total)"
                             );
                         }
-                    }
+                    };
                 };
                 if first {
                     first = false;
                     let _ = tx.send(Event::HistoryDone).await;
                 }
-                let note = format!("{ended}; following again in {RECONNECT_AFTER:?}");
+                let note = format!(
+                    "{ended}; following again in {RECONNECT_AFTER:?}, from the last record seen (the agent keeps its last 1000)"
+                );
                 let _ = tx.send(Event::Note(i, note)).await;
             }
             Err(e) if first => {

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use clap::ValueEnum;
 
-use super::filter::{observed_as, verdict};
+use super::filter::verdict;
 use crate::record::{FlowRecord, PodRef, TupleView};
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -148,7 +148,7 @@ pub fn line(r: &FlowRecord, raw: &str, out: Output, color: bool) -> String {
 }
 
 fn wide(s: &mut String, r: &FlowRecord, ports: bool) {
-    let _ = write!(s, " | as {}", observed_as(&r.observed_as));
+    let _ = write!(s, " | as {}", r.observed_as.as_str());
     if let Some(t) = &r.translation {
         let _ = write!(
             s,
