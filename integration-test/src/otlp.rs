@@ -3,7 +3,11 @@
 
 use std::{
     os::fd::AsRawFd as _,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
 };
 
 use opentelemetry_proto::tonic::{
@@ -14,7 +18,8 @@ use opentelemetry_proto::tonic::{
     logs::v1::LogRecord,
 };
 
-struct Keep(Arc<Mutex<Vec<LogRecord>>>);
+/// What it was sent, and how long it takes to answer each call (ms): a slow receiver.
+struct Keep(Arc<Mutex<Vec<LogRecord>>>, Arc<AtomicU64>);
 
 #[tonic::async_trait]
 impl LogsService for Keep {
@@ -22,6 +27,12 @@ impl LogsService for Keep {
         &self,
         req: tonic::Request<ExportLogsServiceRequest>,
     ) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+        let delay = self.1.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            // A client that gave up meanwhile sends the batch again: keep nothing of this one.
+            return Err(tonic::Status::deadline_exceeded("slow on purpose"));
+        }
         let records = req
             .into_inner()
             .resource_logs
@@ -36,6 +47,8 @@ impl LogsService for Keep {
 /// Stops (and joins its thread) when dropped.
 pub struct Receiver {
     pub logs: Arc<Mutex<Vec<LogRecord>>>,
+    /// Milliseconds each call takes before it is refused (0: answered at once).
+    pub delay: Arc<AtomicU64>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -44,9 +57,15 @@ impl Receiver {
     /// Listen on `addr` inside the network namespace `ns` (`ip netns` name).
     pub fn start(ns: &str, addr: &str) -> Receiver {
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let delay = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready) = std::sync::mpsc::channel();
-        let (path, addr, kept) = (format!("/run/netns/{ns}"), addr.to_owned(), logs.clone());
+        let (path, addr, kept, slow) = (
+            format!("/run/netns/{ns}"),
+            addr.to_owned(),
+            logs.clone(),
+            delay.clone(),
+        );
         let thread = std::thread::spawn(move || {
             let f = std::fs::File::open(&path).expect("netns file");
             // SAFETY: setns on this thread only, with a namespace file we hold open.
@@ -59,7 +78,7 @@ impl Receiver {
                 let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
                 ready_tx.send(()).unwrap();
                 tonic::transport::Server::builder()
-                    .add_service(LogsServiceServer::new(Keep(kept)))
+                    .add_service(LogsServiceServer::new(Keep(kept, slow)))
                     .serve_with_incoming_shutdown(
                         tonic::transport::server::TcpIncoming::from(listener),
                         async {
@@ -73,6 +92,7 @@ impl Receiver {
         ready.recv().expect("receiver listening");
         Receiver {
             logs,
+            delay,
             stop: Some(stop),
             thread: Some(thread),
         }

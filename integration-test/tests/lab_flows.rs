@@ -1201,42 +1201,13 @@ fn final_record(lab: &LabRun, node: &str, tuple: &str, dport: u16) -> serde_json
     recs.into_iter().find(|r| is(r)).unwrap()
 }
 
-/// Rename `pod`'s node-side veth on `node` to `new` the way a CNI names it, keeping its routes
-/// (they go with the link when it is set down).
-fn rename_pod_iface(lab: &LabRun, node: &str, pod: &str, new: &str) {
-    let old = observer_lab::model::host_veth(pod);
-    let sh = |script: &str| {
-        let out = lab.exec(node, &["sh", "-c", script]).unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let routes = [
-        sh(&format!("ip -4 route show dev {old}")),
-        sh(&format!(
-            "ip -6 route show dev {old} | grep -v '^fe80' || true"
-        )),
-    ];
-    sh(&format!(
-        "ip link set {old} down && ip link set {old} name {new} && ip link set {new} up"
-    ));
-    for (family, table) in ["-4", "-6"].iter().zip(&routes) {
-        for r in table.lines().filter(|l| !l.trim().is_empty()) {
-            sh(&format!("ip {family} route replace {r} dev {new}"));
-        }
-    }
-}
-
 #[test]
 fn pod_interfaces_are_found_whatever_the_cni_names_them() {
-    let mut lab = lab("cni", None);
-    // Calico's, Cilium's and GKE's names for the host side of a pod's veth.
-    rename_pod_iface(&lab, "node-a", "pod-a", "cali0a1b2c3d4e5");
-    rename_pod_iface(&lab, "node-a", "pod-api-1", "lxc5f6e7d8c9b0a");
-    rename_pod_iface(&lab, "node-b", "pod-b", "gke3c4d5e6f7a");
+    // The lab names pods' veths as Calico does (cali + 11 hex digits).
+    let story =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../lab/story.toml")).unwrap();
+    let mut lab = lab("cni", Some(&format!("pod_ifaces = \"calico\"\n{story}")));
+    let cali = |pod: &str| observer_lab::model::PodIfaceNames::Calico.host_veth(pod);
     let names = lab.names_file().to_string_lossy().into_owned();
     for node in ["node-a", "node-b"] {
         // No --pod-iface: the default finds them.
@@ -1245,20 +1216,21 @@ fn pod_interfaces_are_found_whatever_the_cni_names_them() {
     }
     let log = std::fs::read_to_string(lab.dir.join("agent-node-a.log")).unwrap();
     assert!(
-        log.contains("\"cali0a1b2c3d4e5\"") && log.contains("\"lxc5f6e7d8c9b0a\""),
+        log.contains(&format!("{:?}", cali("pod-a")))
+            && log.contains(&format!("{:?}", cali("pod-api-1"))),
         "the agent says which pod interfaces it found: {log}"
     );
     assert!(curl_web(&lab, "pod-a", 5).status.success());
     let r = final_record(&lab, "node-a", "pre_dnat", 443);
     assert_eq!(
         hop(&r, "pod_ingress", "orig").unwrap()["iface"],
-        "cali0a1b2c3d4e5",
+        cali("pod-a"),
         "{r:#}"
     );
     let r = final_record(&lab, "node-b", "post_dnat", 8443);
     assert_eq!(
         hop(&r, "pod_egress", "orig").unwrap()["iface"],
-        "gke3c4d5e6f7a",
+        cali("pod-b"),
         "{r:#}"
     );
     assert_eq!(

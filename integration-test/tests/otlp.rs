@@ -7,7 +7,8 @@ use integration_test::{otlp::Receiver, *};
 use opentelemetry_proto::tonic::{common::v1::any_value::Value as Any, logs::v1::LogRecord};
 use serde_json::Value;
 
-const WAIT: Duration = Duration::from_secs(30);
+/// Upper bound: a receiver back after failures is retried within 30 s (the backoff's cap).
+const WAIT: Duration = Duration::from_secs(60);
 const RECEIVER: &str = "127.0.0.1:4317";
 
 fn attr<'a>(l: &'a LogRecord, key: &str) -> Option<&'a Any> {
@@ -52,21 +53,51 @@ fn wait_received(rx: &Receiver, want: &[Value]) -> Vec<LogRecord> {
     }
 }
 
-#[test]
-fn records_arrive_as_otlp_log_records_with_semantic_attributes() {
-    let lab = lab_with_agent_args(
-        "otlp",
+/// A lab whose agents export to [`RECEIVER`] (inside their nodes).
+fn otlp_lab(prefix: &str) -> LabRun {
+    lab_with_agent_args(
+        prefix,
         "1s",
         None,
         &["--otlp-endpoint", &format!("http://{RECEIVER}")],
-    );
-    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
-    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    )
+}
+
+/// `n` connections to the Service, made and recorded in node-a's flow log.
+fn connect(lab: &LabRun, n: usize) {
+    for _ in 0..n {
+        assert!(curl_web(&lab, "pod-a", 5).status.success());
+    }
     lab.wait_records("node-a", WAIT, |rs| {
         rs.iter()
-            .any(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
+            .filter(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
+            .count()
+            >= n
     })
     .unwrap();
+}
+
+/// Wait until the agent has counted a failed export.
+fn wait_export_failure(lab: &LabRun) {
+    let deadline = Instant::now() + WAIT;
+    while metric(
+        &lab.metrics("node-a").unwrap(),
+        "observer_otlp_export_failures_total",
+        &[],
+    )
+    .unwrap_or(0.0)
+        < 1.0
+    {
+        assert!(Instant::now() < deadline, "no failed export counted");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn records_arrive_as_otlp_log_records_with_semantic_attributes() {
+    let lab = otlp_lab("otlp");
+    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
+    connect(&lab, 1);
     let want = finals_to_service(&lab);
     let got = wait_received(&rx, &want);
     let l = got.iter().find(|l| body(l) == want[0]).unwrap();
@@ -106,35 +137,10 @@ fn records_arrive_as_otlp_log_records_with_semantic_attributes() {
 
 #[test]
 fn a_receiver_down_at_first_gets_every_queued_record_when_it_comes_up() {
-    let lab = lab_with_agent_args(
-        "otlpd",
-        "1s",
-        None,
-        &["--otlp-endpoint", &format!("http://{RECEIVER}")],
-    );
-    for _ in 0..3 {
-        assert!(curl_web(&lab, "pod-a", 5).status.success());
-    }
-    lab.wait_records("node-a", WAIT, |rs| {
-        rs.iter()
-            .filter(|r| r["final"] == true && r["pre_dnat"]["dport"] == 443)
-            .count()
-            >= 3
-    })
-    .unwrap();
+    let lab = otlp_lab("otlpd");
+    connect(&lab, 3);
     // Nobody listens yet: the agent records on, and counts its failed exports.
-    let deadline = Instant::now() + WAIT;
-    while metric(
-        &lab.metrics("node-a").unwrap(),
-        "observer_otlp_export_failures_total",
-        &[],
-    )
-    .unwrap_or(0.0)
-        < 1.0
-    {
-        assert!(Instant::now() < deadline, "no failed export counted");
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_export_failure(&lab);
     let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
     let want = finals_to_service(&lab);
     assert_eq!(want.len(), 3);
@@ -147,4 +153,22 @@ fn a_receiver_down_at_first_gets_every_queued_record_when_it_comes_up() {
         ),
         Some(0.0)
     );
+}
+
+#[test]
+fn a_slow_receiver_holds_up_nothing_and_gets_every_record_once_it_keeps_up() {
+    let lab = otlp_lab("otlps");
+    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
+    // Slower than the agent waits (10 s): every call fails.
+    rx.delay.store(15_000, std::sync::atomic::Ordering::Relaxed);
+    connect(&lab, 2);
+    // The agent answers at once meanwhile.
+    let t0 = Instant::now();
+    assert_eq!(lab.http("node-a", "/healthz").unwrap().trim(), "ok");
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    wait_export_failure(&lab);
+    assert!(rx.logs.lock().unwrap().is_empty());
+    // It keeps up again: what waited arrives.
+    rx.delay.store(0, std::sync::atomic::Ordering::Relaxed);
+    wait_received(&rx, &finals_to_service(&lab));
 }

@@ -69,6 +69,10 @@ pub struct LabUpArgs {
     /// kube-proxy's mode on every node, over the description's `load_balancer`.
     #[arg(long, value_enum)]
     pub lb: Option<crate::model::LoadBalancer>,
+    /// How pods' host-side veths are named, as this CNI names them (over the description's
+    /// `pod_ifaces`).
+    #[arg(long, value_enum)]
+    pub pod_ifaces: Option<crate::model::PodIfaceNames>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,7 +8,6 @@ use crate::{
     Lab,
     cli::{LabAddPodArgs, LabApplyArgs, LabCommand},
     config::{self, LabConfig},
-    model::host_veth,
     traffic,
 };
 
@@ -25,6 +24,9 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             let mut cfg = LabConfig::parse(&text)?;
             if let Some(lb) = a.lb {
                 cfg.load_balancer = lb;
+            }
+            if let Some(names) = a.pod_ifaces {
+                cfg.pod_ifaces = names;
             }
             lab.up(&cfg, &toml::to_string(&cfg)?)?;
             print!("{}", lab.status());
@@ -136,7 +138,7 @@ fn add_pod(a: LabAddPodArgs) -> anyhow::Result<i32> {
         "lab {}: pod {} added (node iface {})",
         lab.name,
         a.pod,
-        host_veth(&a.pod)
+        lab.load_config()?.host_veth(&a.pod)
     );
     Ok(0)
 }

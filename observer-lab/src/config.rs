@@ -26,6 +26,10 @@ pub struct LabConfig {
     /// kube-proxy's mode on every node (`iptables` when absent).
     #[serde(default)]
     pub load_balancer: LoadBalancer,
+    /// How pods' host-side veths are named: `veth` (default), `calico` (`cali*`) or `cilium`
+    /// (`lxc*`).
+    #[serde(default)]
+    pub pod_ifaces: crate::model::PodIfaceNames,
     pub cluster_cidr: Cidr,
     pub cluster_cidr6: Option<Cidr>,
     pub service_cidr: Cidr,
@@ -120,6 +124,11 @@ pub struct Service {
 }
 
 impl LabConfig {
+    /// `pod`'s host-side veth, named as this lab's CNI would.
+    pub fn host_veth(&self, pod: &str) -> String {
+        self.pod_ifaces.host_veth(pod)
+    }
+
     pub fn parse(text: &str) -> Result<LabConfig, ConfigError> {
         let cfg: LabConfig = toml::from_str(text)?;
         cfg.validate()?;

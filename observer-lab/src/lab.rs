@@ -17,7 +17,7 @@ use log::info;
 use crate::{
     config::{self, LabConfig, Node, Pod},
     firewall, kubeproxy, kubeproxy_nft,
-    model::{Family, LoadBalancer, OUTSIDE, Protocol, VPC, host_veth},
+    model::{Family, LoadBalancer, OUTSIDE, Protocol, VPC},
     names,
     netns::{self, CmdError, ip},
     outside, policy, socket_lb,
@@ -158,7 +158,7 @@ impl Lab {
         }
         for p in &cfg.pods {
             let node = cfg.node(&p.node).expect("validated");
-            self.add_pod(node, p)?;
+            self.add_pod(cfg, node, p)?;
         }
         for n in &cfg.nodes {
             let ns = self.ns(&n.name);
@@ -330,10 +330,10 @@ impl Lab {
         Ok(())
     }
 
-    fn add_pod(&self, node: &Node, p: &Pod) -> Result<(), LabError> {
+    fn add_pod(&self, cfg: &LabConfig, node: &Node, p: &Pod) -> Result<(), LabError> {
         let pns = self.new_ns(&p.name)?;
         let nns = self.ns(&node.name);
-        let veth = host_veth(&p.name);
+        let veth = cfg.host_veth(&p.name);
         ip(
             &nns,
             &[
@@ -514,7 +514,7 @@ impl Lab {
         cfg.pods.push(pod.clone());
         self.save_config(&cfg)?;
         let node = cfg.node(&pod.node).expect("validated").clone();
-        if let Err(e) = self.add_pod(&node, &pod) {
+        if let Err(e) = self.add_pod(&cfg, &node, &pod) {
             let _ = self.del_pod_live(&pod.name);
             return Err(e);
         }
@@ -751,7 +751,7 @@ fn describe(lab: &Lab, cfg: &LabConfig, present: &[String]) -> String {
             p.namespace,
             p.ip,
             p.ip6.map(|i| format!(", {i}")).unwrap_or_default(),
-            host_veth(&p.name),
+            cfg.host_veth(&p.name),
             labels.join(",")
         );
     }

@@ -156,12 +156,62 @@ impl Metadata {
     }
 }
 
-/// Host-side veth name for a pod: `veth` + 8 hex digits, as CNI plugins name them.
-pub fn host_veth(pod: &str) -> String {
+/// How the CNI names a pod's host-side veth (the lab description's `pod_ifaces`), so the agent's
+/// interface discovery is tested against each: all are veths whose peer is in the pod's network
+/// namespace, only the names differ.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PodIfaceNames {
+    /// `veth` + 8 hex digits: bridge CNIs (flannel, kindnet) and the CNI plugins' default.
+    #[default]
+    Veth,
+    /// `cali` + 11 hex digits, as Calico names them.
+    Calico,
+    /// `lxc` + 12 hex digits, as Cilium names them.
+    Cilium,
+}
+
+impl PodIfaceNames {
+    /// Host-side veth name for `pod`: a hash of its name, as CNIs hash the workload's.
+    pub fn host_veth(self, pod: &str) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in pod.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        match self {
+            PodIfaceNames::Veth => format!("veth{:08x}", fnv32(pod)),
+            PodIfaceNames::Calico => format!("cali{:011x}", h >> 20),
+            PodIfaceNames::Cilium => format!("lxc{:012x}", h >> 16),
+        }
+    }
+}
+
+fn fnv32(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in pod.bytes() {
+    for b in s.bytes() {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
-    format!("veth{h:08x}")
+    h
+}
+
+#[cfg(test)]
+mod pod_iface_tests {
+    use super::PodIfaceNames;
+
+    #[test]
+    fn host_veths_are_named_as_each_cni_names_them_within_ifnamsiz() {
+        for (names, prefix, len) in [
+            (PodIfaceNames::Veth, "veth", 12),
+            (PodIfaceNames::Calico, "cali", 15),
+            (PodIfaceNames::Cilium, "lxc", 15),
+        ] {
+            let n = names.host_veth("pod-a");
+            assert!(n.starts_with(prefix) && n.len() == len, "{n}");
+            assert_ne!(n, names.host_veth("pod-b"));
+        }
+        // The names the lab always had.
+        assert_eq!(PodIfaceNames::Veth.host_veth("pod-a"), "vethf3204136");
+    }
 }

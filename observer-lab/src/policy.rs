@@ -17,7 +17,7 @@ use crate::{
     config::LabConfig,
     config::Pod,
     firewall::Firewall,
-    model::{Cidr, Family, Protocol, host_veth},
+    model::{Cidr, Family, Protocol},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -385,7 +385,7 @@ pub fn filter_table(
             let _ = writeln!(
                 r,
                 "-A OBS-FORWARD {dir_flag} {} -m comment --comment \"{} {}/{}\" -j {chain}",
-                host_veth(&pod.name),
+                cfg.host_veth(&pod.name),
                 if ty == PolicyType::Egress {
                     "from workload"
                 } else {
