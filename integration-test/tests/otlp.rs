@@ -66,7 +66,7 @@ fn otlp_lab(prefix: &str) -> LabRun {
 /// `n` connections to the Service, made and recorded in node-a's flow log.
 fn connect(lab: &LabRun, n: usize) {
     for _ in 0..n {
-        assert!(curl_web(&lab, "pod-a", 5).status.success());
+        assert!(curl_web(lab, "pod-a", 5).status.success());
     }
     lab.wait_records("node-a", WAIT, |rs| {
         rs.iter()

@@ -13,6 +13,7 @@ mod export;
 mod flow_sources;
 mod hooks;
 mod names;
+mod netns;
 mod observe;
 mod readers;
 mod record;
@@ -47,7 +48,7 @@ fn main() {
                 }
             };
             if let Some(ns) = &args.netns
-                && let Err(e) = agent::enter_netns(ns)
+                && let Err(e) = netns::enter(ns)
             {
                 log::error!("{}", error_chain(&e));
                 std::process::exit(1);

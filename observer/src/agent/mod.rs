@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use setup::{FromKubernetes, check_flows_args, enter_netns, names, pin_dir};
+pub use setup::{FromKubernetes, check_flows_args, names, pin_dir};
 
 use crate::{
     cli::AgentArgs,
@@ -73,12 +73,8 @@ pub enum AgentError {
     Kube(crate::names::kube::KubeError),
     #[error("no uplink found: no interface carries a gateway route here; pass --uplink IFACE")]
     NoUplink,
-    #[error("entering network namespace {path} (needs CAP_SYS_ADMIN): {source}")]
-    Netns {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
     #[error("starting the Kubernetes names thread: {0}")]

@@ -20,26 +20,6 @@ use crate::{
     names::Names,
 };
 
-/// Move this thread (the agent is single-threaded) into another network namespace. Must run
-/// before the runtime starts, so every socket and netlink query happens there.
-pub fn enter_netns(spec: &str) -> Result<(), AgentError> {
-    let path = if spec.contains('/') {
-        PathBuf::from(spec)
-    } else {
-        PathBuf::from("/run/netns").join(spec)
-    };
-    let err = |source| AgentError::Netns {
-        path: path.clone(),
-        source,
-    };
-    let f = std::fs::File::open(&path).map_err(err)?;
-    // SAFETY: setns on an fd we own.
-    if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
-        return Err(err(std::io::Error::last_os_error()));
-    }
-    Ok(())
-}
-
 /// The flags that go together for /flows, checked before anything starts.
 pub fn check_flows_args(args: &AgentArgs) -> Result<(), AgentError> {
     let Some(addr) = args.flows_addr else {

@@ -128,7 +128,7 @@ pub fn agents_and_netns(args: &DiscoverArgs) -> anyhow::Result<Vec<Agent>> {
         vec![]
     };
     if let Some(ns) = &args.netns {
-        crate::agent::enter_netns(ns)?;
+        crate::netns::enter(ns)?;
     }
     Ok(agents)
 }
