@@ -100,6 +100,46 @@ const LOSS_WARN_EVERY: Duration = Duration::from_secs(10);
 /// Record batches waiting for the exporters.
 const RECORD_QUEUE: usize = 64;
 
+/// /flows on its own listener, for whom `reviewer` (Kubernetes) or the token file lets in.
+fn serve_flows(
+    args: &AgentArgs,
+    listener: tokio::net::TcpListener,
+    reviewer: Option<crate::export::flows_auth::Reviewer>,
+    recent: &Arc<RecentFlows>,
+    metrics: &Arc<Metrics>,
+) -> Result<(), AgentError> {
+    let auth = match (reviewer, &args.flows_token_file) {
+        (Some(r), _) => FlowsAuth::Kubernetes(r),
+        (None, Some(f)) => FlowsAuth::TokenFile(f.clone()),
+        (None, None) => {
+            return Err(AgentError::FlowsArgs(
+                "/flows: no token file and no Kubernetes reviewer".into(),
+            ));
+        }
+    };
+    info!(
+        "node {}: flow records on http://{}/flows, {}",
+        args.node,
+        args.flows_addr.expect("bound"),
+        auth.describe()
+    );
+    tokio::spawn(http::serve_flows(
+        listener,
+        recent.clone(),
+        Arc::new(auth),
+        metrics.clone(),
+    ));
+    let (recent, metrics) = (recent.clone(), metrics.clone());
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            metrics.flows_followers.set(recent.followers() as i64);
+        }
+    });
+    Ok(())
+}
+
 pub async fn run(
     args: AgentArgs,
     kube: FromKubernetes,
@@ -147,35 +187,7 @@ pub async fn run(
         args.node, args.metrics_addr
     );
     if let Some(l) = flows_listener {
-        let auth = match (reviewer, &args.flows_token_file) {
-            (Some(r), _) => FlowsAuth::Kubernetes(r),
-            (None, Some(f)) => FlowsAuth::TokenFile(f.clone()),
-            (None, None) => {
-                return Err(AgentError::FlowsArgs(
-                    "/flows: no token file and no Kubernetes reviewer".into(),
-                ));
-            }
-        };
-        info!(
-            "node {}: flow records on http://{}/flows, {}",
-            args.node,
-            args.flows_addr.expect("bound"),
-            auth.describe()
-        );
-        tokio::spawn(http::serve_flows(
-            l,
-            recent.clone(),
-            Arc::new(auth),
-            metrics.clone(),
-        ));
-        let (recent, metrics) = (recent.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tick.tick().await;
-                metrics.flows_followers.set(recent.followers() as i64);
-            }
-        });
+        serve_flows(&args, l, reviewer, &recent, &metrics)?;
     }
 
     let otlp = match &args.otlp_endpoint {

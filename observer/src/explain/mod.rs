@@ -32,6 +32,46 @@ struct Loaded {
     skipped: Vec<(String, usize)>,
 }
 
+impl Loaded {
+    /// The records of one log or answer (`source` names it). A line that is not a record is
+    /// skipped and kept; a record of another schema version is refused by name.
+    fn add(&mut self, source: &str, text: &str) -> anyhow::Result<()> {
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            match Line::parse(line) {
+                Line::Record(r) => self.records.push(*r),
+                Line::Foreign(schema) => {
+                    bail!(
+                        "{}",
+                        foreign_schema(&format!("{source}:{}", i + 1), &schema)
+                    )
+                }
+                Line::Bad => self.skipped.push((source.to_owned(), i + 1)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The records, saying once per source which lines were skipped.
+    fn reported(self) -> Vec<FlowRecord> {
+        let mut by_source: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
+        for (f, line) in &self.skipped {
+            by_source.entry(f).or_default().push(*line);
+        }
+        for (f, lines) in by_source {
+            log::warn!(
+                "{f}: skipped {} line(s) that are not flow records (cut short or corrupt), first at line {}",
+                lines.len(),
+                lines[0]
+            );
+        }
+        self.records
+    }
+}
+
 /// Read every record. A line that is not a record (cut short when a node died mid-write, or
 /// corrupt) is skipped and reported; a record of another schema version is refused by name,
 /// since its fields cannot be trusted to mean what this version reads.
@@ -44,22 +84,7 @@ fn load(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Loaded> {
                 std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
             }
         };
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            match Line::parse(line) {
-                Line::Record(r) => out.records.push(*r),
-                Line::Foreign(schema) => {
-                    bail!(
-                        "{}",
-                        foreign_schema(&format!("{}:{}", f.display(), i + 1), &schema)
-                    )
-                }
-                Line::Bad => out.skipped.push((f.display().to_string(), i + 1)),
-            }
-        }
+        out.add(&f.display().to_string(), &text)?;
     }
     Ok(out)
 }
@@ -87,13 +112,14 @@ fn read_token(token_file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
         .transpose()
 }
 
-/// Ask each agent found through the API, in parallel: their records, and the nodes whose
-/// agents answered (one that answered with no record is evidence too). One that does not
-/// answer is named on stderr; the others still count.
+/// Ask each agent found through the API, in parallel, adding their records to `out`: the
+/// nodes whose agents answered (one that answered with no record is evidence too). One that
+/// does not answer is named on stderr; the others still count.
 fn ask_agents(
     agents: &[Agent],
     token: Option<&str>,
-) -> anyhow::Result<(Vec<FlowRecord>, Vec<String>)> {
+    out: &mut Loaded,
+) -> anyhow::Result<Vec<String>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -103,26 +129,13 @@ fn ask_agents(
             agent::fetch(&url, token).await
         },
     )));
-    let (mut records, mut nodes) = (Vec::new(), Vec::new());
+    let mut nodes = Vec::new();
     for (a, answer) in agents.iter().zip(answers) {
         match answer {
             Ok(body) => {
                 eprintln!("explain: {} ({}): answered", a.node, a.url);
                 nodes.push(a.node.clone());
-                let mut skipped = 0;
-                for line in body.lines().filter(|l| !l.trim().is_empty()) {
-                    match Line::parse(line) {
-                        Line::Record(r) => records.push(*r),
-                        Line::Foreign(schema) => bail!("{}", foreign_schema(&a.url, &schema)),
-                        Line::Bad => skipped += 1,
-                    }
-                }
-                if skipped > 0 {
-                    log::warn!(
-                        "{}: skipped {skipped} line(s) that are not flow records",
-                        a.url
-                    );
-                }
+                out.add(&a.url, &body)?;
             }
             Err(e) => eprintln!("explain: {} ({}): did not answer: {e:#}", a.node, a.url),
         }
@@ -130,37 +143,24 @@ fn ask_agents(
     if nodes.is_empty() {
         bail!("no agent answered");
     }
-    Ok((records, nodes))
+    Ok(nodes)
 }
 
 /// Read the logs, saying once per file which lines were skipped.
 fn read(files: &[PathBuf], token: Option<&str>) -> anyhow::Result<Vec<FlowRecord>> {
-    let loaded = load(files, token)?;
-    let mut by_file: std::collections::BTreeMap<&str, Vec<usize>> = Default::default();
-    for (f, line) in &loaded.skipped {
-        by_file.entry(f).or_default().push(*line);
-    }
-    for (f, lines) in by_file {
-        log::warn!(
-            "{f}: skipped {} line(s) that are not flow records (cut short or corrupt), first at line {}",
-            lines.len(),
-            lines[0]
-        );
-    }
-    Ok(loaded.records)
+    Ok(load(files, token)?.reported())
 }
 
 /// What `explain` prints for `args`.
 pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
     let token = read_token(args.token_file.as_ref())?;
     let agents = discover::agents_and_netns(&args.discover)?;
-    let mut records = read(&args.files, token.as_deref())?;
-    let mut answered = vec![];
-    if !agents.is_empty() {
-        let (found, nodes) = ask_agents(&agents, token.as_deref())?;
-        records.extend(found);
-        answered = nodes;
-    }
+    let mut loaded = load(&args.files, token.as_deref())?;
+    let answered = match agents.is_empty() {
+        true => vec![],
+        false => ask_agents(&agents, token.as_deref(), &mut loaded)?,
+    };
+    let records = loaded.reported();
     let names = names(args.names.as_deref(), &records)?;
     let stories = select(&records, args, &names)?;
     let mut nodes = nodes(&records, &args.files);

@@ -327,7 +327,7 @@ fn read_file(i: usize, path: &std::path::Path, follow: bool, tx: &mpsc::Sender<E
 }
 
 /// An agent's /flows: its recent records as history; with `-f`, then every new one, followed
-/// again (new records only) when the agent restarts.
+/// again (after the last record seen) when the stream is cut.
 async fn read_agent(
     i: usize,
     url: agent::AgentUrl,
@@ -337,106 +337,130 @@ async fn read_agent(
     tx: mpsc::Sender<Event>,
 ) {
     let token = token.as_deref();
+    let mut stream = AgentStream {
+        i,
+        tx,
+        line_no: 0,
+        seen: None,
+        history_done: false,
+    };
     if !follow {
         match agent::fetch(&url, token).await {
             Ok(body) => {
-                for (n, l) in body.lines().enumerate() {
-                    if tx
-                        .send(Event::History(i, n + 1, l.to_owned()))
-                        .await
-                        .is_err()
-                    {
+                for l in body.lines() {
+                    if !stream.send(l.to_owned(), true).await {
                         return;
                     }
                 }
-                let _ = tx.send(Event::HistoryDone).await;
+                stream.end_history().await;
             }
             Err(e) => {
-                let _ = tx
-                    .send(Event::Failed(i, format!("did not answer: {e:#}")))
-                    .await;
+                stream
+                    .say(Event::Failed(i, format!("did not answer: {e:#}")))
+                    .await
             }
         }
         return;
     }
-    let mut first = true;
-    let mut line_no = 0;
-    // The newest record time seen: a stream cut off (a restart) is picked up after it.
-    let mut seen: Option<String> = None;
     loop {
-        let (last, since) = match (&seen, first) {
-            (_, true) => (want, None),
-            (Some(t), false) => (None, Some(t.as_str())),
-            (None, false) => (Some(0), None),
+        // First what the user asked for; after a cut, what came after the last record seen.
+        let (last, since) = match (&stream.seen, stream.history_done) {
+            (_, false) => (want, None),
+            (Some(t), true) => (None, Some(t.clone())),
+            (None, true) => (Some(0), None),
         };
-        match agent::follow(&url, token, last, since).await {
-            Ok(mut f) => {
-                if !first {
-                    let from = seen.as_deref().unwrap_or("now");
-                    let _ = tx
-                        .send(Event::Note(i, format!("following again, from {from}")))
+        match agent::follow(&url, token, last, since.as_deref()).await {
+            Ok(f) => {
+                if stream.history_done {
+                    let from = stream.seen.as_deref().unwrap_or("now").to_owned();
+                    stream
+                        .say(Event::Note(i, format!("following again, from {from}")))
                         .await;
                 }
-                let mut history = f.history;
-                if first && history == 0 {
-                    first = false;
-                    let _ = tx.send(Event::HistoryDone).await;
-                }
-                let ended = loop {
-                    match f.lines().await {
-                        Ok(Some(lines)) => {
-                            for l in lines {
-                                line_no += 1;
-                                if let Some(t) = agent::time_of(&l)
-                                    && seen.as_deref().is_none_or(|s| t > s)
-                                {
-                                    seen = Some(t.to_owned());
-                                }
-                                let ev = if history > 0 {
-                                    history -= 1;
-                                    Event::History(i, line_no, l)
-                                } else {
-                                    Event::Live(i, line_no, l)
-                                };
-                                if tx.send(ev).await.is_err() {
-                                    return;
-                                }
-                            }
-                            if first && history == 0 {
-                                first = false;
-                                let _ = tx.send(Event::HistoryDone).await;
-                            }
-                        }
-                        Ok(None) => break "the agent ended the stream".to_owned(),
-                        Err(e) => {
-                            break format!(
-                                "the stream was cut ({e:#}): the agent stopped, or dropped this client for falling behind (observer_flows_followers_dropped_total)"
-                            );
-                        }
-                    };
+                let Some(ended) = stream.take(f).await else {
+                    return;
                 };
-                if first {
-                    first = false;
-                    let _ = tx.send(Event::HistoryDone).await;
-                }
+                stream.end_history().await;
                 let note = format!(
                     "{ended}; following again in {RECONNECT_AFTER:?}, from the last record seen (the agent keeps its last 1000)"
                 );
-                let _ = tx.send(Event::Note(i, note)).await;
+                stream.say(Event::Note(i, note)).await;
             }
-            Err(e) if first => {
+            Err(e) if !stream.history_done => {
                 // Said once; the others go on, and this one is tried again.
-                first = false;
-                let _ = tx
-                    .send(Event::Note(
-                        i,
-                        format!("{e:#}; trying again every {RECONNECT_AFTER:?}"),
-                    ))
-                    .await;
-                let _ = tx.send(Event::HistoryDone).await;
+                let why = format!("{e:#}; trying again every {RECONNECT_AFTER:?}");
+                stream.say(Event::Note(i, why)).await;
+                stream.end_history().await;
             }
             Err(_) => {}
         }
         tokio::time::sleep(RECONNECT_AFTER).await;
+    }
+}
+
+/// One agent's lines on their way to the printer, across reconnections.
+struct AgentStream {
+    i: usize,
+    tx: mpsc::Sender<Event>,
+    line_no: usize,
+    /// The newest record time seen: a cut stream is picked up after it.
+    seen: Option<String>,
+    history_done: bool,
+}
+
+impl AgentStream {
+    async fn say(&self, ev: Event) {
+        let _ = self.tx.send(ev).await;
+    }
+
+    async fn end_history(&mut self) {
+        if !self.history_done {
+            self.history_done = true;
+            self.say(Event::HistoryDone).await;
+        }
+    }
+
+    /// Hand on one line; false once the printer is gone.
+    async fn send(&mut self, line: String, history: bool) -> bool {
+        self.line_no += 1;
+        if let Some(t) = agent::time_of(&line)
+            && self.seen.as_deref().is_none_or(|s| t > s)
+        {
+            self.seen = Some(t.to_owned());
+        }
+        let ev = if history {
+            Event::History(self.i, self.line_no, line)
+        } else {
+            Event::Live(self.i, self.line_no, line)
+        };
+        self.tx.send(ev).await.is_ok()
+    }
+
+    /// Hand on a followed stream's lines until it ends: why it ended, or None once the
+    /// printer is gone.
+    async fn take(&mut self, mut f: agent::Followed) -> Option<String> {
+        let mut history = f.history;
+        loop {
+            if history == 0 {
+                self.end_history().await;
+            }
+            match f.lines().await {
+                Ok(Some(lines)) => {
+                    for l in lines {
+                        let h = history > 0;
+                        history = history.saturating_sub(1);
+                        if !self.send(l, h).await {
+                            return None;
+                        }
+                    }
+                }
+                Ok(None) => return Some("the agent ended the stream".to_owned()),
+                Err(e) => {
+                    return Some(format!(
+                        "the stream was cut ({e:#}): the agent stopped, or dropped this client for falling behind (observer_flows_followers_dropped_total)"
+                    ));
+                }
+            }
+        }
     }
 }
