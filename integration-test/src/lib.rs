@@ -8,7 +8,7 @@
 
 pub mod api_faults;
 pub mod kube;
-pub mod otlp;
+pub use observer_lab::otlp_receiver as otlp;
 
 use std::{
     path::PathBuf,

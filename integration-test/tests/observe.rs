@@ -440,3 +440,125 @@ fn a_follower_that_stops_reading_is_dropped_and_counted_and_one_that_reads_is_no
         "a stream that keeps up is never cut, however long it lasts: {stderr}"
     );
 }
+
+/// A process killed when the test ends, also by a failed assertion.
+struct Stopped(Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The newcomer's path: agents started with `--lab NAME` are found by `observe --lab NAME` and
+/// `explain --lab NAME` from the host, nobody typing an address, a namespace or a token.
+#[test]
+fn observe_and_explain_find_the_labs_agents_by_the_labs_name() {
+    let mut lab = integration_test::lab("olab", None);
+    let name = lab.name.clone();
+    // The lab's own OTLP receiver in node-a, printing what node-a's agent exports.
+    let mut receiver = Stopped(
+        Command::new(&integration_test::bins().lab)
+            .args(["otlp-receiver", "--name", &name, "--node", "node-a"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("otlp-receiver starts"),
+    );
+    let mut said = String::new();
+    BufReader::new(receiver.0.stderr.take().unwrap())
+        .read_line(&mut said)
+        .unwrap();
+    assert!(said.contains("receiver on 127.0.0.1:4317"), "{said}");
+    let (tx, exported) = mpsc::channel();
+    let out = receiver.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    for node in ["node-a", "node-b"] {
+        let mut args = vec![
+            "--lab",
+            &name,
+            "--idle-timeout",
+            "1s",
+            "--poll-interval",
+            "200ms",
+        ];
+        if node == "node-a" {
+            args.extend(["--otlp-endpoint", "http://127.0.0.1:4317"]);
+        }
+        lab.start_agent(node, &args).expect("agent starts");
+    }
+    let mut obs = Observe::start(
+        &lab,
+        None,
+        &["-f", "--lab", &name, "--namespace", "shop", "-o", "json"],
+    );
+    assert!(curl_web(&lab, "pod-a", 5).status.success());
+    // Both nodes' records of the connection, named from the lab's names file.
+    let a = json(&obs.wait("node-a's final record", |l| {
+        let v = json(l);
+        v["node"] == "node-a" && final_to_vip(&v, &[])
+    }));
+    let port = a["pre_dnat"]["sport"].clone();
+    let of_b = |l: &str| {
+        let v = json(l);
+        v["node"] == "node-b" && v["final"] == true && v["post_dnat"]["sport"] == port
+    };
+    // The nodes' records come in either order.
+    let b = match obs.seen.iter().find(|l| of_b(l)) {
+        Some(l) => json(l),
+        None => json(&obs.wait("node-b's final record", of_b)),
+    };
+    assert_eq!(a["src_pod"]["name"], "pod-a", "{a:#}");
+    assert_eq!(b["dst_pod"]["name"], "pod-b", "{b:#}");
+    assert!(lab.records("node-b").unwrap().contains(&b));
+    let stderr = obs.stop();
+    for node in ["node-a", "node-b"] {
+        assert!(
+            stderr.contains(&format!("agent on {node}: http://127.0.0.1:9465/flows")),
+            "{stderr}"
+        );
+    }
+
+    // The same record reached the OTLP receiver, whole.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let l = exported
+            .recv_timeout(left)
+            .expect("node-a's record reached the OTLP receiver");
+        if serde_json::from_str::<Value>(&l).is_ok_and(|v| v == a) {
+            break;
+        }
+    }
+    drop(receiver);
+
+    let out =
+        integration_test::observer(&["explain", "--lab", &name, "--service", "100.64.0.10:443"]);
+    // Both nodes' records stitched, pods named from the lab's names file.
+    assert!(out.contains("TCP connection from shop/pod-a"), "{out}");
+    assert!(out.contains("uplink_ingress on node-b"), "{out}");
+    assert!(
+        out.contains(&format!("10.244.1.10:{port} -> 100.64.0.10:443")),
+        "{out}"
+    );
+
+    // Without the lab's token /flows is shut, as any agent's.
+    let status = integration_test::http_status(&lab, "node-a", "http://127.0.0.1:9465/flows", None);
+    assert_eq!(status, "401");
+    // An unknown node or lab is refused in one line.
+    let wrong = std::process::Command::new(integration_test::bin())
+        .args(["agent", "--lab", &name, "--node", "node-z"])
+        .output()
+        .unwrap();
+    assert_eq!(wrong.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        err.contains("has no node \"node-z\" (its nodes: node-a, node-b)"),
+        "{err}"
+    );
+}

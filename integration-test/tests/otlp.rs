@@ -96,7 +96,7 @@ fn wait_export_failure(lab: &LabRun) {
 #[test]
 fn records_arrive_as_otlp_log_records_with_semantic_attributes() {
     let lab = otlp_lab("otlp");
-    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
+    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER, false).expect("receiver listens");
     connect(&lab, 1);
     let want = finals_to_service(&lab);
     let got = wait_received(&rx, &want);
@@ -141,7 +141,7 @@ fn a_receiver_down_at_first_gets_every_queued_record_when_it_comes_up() {
     connect(&lab, 3);
     // Nobody listens yet: the agent records on, and counts its failed exports.
     wait_export_failure(&lab);
-    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
+    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER, false).expect("receiver listens");
     let want = finals_to_service(&lab);
     assert_eq!(want.len(), 3);
     wait_received(&rx, &want);
@@ -158,7 +158,7 @@ fn a_receiver_down_at_first_gets_every_queued_record_when_it_comes_up() {
 #[test]
 fn a_slow_receiver_holds_up_nothing_and_gets_every_record_once_it_keeps_up() {
     let lab = otlp_lab("otlps");
-    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER);
+    let rx = Receiver::start(&lab.ns("node-a"), RECEIVER, false).expect("receiver listens");
     // Slower than the agent waits (10 s): every call fails.
     rx.delay.store(15_000, std::sync::atomic::Ordering::Relaxed);
     connect(&lab, 2);

@@ -16,6 +16,9 @@ pub mod names;
 /// Where agents pin their flow map by default: `<PIN_ROOT>/<netns name, or host>/<FLOWS_PIN>`.
 /// The lab removes what its nodes' agents left there when it goes down.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/observer";
+/// Where `observer-lab` keeps each lab's state: `<LAB_STATE_ROOT>/<lab>/names.yaml` is its names
+/// file, which also says where each node's agent serves /flows (`observer agent --lab`).
+pub const LAB_STATE_ROOT: &str = "/run/observer-lab";
 /// The pinned flow map's file name in a pin directory (the map's name in the object).
 pub const FLOWS_PIN: &str = "FLOWS";
 /// The pinned conntrack tuples of the flow keys, beside it.

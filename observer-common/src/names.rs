@@ -35,6 +35,24 @@ pub struct NamesFile {
 pub struct NodeEntry {
     pub name: String,
     pub ips: Vec<IpAddr>,
+    /// Where the node's agent serves /flows, for `observe`/`explain` to find it without a
+    /// Kubernetes API (the lab writes one per node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentEntry>,
+}
+
+/// A node's agent as a reader reaches it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AgentEntry {
+    /// Its /flows URL, `http://HOST:PORT/flows`; the agent listens on HOST:PORT.
+    pub flows: String,
+    /// The network namespace (`ip netns` name or path) the agent observes and is reached in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<String>,
+    /// The file holding the bearer token /flows wants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -14,7 +14,7 @@ kube-proxy DNAT, NetworkPolicy, a VPC firewall",
 kube-proxy-shaped DNAT rules, Calico-shaped NetworkPolicy chains and a VPC firewall between the \
 nodes, so `observer agent` can be watched recording the whole story without a cluster. Nothing is \
 added to the host's own network namespace.\n\nStart: `observer-lab up`, then `observer agent \
---netns obs-node-a --names /run/observer-lab/obs/names.yaml`."
+--lab obs --node node-a` (and node-b), and `observer observe -f --lab obs`."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -47,6 +47,9 @@ pub enum LabCommand {
     /// Load generator used inside pods: short connections (or UDP exchanges) at a fixed rate for
     /// a fixed time; prints what it did as JSON (answered, failed, not started, client ports).
     Storm(StormArgs),
+    /// An OTLP/gRPC logs receiver in a lab node's namespace, printing the body of each log
+    /// record it is sent (for `observer agent --otlp-endpoint http://127.0.0.1:4317`).
+    OtlpReceiver(OtlpReceiverArgs),
     /// Server run inside each pod by `lab up` (TCP answers like HTTP, UDP echoes).
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -73,6 +76,18 @@ pub struct LabUpArgs {
     /// `pod_ifaces`).
     #[arg(long, value_enum)]
     pub pod_ifaces: Option<crate::model::PodIfaceNames>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OtlpReceiverArgs {
+    #[command(flatten)]
+    pub lab: LabNameArgs,
+    /// The node (or pod) whose network namespace it listens in.
+    #[arg(long, default_value = "node-a")]
+    pub node: String,
+    /// Where it listens there.
+    #[arg(long, default_value = "127.0.0.1:4317")]
+    pub listen: SocketAddr,
 }
 
 #[derive(Args, Debug, Clone)]

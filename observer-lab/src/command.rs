@@ -68,6 +68,18 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<i32> {
             println!("{}", lab.names_path().display());
             Ok(0)
         }
+        LabCommand::OtlpReceiver(a) => {
+            let lab = Lab::new(&a.lab.name)?;
+            let cfg = lab.load_config()?;
+            let ns = lab.target_ns(&cfg, &a.node)?;
+            let rx = crate::otlp_receiver::Receiver::start(&ns, &a.listen.to_string(), true)?;
+            eprintln!(
+                "OTLP/gRPC logs receiver on {} in {ns}: each record's body, a line each",
+                a.listen
+            );
+            rx.wait();
+            Ok(0)
+        }
         LabCommand::Example => {
             print!("{}", config::STORY);
             Ok(0)

@@ -49,7 +49,11 @@ pub enum LabError {
     SocketLb(#[from] socket_lb::SocketLbError),
 }
 
-pub const STATE_ROOT: &str = "/run/observer-lab";
+pub const STATE_ROOT: &str = observer_common::LAB_STATE_ROOT;
+
+/// Where an agent started with `observer agent --lab` serves /flows: loopback of its node's
+/// namespace, so nothing reaches it but a reader entering that namespace (as root).
+pub const AGENT_FLOWS: &str = "127.0.0.1:9465";
 
 /// The VPC's own address on its ports, the source of its ARP requests.
 const VPC_IP: &str = "10.200.255.254/32";
@@ -99,10 +103,40 @@ impl Lab {
         self.state_dir().join("names.yaml")
     }
 
+    /// The bearer token the lab's agents want on /flows (`observer agent --lab`), made at `up`.
+    pub fn flows_token_path(&self) -> PathBuf {
+        self.state_dir().join("flows-token")
+    }
+
+    /// A new random token, readable by root only.
+    fn write_flows_token(&self) -> Result<(), LabError> {
+        use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+        let path = self.flows_token_path();
+        let io = |source| LabError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut random = [0u8; 24];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open("/dev/urandom").map_err(io)?,
+            &mut random,
+        )
+        .map_err(io)?;
+        let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| writeln!(f, "{token}"))
+            .map_err(io)
+    }
+
     fn write_config(&self, cfg: &LabConfig, text: &str) -> Result<(), LabError> {
         for (path, body) in [
             (self.config_path(), text.to_owned()),
-            (self.names_path(), names::yaml(cfg)),
+            (self.names_path(), names::yaml(cfg, self)),
         ] {
             std::fs::write(&path, body).map_err(|source| LabError::Io { path, source })?;
         }
@@ -139,6 +173,7 @@ impl Lab {
             path: dir.clone(),
             source,
         })?;
+        self.write_flows_token()?;
         self.write_config(cfg, config_text)?;
         let res = self.build(cfg);
         if res.is_err() {

@@ -24,6 +24,7 @@ pub mod lab;
 pub mod model;
 pub mod names;
 pub mod netns;
+pub mod otlp_receiver;
 pub mod outside;
 pub mod policy;
 pub mod socket_lb;

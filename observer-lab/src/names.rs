@@ -5,12 +5,13 @@
 use std::net::IpAddr;
 
 use observer_common::names::{
-    NamesFile, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, ServicePortEntry,
+    AgentEntry, NamesFile, NamespaceEntry, NodeEntry, PodEntry, ServiceEntry, ServicePortEntry,
 };
 
-use crate::{config::LabConfig, model::Protocol};
+use crate::{Lab, config::LabConfig, lab::AGENT_FLOWS, model::Protocol};
 
-pub fn from_config(cfg: &LabConfig) -> NamesFile {
+/// The lab as names, each node with where its agent is when started with `observer agent --lab`.
+pub fn from_config(cfg: &LabConfig, lab: &Lab) -> NamesFile {
     let mut f = NamesFile::new();
     f.pod_cidrs = std::iter::once(cfg.cluster_cidr)
         .chain(cfg.cluster_cidr6)
@@ -24,6 +25,11 @@ pub fn from_config(cfg: &LabConfig) -> NamesFile {
             ips: std::iter::once(IpAddr::V4(n.ip))
                 .chain(n.ip6.map(IpAddr::V6))
                 .collect(),
+            agent: Some(AgentEntry {
+                flows: format!("http://{AGENT_FLOWS}/flows"),
+                netns: Some(lab.ns(&n.name)),
+                token_file: Some(lab.flows_token_path().display().to_string()),
+            }),
         })
         .collect();
     f.namespaces = cfg
@@ -73,10 +79,10 @@ pub fn from_config(cfg: &LabConfig) -> NamesFile {
     f
 }
 
-pub fn yaml(cfg: &LabConfig) -> String {
-    let body = serde_norway::to_string(&from_config(cfg)).expect("names serialise");
+pub fn yaml(cfg: &LabConfig, lab: &Lab) -> String {
+    let body = serde_norway::to_string(&from_config(cfg, lab)).expect("names serialise");
     format!(
-        "# Written by `observer-lab`; read by `observer agent --names` and `observer explain --names`.\n{body}"
+        "# Written by `observer-lab`; read by `observer agent --names|--lab` and `observer explain|observe --names|--lab`.\n{body}"
     )
 }
 
@@ -87,7 +93,7 @@ mod tests {
     #[test]
     fn the_story_names_every_pod_and_service_port_and_reads_back() {
         let cfg = LabConfig::story();
-        let text = yaml(&cfg);
+        let text = yaml(&cfg, &Lab::new("t").unwrap());
         let back: NamesFile = serde_norway::from_str(&text).expect("reads back");
         back.check().expect("valid");
         assert_eq!(back.pods.len(), cfg.pods.len());
@@ -100,5 +106,11 @@ mod tests {
         assert!(a.ips.contains(&"10.244.1.10".parse().unwrap()), "{a:?}");
         assert_eq!(back.pod_cidrs[0], cfg.cluster_cidr.to_string());
         assert_eq!(back.nodes[0].ips[0].to_string(), "10.200.0.1");
+        let agent = back.nodes[0]
+            .agent
+            .as_ref()
+            .expect("where node-a's agent is");
+        assert_eq!(agent.netns.as_deref(), Some("t-node-a"));
+        assert_eq!(agent.flows, "http://127.0.0.1:9465/flows");
     }
 }

@@ -34,7 +34,7 @@ pub enum Command {
     Observe(Box<crate::observe::ObserveArgs>),
     /// Explain a connection from the agents' flow records: which tuple each layer saw, where it
     /// stopped, why, and the fix in that layer's terms.
-    Explain(ExplainArgs),
+    Explain(Box<ExplainArgs>),
     /// NetworkPolicies (client egress, server ingress) that allow exactly the observed
     /// connections, in targetPort terms.
     Suggest(SuggestArgs),
@@ -54,6 +54,13 @@ pub struct AgentArgs {
     /// `ip netns exec`, this keeps the host's mounts, so the cgroup v2 mount stays visible.
     #[arg(long, env = "OBSERVER_NETNS")]
     pub netns: Option<String>,
+
+    /// Be the agent of node `--node` of the lab `observer-lab up --name NAME` built: its network
+    /// namespace, the lab's names file, and /flows where that file says (the node's loopback,
+    /// with the lab's token), so `observer observe|explain --lab NAME` find it. Flags given
+    /// override each.
+    #[arg(long, env = "OBSERVER_AGENT_LAB", value_name = "NAME")]
+    pub lab: Option<String>,
 
     /// Node uplink (the node-to-node wire); repeatable. Default: every interface that carries a
     /// gateway route (default route or a route via another node).

@@ -12,6 +12,7 @@ mod explain;
 mod export;
 mod flow_sources;
 mod hooks;
+mod lab;
 mod names;
 mod netns;
 mod observe;
@@ -28,7 +29,11 @@ fn main() {
         .init();
     let cli = Cli::parse_from(cli::as_kubectl_plugin(std::env::args_os().collect()));
     let code = match cli.command {
-        Command::Agent(args) => {
+        Command::Agent(mut args) => {
+            if let Err(e) = agent::with_lab(&mut args) {
+                log::error!("{e:#}");
+                std::process::exit(2);
+            }
             if let Err(e) = agent::check_flows_args(&args) {
                 log::error!("{}", error_chain(&e));
                 std::process::exit(2);
@@ -66,7 +71,7 @@ fn main() {
             }
         }
         Command::Observe(args) => report(observe::observe(*args)),
-        Command::Explain(args) => report(explain::explain(args)),
+        Command::Explain(args) => report(explain::explain(*args)),
         Command::Suggest(args) => report(explain::suggest(args)),
         Command::TestRun(args) => report(test_run::run(args)),
     };

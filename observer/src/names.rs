@@ -134,24 +134,27 @@ pub struct Names {
     pub nodes: BTreeMap<IpAddr, String>,
 }
 
+/// A names file, read and checked.
+pub fn read_file(path: &Path) -> Result<NamesFile, NamesError> {
+    let text = std::fs::read_to_string(path).map_err(|source| NamesError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let file: NamesFile = serde_norway::from_str(&text).map_err(|source| NamesError::Parse {
+        path: path.to_owned(),
+        source,
+    })?;
+    file.check().map_err(|what| NamesError::Invalid {
+        path: path.to_owned(),
+        what,
+    })?;
+    Ok(file)
+}
+
 impl Names {
     /// Names from a static names file (YAML or JSON).
     pub fn from_file(path: &Path) -> Result<Names, NamesError> {
-        let text = std::fs::read_to_string(path).map_err(|source| NamesError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let file: NamesFile =
-            serde_norway::from_str(&text).map_err(|source| NamesError::Parse {
-                path: path.to_owned(),
-                source,
-            })?;
-        let invalid = |what: String| NamesError::Invalid {
-            path: path.to_owned(),
-            what,
-        };
-        file.check().map_err(invalid)?;
-        Ok(Names::from_names_file(file))
+        Ok(Names::from_names_file(read_file(path)?))
     }
 
     pub fn from_names_file(f: NamesFile) -> Names {

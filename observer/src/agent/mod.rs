@@ -26,7 +26,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub use setup::{FromKubernetes, check_flows_args, names, pin_dir};
+pub use setup::{FromKubernetes, check_flows_args, names, pin_dir, with_lab};
 
 use crate::{
     cli::AgentArgs,

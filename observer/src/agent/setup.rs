@@ -20,6 +20,34 @@ use crate::{
     names::Names,
 };
 
+/// With `--lab NAME`: what the lab's names file says of this node's agent fills the flags not
+/// given (its network namespace, the names file, where /flows listens and the token it wants).
+pub fn with_lab(args: &mut AgentArgs) -> anyhow::Result<()> {
+    let Some(lab) = &args.lab else {
+        return Ok(());
+    };
+    let entry = crate::lab::agent_of(lab, &args.node)?;
+    if args.netns.is_none() {
+        args.netns = entry.netns.clone();
+    }
+    if args.names.is_none() && args.kubeconfig.is_none() && !args.kubernetes {
+        args.names = Some(crate::lab::names_path(lab));
+    }
+    if args.flows_addr.is_none() {
+        args.flows_addr = Some(crate::lab::listen_addr(&entry)?);
+        if args.flows_token_file.is_none() {
+            args.flows_token_file = entry.token_file.as_ref().map(PathBuf::from);
+        }
+    }
+    info!(
+        "lab {lab}, node {}: network namespace {}, /flows at {}",
+        args.node,
+        args.netns.as_deref().unwrap_or("(this one)"),
+        entry.flows
+    );
+    Ok(())
+}
+
 /// The flags that go together for /flows, checked before anything starts.
 pub fn check_flows_args(args: &AgentArgs) -> Result<(), AgentError> {
     let Some(addr) = args.flows_addr else {

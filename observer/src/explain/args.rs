@@ -18,7 +18,7 @@ pub struct ExplainArgs {
     /// Flow logs (JSON lines) of one or more agents, e.g. node-a.jsonl node-b.jsonl, or agents'
     /// endpoints (`--flows-addr`), e.g. http://10.0.0.5:9465/flows (the last 1000 final
     /// records); none needed with --kubeconfig or --kubernetes, which find every agent.
-    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes"])]
+    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes", "lab"])]
     pub files: Vec<PathBuf>,
     /// File with the bearer token the agents' /flows endpoints want (their
     /// --flows-token-file).

@@ -123,12 +123,11 @@ fn ask_agents(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let answers = rt.block_on(futures_util::future::join_all(agents.iter().map(
-        |a| async move {
-            let url = agent::AgentUrl::parse(&a.url)?;
-            agent::fetch(&url, token).await
-        },
-    )));
+    let answers = rt.block_on(futures_util::future::join_all(
+        agents
+            .iter()
+            .map(|a| async move { agent::fetch(&a.endpoint()?, token).await }),
+    ));
     let mut nodes = Vec::new();
     for (a, answer) in agents.iter().zip(answers) {
         match answer {
@@ -161,7 +160,8 @@ pub fn answer(args: &ExplainArgs) -> anyhow::Result<String> {
         false => ask_agents(&agents, token.as_deref(), &mut loaded)?,
     };
     let records = loaded.reported();
-    let names = names(args.names.as_deref(), &records)?;
+    let lab_names = args.discover.lab.as_deref().map(crate::lab::names_path);
+    let names = names(args.names.as_deref().or(lab_names.as_deref()), &records)?;
     let stories = select(&records, args, &names)?;
     let mut nodes = nodes(&records, &args.files);
     nodes.extend(answered);

@@ -25,11 +25,15 @@ pub fn time_of(line: &str) -> Option<&str> {
 /// The agent's header naming how many first lines of a followed answer are history.
 const SNAPSHOT_LINES: &str = "x-observer-snapshot-lines";
 
-/// `http://HOST:PORT[/PATH]`, the path `/flows` if none.
+/// `http://HOST:PORT[/PATH]`, the path `/flows` if none; with what its discovery knows of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentUrl {
     pub host: String,
     pub path: String,
+    /// Connect from inside this network namespace (a lab node's), not the reader's own.
+    pub netns: Option<String>,
+    /// The token this agent wants, over the reader's `--token-file`.
+    pub token: Option<String>,
 }
 
 impl AgentUrl {
@@ -46,6 +50,8 @@ impl AgentUrl {
         Ok(AgentUrl {
             host: host.to_owned(),
             path,
+            netns: None,
+            token: None,
         })
     }
 
@@ -61,6 +67,31 @@ impl std::fmt::Display for AgentUrl {
     }
 }
 
+/// A connection made from inside network namespace `ns`: the socket stays in the namespace it
+/// was made in, so only the connecting thread (one of its own, as setns moves the caller)
+/// enters it.
+async fn connect_in(
+    ns: &str,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<std::io::Result<tokio::net::TcpStream>> {
+    let ns = ns.to_owned();
+    let made = tokio::task::spawn_blocking(move || {
+        std::thread::spawn(
+            move || -> anyhow::Result<std::io::Result<std::net::TcpStream>> {
+                crate::netns::enter(&ns)?;
+                Ok(std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))
+            },
+        )
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread connecting in a network namespace panicked"))?
+    })
+    .await??;
+    Ok(made.and_then(|s| {
+        s.set_nonblocking(true)?;
+        tokio::net::TcpStream::from_std(s)
+    }))
+}
+
 async fn get(
     url: &AgentUrl,
     path: &str,
@@ -71,10 +102,14 @@ async fn get(
         .with_context(|| format!("resolving {}", url.host))?
         .next()
         .with_context(|| format!("{} has no address", url.host))?;
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
-        .await
-        .map_err(|_| anyhow::anyhow!("connecting to {}: timed out", url.host))?
-        .with_context(|| format!("connecting to {}", url.host))?;
+    let tcp = match &url.netns {
+        None => tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow::anyhow!("connecting to {}: timed out", url.host))?,
+        Some(ns) => connect_in(ns, addr).await?,
+    }
+    .with_context(|| format!("connecting to {}", url.host))?;
+    let token = url.token.as_deref().or(token);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .with_context(|| format!("talking to {}", url.host))?;

@@ -1,21 +1,29 @@
 //! Finding the agents: the DaemonSet's pods through the Kubernetes API (the Hubble Relay idea,
 //! without a server of its own). Each running pod with a container port named `flows` is an
-//! agent serving /flows on its pod IP (the node's, with hostNetwork).
+//! agent serving /flows on its pod IP (the node's, with hostNetwork). In a lab that
+//! `observer-lab` built, its names file says where each node's agent is (`--lab`).
 
 use anyhow::{Context as _, bail};
 use clap::Args;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::ListParams};
 
+use super::agent::AgentUrl;
+
 #[derive(Args, Debug, Clone, Default)]
 #[command(next_help_heading = "Finding the agents")]
 pub struct DiscoverArgs {
     /// Find the agents through the Kubernetes API with this kubeconfig (the DaemonSet's pods).
-    #[arg(long, conflicts_with = "kubernetes")]
+    #[arg(long, conflicts_with_all = ["kubernetes", "lab"])]
     pub kubeconfig: Option<String>,
     /// Find the agents through the Kubernetes API, in-cluster (service account).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "lab")]
     pub kubernetes: bool,
+    /// Find the agents of the lab `observer-lab up --name NAME` built (`observer agent --lab
+    /// NAME`): its names file says where each node's agent listens, in which network namespace,
+    /// and the token it wants.
+    #[arg(long, value_name = "NAME")]
+    pub lab: Option<String>,
     /// Namespace of the agents' DaemonSet.
     #[arg(long, default_value = "observer", value_name = "NS")]
     pub agents_namespace: String,
@@ -34,16 +42,61 @@ pub struct DiscoverArgs {
 
 impl DiscoverArgs {
     pub fn wanted(&self) -> bool {
-        self.kubeconfig.is_some() || self.kubernetes
+        self.kubeconfig.is_some() || self.kubernetes || self.lab.is_some()
     }
 }
 
-/// An agent found through the API.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// An agent found through the API or a lab's names file.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct Agent {
     pub node: String,
+    /// Its pod (the API), or empty (a lab).
     pub pod: String,
     pub url: String,
+    /// The network namespace it is reached in, if not the reader's.
+    pub netns: Option<String>,
+    /// The token it wants, if its discovery knows it (a lab's token file).
+    pub token: Option<String>,
+}
+
+impl Agent {
+    /// Where and how to ask it.
+    pub fn endpoint(&self) -> anyhow::Result<AgentUrl> {
+        let mut u = AgentUrl::parse(&self.url)?;
+        u.netns = self.netns.clone();
+        u.token = self.token.clone();
+        Ok(u)
+    }
+}
+
+/// The agents a lab's names file lists, each with its token.
+fn lab_agents(lab: &str) -> anyhow::Result<Vec<Agent>> {
+    crate::lab::agents(lab)?
+        .into_iter()
+        .map(|(node, a)| {
+            let token = match &a.token_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("lab {lab}: reading the agents' token {f}"))?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            eprintln!(
+                "observer: agent on {node}: {} (network namespace {})",
+                a.flows,
+                a.netns.as_deref().unwrap_or("this one")
+            );
+            Ok(Agent {
+                node,
+                pod: String::new(),
+                url: a.flows,
+                netns: a.netns,
+                token,
+            })
+        })
+        .collect()
 }
 
 /// The agent a pod is, or why it is none.
@@ -78,11 +131,15 @@ fn agent_of(p: &Pod) -> Result<Agent, String> {
         node,
         pod,
         url: format!("http://{host}:{port}/flows"),
+        ..Default::default()
     })
 }
 
 /// The agents the API names, each on stderr; a pod that is no agent is said and skipped.
 pub fn discover(args: &DiscoverArgs) -> anyhow::Result<Vec<Agent>> {
+    if let Some(lab) = &args.lab {
+        return lab_agents(lab);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -151,7 +208,8 @@ mod tests {
             Agent {
                 node: "node-a".into(),
                 pod: "observer-x".into(),
-                url: "http://10.0.0.5:9465/flows".into()
+                url: "http://10.0.0.5:9465/flows".into(),
+                ..Default::default()
             }
         );
         let v6 = pod(

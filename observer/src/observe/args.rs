@@ -19,7 +19,7 @@ pub struct ObserveArgs {
     /// Flow logs (JSON lines) of one or more agents, or agents' endpoints (`--flows-addr`),
     /// e.g. http://10.0.0.5:9465/flows; none needed with --kubeconfig or --kubernetes, which find
     /// every agent of the cluster.
-    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes"], value_name = "LOG|URL")]
+    #[arg(required_unless_present_any = ["kubeconfig", "kubernetes", "lab"], value_name = "LOG|URL")]
     pub sources: Vec<String>,
     /// Keep printing records as they are written: files are followed like `tail -F` (across
     /// rotation), agents streamed, and followed again after a restart.

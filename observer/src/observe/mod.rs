@@ -76,7 +76,7 @@ pub fn observe(args: ObserveArgs) -> anyhow::Result<i32> {
         .map(|s| Source::parse(s))
         .collect::<anyhow::Result<_>>()?;
     for a in discover::agents_and_netns(&args.discover)? {
-        sources.push(Source::Agent(agent::AgentUrl::parse(&a.url)?, Some(a.node)));
+        sources.push(Source::Agent(a.endpoint()?, Some(a.node)));
     }
     let token = args
         .token_file
