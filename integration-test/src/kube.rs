@@ -12,9 +12,23 @@ use anyhow::{Context as _, bail};
 pub const CACHE: &str = "/var/cache/observer";
 pub const VERSION: &str = "v1.20.2";
 
-/// Where `cargo xtask test` caches the built binary.
+/// What `cargo xtask test` builds from Debian's source and caches.
+pub const COMPONENTS: [&str; 5] = [
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
+    "kube-proxy",
+];
+
+/// Where `cargo xtask test` caches a built component.
+pub fn component(name: &str) -> PathBuf {
+    PathBuf::from(CACHE).join(format!("{name}-{VERSION}"))
+}
+
+/// The cached kube-apiserver.
 pub fn binary() -> PathBuf {
-    PathBuf::from(CACHE).join(format!("kube-apiserver-{VERSION}"))
+    component("kube-apiserver")
 }
 
 pub struct KubeApi {
@@ -27,7 +41,7 @@ pub struct KubeApi {
 }
 
 /// A kubeconfig for the admin token of [`KubeApi`] at `server`.
-pub(crate) fn kubeconfig(server: &str, ca: Option<&str>) -> String {
+pub fn kubeconfig(server: &str, ca: Option<&str>) -> String {
     let ca = ca.map_or(String::new(), |c| format!(", certificate-authority: {c}"));
     [
         "apiVersion: v1",
@@ -66,7 +80,7 @@ impl KubeApi {
             bail!("{} is missing: `cargo xtask test` builds it", bin.display());
         }
         std::fs::create_dir_all(dir)?;
-        certificates(dir)?;
+        certificates(dir, "IP:127.0.0.1")?;
         let (etcd_port, peer_port, api_port) = (23790 + slot * 3, 23791 + slot * 3, 16443 + slot);
         let log = |name: &str| -> anyhow::Result<std::fs::File> {
             Ok(std::fs::File::create(dir.join(name))?)
@@ -162,8 +176,9 @@ fn wait_ready(dir: &Path, api_port: u16) -> anyhow::Result<()> {
     }
 }
 
-/// A CA, the apiserver's serving certificate for 127.0.0.1, a service-account key and a token.
-fn certificates(dir: &Path) -> anyhow::Result<()> {
+/// A CA, the apiserver's serving certificate for `san` (`IP:127.0.0.1,DNS:...`), a
+/// service-account key and the admin's token (`testtoken`, group system:masters).
+pub fn certificates(dir: &Path, san: &str) -> anyhow::Result<()> {
     openssl(
         dir,
         &[
@@ -199,7 +214,9 @@ fn certificates(dir: &Path) -> anyhow::Result<()> {
     )?;
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        format!(
+            "subjectAltName={san}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        ),
     )?;
     openssl(
         dir,

@@ -24,13 +24,13 @@ const SLIM: &str = "docker.io/library/debian:bookworm-slim";
 pub const IMAGE: &str = "localhost/observer:dev";
 const BUILD_CACHE: &str = "localhost/observer-build:cache";
 
-fn podman() -> Command {
+pub fn podman() -> Command {
     let mut c = Command::new("podman");
     c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs"]);
     c
 }
 
-fn image_exists(name: &str) -> bool {
+pub fn exists(name: &str) -> bool {
     podman()
         .args(["image", "exists", name])
         .status()
@@ -113,7 +113,7 @@ fn ulimits() -> Vec<String> {
 
 pub fn build() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&["podman", "debootstrap", "runc"])?;
-    if !image_exists(BASE) || !image_exists(SLIM) {
+    if !exists(BASE) || !exists(SLIM) {
         base_images()?;
     }
     println!("==> podman build -t {IMAGE} . (the Dockerfile; about 10 min the first time)");

@@ -1,14 +1,16 @@
-//! Developer tasks: `cargo xtask setup|build|test|demo|bench`.
+//! Developer tasks: `cargo xtask setup|build|test|demo|bench|lint|image|cluster`.
 //!
 //! Every task starts with `setup`, which installs what is missing on a Debian 12 machine (as
 //! root) and is a quick no-op once everything is there.
 
 mod bench;
+mod cluster;
+mod cluster_check;
 mod demo;
 mod demo_lab;
 mod demo_node_ip;
 mod image;
-mod kube_apiserver;
+mod kube_build;
 mod kube_scale;
 mod proc;
 mod setup;
@@ -87,7 +89,20 @@ enum Task {
     /// Build the container image from `Dockerfile` (podman) and run it as the DaemonSet does
     /// against the lab.
     Image,
+    /// A real one-node Kubernetes cluster in a network namespace (kubelet, kube-proxy,
+    /// containerd, CNI bridge): `up`, `down`, or `check` (up, `kubectl apply -k deploy/base`,
+    /// assert on the agent's records of a Service call, down).
+    Cluster {
+        #[arg(value_parser = ["up", "down", "check"])]
+        action: String,
+        /// With `check`: leave the cluster up when a check fails, to look at it.
+        #[arg(long)]
+        keep: bool,
+    },
 }
+
+/// A check of the whole suite that is no cargo test.
+type Check = fn() -> anyhow::Result<()>;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -99,18 +114,32 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Test { args } => {
             setup::ensure()?;
-            kube_apiserver::ensure()?;
+            kube_build::ensure()?;
             build()?;
             let (mut passed, mut failed) = test(&args)?;
             // The whole suite also builds the shipped image and runs it against the lab; a
             // filtered run (`cargo xtask test lifecycle`) leaves it out.
             if args.is_empty() {
-                println!("\n==> the container image: `cargo xtask image`");
-                match image::build() {
-                    Ok(()) => passed += 1,
-                    Err(e) => {
-                        println!("image check FAILED: {e:#}");
-                        failed += 1;
+                let checks: [(&str, &str, Check); 2] = [
+                    (
+                        "the container image: `cargo xtask image`",
+                        "image",
+                        image::build,
+                    ),
+                    (
+                        "the DaemonSet on a real kubelet: `cargo xtask cluster check`",
+                        "cluster",
+                        || cluster_check::run(false),
+                    ),
+                ];
+                for (what, name, check) in checks {
+                    println!("\n==> {what}");
+                    match check() {
+                        Ok(()) => passed += 1,
+                        Err(e) => {
+                            println!("{name} check FAILED: {e:#}");
+                            failed += 1;
+                        }
                     }
                 }
             }
@@ -155,6 +184,14 @@ fn main() -> anyhow::Result<()> {
             setup::ensure()?;
             build()?;
             image::build()
+        }
+        Task::Cluster { action, keep } => {
+            setup::ensure()?;
+            match action.as_str() {
+                "up" => cluster::up(),
+                "down" => cluster::down(),
+                _ => cluster_check::run(keep),
+            }
         }
         Task::Lint => {
             setup::ensure()?;

@@ -294,7 +294,7 @@ struct Pipeline {
     follower_stop: watch::Sender<bool>,
     readers: Option<JoinHandle<std::io::Result<()>>>,
     correlation: Option<JoinHandle<()>>,
-    correlation_stop: Option<oneshot::Sender<Flush>>,
+    correlation_stop: Option<oneshot::Sender<(Flush, u64)>>,
     exporter: Option<JoinHandle<()>>,
     ended: mpsc::UnboundedReceiver<Ended>,
 }
@@ -363,11 +363,6 @@ impl Pipeline {
             info!("adopted {adopted} pinned flow entries from the previous agent");
         }
         attach(&mut hooks, &targets, drop_cfg.is_some())?;
-        if adopted > 0 {
-            // Their records say when nobody counted: from the previous agent's stop (or its
-            // last packet, after a crash) until now, when ours are attached.
-            correlation.mark_gap(stopped, Clock::mono_now());
-        }
         hooks.attach_filter(&mut filter_status);
         correlation
             .corr
@@ -383,6 +378,12 @@ impl Pipeline {
         };
         let first = follower.sync();
         correlation.set_interfaces(&first);
+        if adopted > 0 {
+            // Their records say when nobody counted: from the previous agent's stop (or its
+            // last packet, after a crash) until now, when the last of ours (the pods'
+            // interfaces, found by the first sync) is attached.
+            correlation.mark_gap(stopped, Clock::mono_now());
+        }
         info!(
             "ready: uplinks {:?}; pod interfaces ({}): {:?}",
             targets.uplinks,
@@ -484,6 +485,8 @@ impl Pipeline {
     /// Detach first (so the last read counts every packet the programs saw), then let
     /// correlation write what it holds, then let the writer finish the log.
     async fn stop(mut self, flush: Flush) {
+        // Taken before the first program is detached: the next agent's gap starts here.
+        let detaching = Clock::mono_now();
         let _ = self.follower_stop.send(true);
         if let Some(f) = self.follower.take() {
             match f.await {
@@ -495,7 +498,7 @@ impl Pipeline {
         let asked = self
             .correlation_stop
             .take()
-            .is_some_and(|s| s.send(flush).is_ok());
+            .is_some_and(|s| s.send((flush, detaching)).is_ok());
         if !asked {
             warn!(
                 "correlation had stopped: open flows were not written (pinned counters stay for the next agent)"

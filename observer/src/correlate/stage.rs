@@ -46,7 +46,8 @@ pub struct Wires {
     pub ifaces: watch::Receiver<Interfaces>,
     pub out: mpsc::Sender<Vec<FlowRecord>>,
     /// How to end: sent once by the agent when it stops.
-    pub stop: oneshot::Receiver<Flush>,
+    /// How to flush, and when detaching began (monotonic ns): where the next agent's gap starts.
+    pub stop: oneshot::Receiver<(Flush, u64)>,
 }
 
 impl<S: FlowSource> Stage<S> {
@@ -227,9 +228,9 @@ impl<S: FlowSource> Stage<S> {
     pub async fn run(mut self, mut w: Wires) {
         let mut poll = interval(self.poll_every);
         poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let flush = loop {
+        let (flush, detached_ns) = loop {
             tokio::select! {
-                flush = &mut w.stop => break flush.unwrap_or(Flush::All),
+                stop = &mut w.stop => break stop.unwrap_or((Flush::All, Clock::mono_now())),
                 Some(ev) = w.events.recv() => self.on_event(ev),
                 Ok(()) = w.ifaces.changed() => {
                     let i = w.ifaces.borrow_and_update().clone();
@@ -246,9 +247,9 @@ impl<S: FlowSource> Stage<S> {
         }
         let batch = self.poll(flush);
         if flush == Flush::Checkpoint {
-            // The programs are detached by now (the pipeline stops them first): from here on
-            // nothing counts until the next agent attaches.
-            self.source.put_stop_mark(Clock::mono_now());
+            // The programs were detached from `detached_ns` on (the pipeline stops them first):
+            // from then nothing counts until the next agent attaches.
+            self.source.put_stop_mark(detached_ns);
         }
         self.hand_over(&w.out, batch).await;
     }
@@ -388,7 +389,7 @@ mod tests {
             "an active UDP exchange has no record before its idle timeout"
         );
 
-        stop_tx.send(Flush::All).unwrap();
+        stop_tx.send((Flush::All, Clock::mono_now())).unwrap();
         let batch = batches.recv().await.expect("the last batch");
         assert_eq!(batch.len(), 1, "{batch:#?}");
         let r = &batch[0];

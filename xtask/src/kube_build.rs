@@ -1,13 +1,15 @@
-//! A real kube-apiserver for the tests: no registry ships one, so it is built once from Debian's
-//! `kubernetes` source package (1.20.2, full upstream tree with vendor/) with Debian's Go 1.19,
-//! offline (`make WHAT=cmd/kube-apiserver`: plain `go build` lacks the generated openapi code;
-//! kubernetes/build/README.md), and cached. About 7 minutes on 2 cores the first time.
+//! Real Kubernetes components for the tests: no registry ships them, so they are built once from
+//! Debian's `kubernetes` source package (1.20.2, full upstream tree with vendor/) with Debian's
+//! Go 1.19, offline (`make WHAT=cmd/...`: plain `go build` lacks the generated openapi code;
+//! kubernetes/build/README.md), and cached: kube-apiserver for the API tests, and the
+//! controller-manager, scheduler, kubelet and kube-proxy for the one-node cluster
+//! (`cargo xtask cluster`). About 9 minutes on 2 cores the first time.
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context as _, bail};
 
-use integration_test::kube::{CACHE, VERSION, binary};
+use integration_test::kube::{CACHE, COMPONENTS, VERSION, component};
 
 pub fn ensure() -> anyhow::Result<()> {
     crate::setup::ensure_packages(&[
@@ -18,11 +20,12 @@ pub fn ensure() -> anyhow::Result<()> {
         "dpkg-dev",
         "openssl",
     ])?;
-    if binary().exists() {
+    if COMPONENTS.iter().all(|c| component(c).exists()) {
         return Ok(());
     }
     println!(
-        "==> building kube-apiserver {VERSION} from Debian's kubernetes source package (about 7 min, once; cached in {CACHE})"
+        "==> building {} {VERSION} from Debian's kubernetes source package (about 9 min, once; cached in {CACHE})",
+        COMPONENTS.join(", ")
     );
     let work = PathBuf::from(CACHE).join("k8s-src");
     std::fs::create_dir_all(work.join("apt/lists/partial"))?;
@@ -81,13 +84,22 @@ pub fn ensure() -> anyhow::Result<()> {
             .env("KUBE_GIT_MAJOR", "1")
             .env("KUBE_GIT_MINOR", "20")
             .env("KUBE_GIT_TREE_STATE", "archive")
-            .arg("WHAT=cmd/kube-apiserver"),
+            .arg(format!(
+                "WHAT={}",
+                COMPONENTS
+                    .iter()
+                    .map(|c| format!("cmd/{c}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )),
     )?;
-    let built = src.join("_output/bin/kube-apiserver");
-    if !built.exists() {
-        bail!("make finished but {} is missing", built.display());
+    for c in COMPONENTS {
+        let built = src.join("_output/bin").join(c);
+        if !built.exists() {
+            bail!("make finished but {} is missing", built.display());
+        }
+        std::fs::copy(&built, component(c))?;
     }
-    std::fs::copy(&built, binary())?;
     Ok(())
 }
 
