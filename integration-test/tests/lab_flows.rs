@@ -381,6 +381,33 @@ fn ipv6_service() {
     }
 }
 
+/// The agent hears of a new pod's veth from rtnetlink, not at its next scan: a pod that connects
+/// the moment it exists has its first packet (the SYN) counted on its veth, every packet the
+/// filter hook counted.
+#[test]
+fn a_new_pods_first_packets_are_seen_on_its_veth() {
+    let lab = lab_with_agents("first", "1s");
+    let veth = add_pod(&lab, "first", "node-a", "10.244.1.79");
+    assert!(curl_web(&lab, "first", 5).status.success());
+    let a = lab
+        .wait_records("node-a", WAIT, |rs| {
+            rs.iter()
+                .any(|r| r["pre_dnat"]["src"] == "10.244.1.79" && r["final"] == true)
+        })
+        .unwrap();
+    let r = find(&a, |r| {
+        r["pre_dnat"]["src"] == "10.244.1.79" && r["final"] == true
+    })[0];
+    let pod = hop(r, "pod_ingress", "orig").expect("seen entering from the pod");
+    assert_eq!(pod["iface"], veth.as_str());
+    assert!(
+        pod["tcp_flags"].as_str().is_some_and(|f| f.contains("SYN")),
+        "the SYN was missed on the new veth: {r:#}"
+    );
+    let filter = hop(r, "filter_forward", "orig").expect("the filter hook's count");
+    assert_eq!(pod["packets"], filter["packets"], "{r:#}");
+}
+
 #[test]
 fn pod_created_after_the_agent_started_is_observed_and_forgotten_when_gone() {
     let lab = lab_with_agents("late", "2s");

@@ -70,8 +70,9 @@ pub struct AgentArgs {
     /// Pods' host-side interfaces: `auto` (default), every veth whose peer is in another network
     /// namespace, whatever the CNI names it (Calico `cali*`, Cilium `lxc*`, GKE `gke*`, AWS
     /// `eni*`, bridge CNIs' `veth*`); or a glob such as `cali*` to narrow it. Uplinks are
-    /// excluded. Checked every second, so pods created later are picked up and deleted ones
-    /// forgotten; the agent says at start which it found.
+    /// excluded. Looked for again when rtnetlink announces a link change (and every second), so
+    /// a new pod's veth is attached before its first packets and a deleted one forgotten; the
+    /// agent says at start which it found.
     #[arg(long, env = "OBSERVER_POD_IFACE", default_value = "auto")]
     pub pod_iface: String,
 

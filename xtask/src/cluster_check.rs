@@ -73,7 +73,7 @@ spec:
     command: ["/bin/sh", "-c", "while true; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 443; sleep 1; done"]
 ---
 # One connection of {STREAM_LINES} lines, one each 100 ms, through a rolling update of the agent;
-# 3 s after the pod starts, when the agent has attached to its new veth (it looks each second).
+# 3 s after the pod starts, so the count is about the handover alone.
 apiVersion: v1
 kind: Pod
 metadata: {{name: streamer, namespace: shop, labels: {{app: streamer}}}}
@@ -182,6 +182,17 @@ fn check_confinement(pid: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The names under /run/netns.
+fn named_netns() -> BTreeSet<String> {
+    std::fs::read_dir("/run/netns")
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Up, check, down (with `keep`, left up if the check fails).
 pub fn run(keep: bool) -> anyhow::Result<()> {
     if !crate::image::exists(crate::image::IMAGE) {
@@ -190,6 +201,7 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
             crate::image::IMAGE
         );
     }
+    let netns_before = named_netns();
     cluster::up()?;
     let res = check();
     if res.is_err() {
@@ -205,7 +217,14 @@ pub fn run(keep: bool) -> anyhow::Result<()> {
         println!("the cluster is left up: `cargo xtask cluster down` removes it");
         return res;
     }
-    let cleaned = cluster::down();
+    let cleaned = cluster::down().and_then(|()| {
+        let left: Vec<_> = named_netns().difference(&netns_before).cloned().collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            bail!("network namespaces left in /run/netns: {left:?}")
+        }
+    });
     res.and(cleaned)
 }
 

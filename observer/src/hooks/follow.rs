@@ -1,5 +1,5 @@
-//! The interface follower: every second, attach to pod veths that appeared and forget the ones
-//! that went away, and tell correlation each interface's name and which IPs are this node's pods.
+//! The interface follower: when rtnetlink announces a link change (and every second), attach to
+//! pod veths that appeared and forget the ones that went away, and tell correlation each interface's name and which IPs are this node's pods.
 //! It owns the [`Hooks`]; when it stops (or its task is dropped, on any exit path), the hooks go
 //! with it and detach.
 
@@ -169,7 +169,8 @@ impl Follower {
         }
     }
 
-    /// Scan every second until told to stop; hand the hooks back for an orderly detach.
+    /// Scan when rtnetlink announces a link change, and every second in any case, until told to
+    /// stop; hand the hooks back for an orderly detach.
     pub async fn run(
         mut self,
         tx: watch::Sender<Interfaces>,
@@ -177,18 +178,34 @@ impl Follower {
     ) -> Hooks {
         let mut tick = interval(EVERY);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut events = netlink::LinkEvents::subscribe()
+            .inspect_err(|e| {
+                warn!("no link notifications ({e}): pod interfaces are looked for each second only")
+            })
+            .ok();
         loop {
+            let announced = async {
+                match &events {
+                    Some(ev) => ev.changed().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tick.tick() => {
-                    let now = self.sync();
-                    tx.send_if_modified(|old| {
-                        let changed = *old != now;
-                        *old = now;
-                        changed
-                    });
+                _ = tick.tick() => {}
+                r = announced => {
+                    if let Err(e) = r {
+                        warn!("link notifications failed ({e}): pod interfaces are looked for each second only");
+                        events = None;
+                    }
                 }
                 _ = stop.changed() => return self.hooks,
             }
+            let now = self.sync();
+            tx.send_if_modified(|old| {
+                let changed = *old != now;
+                *old = now;
+                changed
+            });
         }
     }
 }

@@ -138,6 +138,87 @@ pub fn links() -> std::io::Result<Vec<Link>> {
     }
 }
 
+/// Link notifications (rtnetlink group RTMGRP_LINK) of this network namespace: a veth created or
+/// moved into a pod's namespace is announced at once, so the follower attaches to it before the
+/// pod's first packets instead of at its next scan.
+pub struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<OwnedFd>,
+}
+
+impl LinkEvents {
+    /// Subscribe; needs a tokio runtime.
+    pub fn subscribe() -> std::io::Result<LinkEvents> {
+        // SAFETY: plain socket(2); the fd is owned below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd we own.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: an all-zero sockaddr_nl is valid; its fields are set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as u16;
+        addr.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: binding our socket to an address we own, of its size.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as u32,
+            )
+        };
+        if bound < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the OwnedFd is a valid open socket that the AsyncFd owns from here on.
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(std::io::Error::from)?;
+        Ok(LinkEvents { fd })
+    }
+
+    /// Wait for at least one notification and take every one queued (their content does not
+    /// matter: the follower reads the whole table again). A queue that overflowed (ENOBUFS)
+    /// counts as a change too.
+    pub async fn changed(&self) -> std::io::Result<()> {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let mut ready = self.fd.readable().await?;
+            let mut got = false;
+            loop {
+                // SAFETY: receiving into our buffer on our socket.
+                let n = unsafe {
+                    libc::recv(
+                        self.fd.get_ref().as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        0,
+                    )
+                };
+                if n >= 0 {
+                    got = true;
+                    continue;
+                }
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::ENOBUFS) => got = true,
+                    Some(libc::EINTR) => {}
+                    _ => return Err(e),
+                }
+            }
+            ready.clear_ready();
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
