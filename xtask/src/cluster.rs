@@ -45,9 +45,12 @@ const PACKAGES: &[&str] = &[
     "conntrack",
     "openssl",
     "bpftool",
+    "prometheus",
+    "curl",
 ];
 
-fn state(f: &str) -> PathBuf {
+/// A file of the cluster's state directory.
+pub fn state(f: &str) -> PathBuf {
     Path::new(STATE).join(f)
 }
 

@@ -12,6 +12,9 @@ use serde_json::Value;
 
 use crate::cluster::{self, BUSYBOX, NODE_IP, NS, kubectl, wait_for};
 
+/// What the headless metrics Service is called in cluster DNS (deploy/prometheus/scrape.yml).
+const METRICS_NAME: &str = "observer-metrics.observer.svc.cluster.local";
+
 /// Lines the streamer sends, one each 100 ms: long enough for a rolling update in between.
 const STREAM_LINES: u32 = 400;
 
@@ -353,6 +356,7 @@ fn check() -> anyhow::Result<()> {
         bail!("the agent's /metrics on the node IP answered no observer_ metrics");
     }
 
+    prometheus_scrapes()?;
     let links = rolling_update(&vip, &links)?;
 
     println!("==> kubectl delete -k deploy/base");
@@ -494,4 +498,84 @@ fn rolling_update(vip: &str, old_links: &BTreeSet<u64>) -> anyhow::Result<BTreeS
         truth - counted
     );
     Ok(links)
+}
+
+/// Debian's Prometheus with the shipped `deploy/prometheus/scrape.yml`, its resolver pointed at
+/// the stand-in cluster DNS, finds the agent through the headless Service and scrapes it.
+fn prometheus_scrapes() -> anyhow::Result<()> {
+    println!("==> Prometheus with deploy/prometheus/scrape.yml (cluster DNS: a stand-in)");
+    let ips = kubectl(
+        &[
+            "-n",
+            "observer",
+            "get",
+            "endpoints",
+            "observer-metrics",
+            "-o",
+            "jsonpath={.subsets[*].addresses[*].ip}",
+        ],
+        None,
+    )?;
+    let ips: Vec<std::net::Ipv4Addr> = ips
+        .split_whitespace()
+        .map(str::parse)
+        .collect::<Result<_, _>>()?;
+    if ips.is_empty() {
+        bail!("the headless Service observer-metrics has no endpoint");
+    }
+    let _dns = crate::cluster_dns::serve(NS, NODE_IP.parse()?, vec![(METRICS_NAME.into(), ips)])?;
+    let resolv = cluster::state("resolv.conf");
+    std::fs::write(&resolv, format!("nameserver {NODE_IP}\n"))?;
+    let config = crate::workspace_root().join("deploy/prometheus/scrape.yml");
+    let mut prometheus = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{NS}"))
+        .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /etc/resolv.conf && exec prometheus --config.file={} --storage.tsdb.path={} --web.listen-address=127.0.0.1:9090",
+            resolv.display(),
+            config.display(),
+            cluster::state("prometheus").display()
+        ))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(cluster::state("prometheus.log"))?)
+        .spawn()
+        .context("starting prometheus (Debian package prometheus)")?;
+    let query = |q: &str| -> Value {
+        let out = on_node(&[
+            "curl",
+            "-s",
+            "-G",
+            "--data-urlencode",
+            &format!("query={q}"),
+            "http://127.0.0.1:9090/api/v1/query",
+        ]);
+        serde_json::from_str::<Value>(&out).unwrap_or(Value::Null)["data"]["result"].clone()
+    };
+    // The shipped config scrapes every 30 s, the first time within one interval.
+    let res = wait_for(
+        "Prometheus scraping the agent",
+        100,
+        || {
+            query("up{job=\"observer\"}")
+                .as_array()
+                .is_some_and(|r| r.iter().any(|s| s["value"][1] == "1"))
+        },
+        || std::fs::read_to_string(cluster::state("prometheus.log")).unwrap_or_default(),
+    )
+    .and_then(|()| {
+        let series = query(&format!(
+            "observer_interfaces_attached{{job=\"observer\",service=\"{METRICS_NAME}\"}}"
+        ));
+        match series.as_array().map_or(0, Vec::len) {
+            0 => bail!("Prometheus has no observer_interfaces_attached from the agent"),
+            n => {
+                println!("    up{{job=\"observer\"}} = 1; {n} observer_interfaces_attached series, service={METRICS_NAME}");
+                Ok(())
+            }
+        }
+    });
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    res
 }

@@ -6,6 +6,7 @@
 mod bench;
 mod cluster;
 mod cluster_check;
+mod cluster_dns;
 mod demo;
 mod demo_lab;
 mod demo_node_ip;
