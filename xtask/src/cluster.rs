@@ -169,6 +169,32 @@ fn node_network() -> anyhow::Result<()> {
 }
 
 fn start_components() -> anyhow::Result<()> {
+    let pid = start_containerd()?;
+    images(pid)?;
+    start_control_plane(pid)?;
+    start_node(pid)
+}
+
+/// A file of the state directory as an argument.
+fn arg_path(f: &str) -> String {
+    s(&state(f))
+}
+
+/// Start a component in the node's namespaces, its stderr to `<name>.log`.
+fn start(pid: u32, name: &str, program: PathBuf, args: Vec<String>) -> anyhow::Result<()> {
+    on_node(pid, &program)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(name)?)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    Ok(())
+}
+
+/// containerd in the node's network namespace and a mount namespace of its own, which the other
+/// components join; its pid.
+fn start_containerd() -> anyhow::Result<u32> {
     let containerd = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{NS}"))
         .args(["unshare", "-m", "--propagation", "private", "sh", "-c"])
@@ -193,20 +219,14 @@ fn start_components() -> anyhow::Result<()> {
         || sock.exists(),
         || tail("containerd"),
     )?;
-    images(pid)?;
+    Ok(pid)
+}
 
-    let p = |f: &str| s(&state(f));
-    let start = |name: &str, program: PathBuf, args: Vec<String>| -> anyhow::Result<()> {
-        on_node(pid, &program)
-            .args(&args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file(name)?)
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(())
-    };
+/// etcd, kube-apiserver (waited for), kube-controller-manager, kube-scheduler.
+fn start_control_plane(pid: u32) -> anyhow::Result<()> {
+    let p = arg_path;
     start(
+        pid,
         "etcd",
         "etcd".into(),
         vec![
@@ -217,6 +237,7 @@ fn start_components() -> anyhow::Result<()> {
         ],
     )?;
     start(
+        pid,
         "kube-apiserver",
         component("kube-apiserver"),
         vec![
@@ -244,6 +265,7 @@ fn start_components() -> anyhow::Result<()> {
     )?;
     let kubeconfig = format!("--kubeconfig={}", p("kubeconfig"));
     start(
+        pid,
         "kube-controller-manager",
         component("kube-controller-manager"),
         vec![
@@ -257,16 +279,24 @@ fn start_components() -> anyhow::Result<()> {
         ],
     )?;
     start(
+        pid,
         "kube-scheduler",
         component("kube-scheduler"),
         vec![
-            kubeconfig.clone(),
+            kubeconfig,
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             "--port=0".into(),
         ],
-    )?;
+    )
+}
+
+/// kubelet and kube-proxy; waits for the node to be Ready.
+fn start_node(pid: u32) -> anyhow::Result<()> {
+    let p = arg_path;
+    let kubeconfig = format!("--kubeconfig={}", p("kubeconfig"));
     start(
+        pid,
         "kubelet",
         component("kubelet"),
         vec![
@@ -284,6 +314,7 @@ fn start_components() -> anyhow::Result<()> {
         ],
     )?;
     start(
+        pid,
         "kube-proxy",
         component("kube-proxy"),
         vec![
@@ -345,13 +376,6 @@ fn images(pid: u32) -> anyhow::Result<()> {
         dir.join("Containerfile.busybox"),
         "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nENTRYPOINT [\"/bin/sh\"]\n",
     )?;
-    let ctr = |args: &[&str]| {
-        let mut c = on_node(pid, Path::new("ctr"));
-        c.args(["-a", &s(&state("containerd.sock")), "-n", "k8s.io"])
-            .args(args)
-            .stdout(Stdio::null());
-        c
-    };
     let mut images = vec![(PAUSE, Some("pause")), (BUSYBOX, Some("busybox"))];
     if crate::image::exists(crate::image::IMAGE) {
         images.push((crate::image::IMAGE, None));
@@ -374,7 +398,7 @@ fn images(pid: u32) -> anyhow::Result<()> {
                 .arg(&tar)
                 .arg(image),
         )?;
-        crate::run(&mut ctr(&["images", "import", &s(&tar)]))?;
+        crate::run(&mut ctr(pid, &["images", "import", &s(&tar)]))?;
         std::fs::remove_file(&tar)?;
     }
     if crate::image::exists(crate::image::IMAGE) {
@@ -383,25 +407,28 @@ fn images(pid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `ctr` on the node's containerd, in the namespace the kubelet's images are in.
+fn ctr(pid: u32, args: &[&str]) -> Command {
+    let mut c = on_node(pid, Path::new("ctr"));
+    c.args(["-a", &s(&state("containerd.sock")), "-n", "k8s.io"])
+        .args(args)
+        .stdout(Stdio::null());
+    c
+}
+
 /// The observer image under another name in the node's containerd (a new tag to roll out).
 pub fn tag_agent_image(name: &str) -> anyhow::Result<()> {
     let pid: u32 = std::fs::read_to_string(state("containerd.pid"))?
         .trim()
         .parse()?;
-    let ctr = |args: &[&str]| {
-        let mut c = on_node(pid, Path::new("ctr"));
-        c.args(["-a", &s(&state("containerd.sock")), "-n", "k8s.io"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        c
-    };
-    let _ = ctr(&["images", "rm", name]).status();
-    crate::run(&mut ctr(&["images", "tag", crate::image::IMAGE, name]))
+    let _ = ctr(pid, &["images", "rm", name])
+        .stderr(Stdio::null())
+        .status();
+    crate::run(ctr(pid, &["images", "tag", crate::image::IMAGE, name]).stderr(Stdio::null()))
 }
 
 fn write_configs() -> anyhow::Result<()> {
-    let p = |f: &str| s(&state(f));
+    let p = arg_path;
     std::fs::write(
         state("kubeconfig"),
         integration_test::kube::kubeconfig(&format!("https://{NODE_IP}:6443"), Some(&p("ca.crt"))),

@@ -247,10 +247,40 @@ fn agent_rolled_out() -> anyhow::Result<i32> {
     cluster::node_process("observer").context("no agent process on the node")
 }
 
+/// The first of the agent's records `pred` accepts, waited for at most `secs`.
+fn wait_record(what: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+    let mut found = None;
+    wait_for(
+        what,
+        secs,
+        || {
+            found = agent_records().into_iter().find(|r| pred(r));
+            found.is_some()
+        },
+        || {
+            format!(
+                "records: {:#?}",
+                agent_records().iter().take(5).collect::<Vec<_>>()
+            )
+        },
+    )?;
+    Ok(found.expect("found"))
+}
+
 fn check() -> anyhow::Result<()> {
     let deploy = crate::workspace_root().join("deploy/base");
+    let deploy = deploy.to_string_lossy();
+    let links = deploy_agent(&deploy)?;
+    let vip = service_call_recorded()?;
+    prometheus_scrapes()?;
+    let links = rolling_update(&vip, &links)?;
+    delete_leaves_nothing(&deploy, &links)
+}
+
+/// `kubectl apply -k deploy/base`: the agent ready and confined; the BPF links it holds.
+fn deploy_agent(deploy: &str) -> anyhow::Result<BTreeSet<u64>> {
     println!("==> kubectl apply -k deploy/base");
-    kubectl(&["apply", "-k", &deploy.to_string_lossy()], None)?;
+    kubectl(&["apply", "-k", deploy], None)?;
     let pid = agent_rolled_out()?;
     check_confinement(pid)?;
     let links = agent_links(pid);
@@ -262,7 +292,12 @@ fn check() -> anyhow::Result<()> {
         "    the agent holds {} BPF links (tcx, cgroup, tracepoint)",
         links.len()
     );
+    Ok(links)
+}
 
+/// The backends, their Service and a client calling it: the agent's record names all three
+/// from the API, and its /metrics answers on the node IP. The Service's cluster IP.
+fn service_call_recorded() -> anyhow::Result<String> {
     println!("==> a Deployment (2 replicas on 8443), Service web 443 -> 8443, a client pod");
     kubectl(&["apply", "-f", "-"], Some(&app(None)))?;
     kubectl(
@@ -306,28 +341,13 @@ fn check() -> anyhow::Result<()> {
     .collect();
     kubectl(&["apply", "-f", "-"], Some(&app(Some(&vip))))?;
 
-    let mut found = None;
-    wait_for(
-        "the agent's record of client -> web",
-        120,
-        || {
-            found = agent_records().into_iter().find(|r| {
-                r["final"] == true
-                    && r["pre_dnat"]["dst"] == vip.as_str()
-                    && r["pre_dnat"]["dport"] == 443
-                    && r["post_dnat"]["dport"] == 8443
-                    && r["src_pod"]["name"] == "client"
-            });
-            found.is_some()
-        },
-        || {
-            format!(
-                "records: {:#?}",
-                agent_records().iter().take(5).collect::<Vec<_>>()
-            )
-        },
-    )?;
-    let r = found.expect("found");
+    let r = wait_record("the agent's record of client -> web", 120, |r| {
+        r["final"] == true
+            && r["pre_dnat"]["dst"] == vip.as_str()
+            && r["pre_dnat"]["dport"] == 443
+            && r["post_dnat"]["dport"] == 8443
+            && r["src_pod"]["name"] == "client"
+    })?;
     let backend = r["dst_pod"]["name"].as_str().unwrap_or_default();
     if r["src_pod"]["namespace"] != "shop"
         || r["service"]["name"] != "web"
@@ -355,22 +375,20 @@ fn check() -> anyhow::Result<()> {
     if !metrics.contains("observer_flows") {
         bail!("the agent's /metrics on the node IP answered no observer_ metrics");
     }
+    Ok(vip)
+}
 
-    prometheus_scrapes()?;
-    let links = rolling_update(&vip, &links)?;
-
+/// `kubectl delete -k deploy/base`: the agent gone and none of `links` left in the kernel.
+fn delete_leaves_nothing(deploy: &str, links: &BTreeSet<u64>) -> anyhow::Result<()> {
     println!("==> kubectl delete -k deploy/base");
-    kubectl(
-        &["delete", "-k", &deploy.to_string_lossy(), "--wait=true"],
-        None,
-    )?;
+    kubectl(&["delete", "-k", deploy, "--wait=true"], None)?;
     wait_for(
         "the agent's process gone",
         60,
         || cluster::node_process("observer").is_none(),
         String::new,
     )?;
-    let left: Vec<_> = live_links()?.intersection(&links).copied().collect();
+    let left: Vec<_> = live_links()?.intersection(links).copied().collect();
     if !left.is_empty() {
         bail!("links left attached after the DaemonSet was deleted: {left:?}");
     }
@@ -462,22 +480,16 @@ fn rolling_update(vip: &str, old_links: &BTreeSet<u64>) -> anyhow::Result<BTreeS
     if let Some(l) = old_links.intersection(&live).next() {
         bail!("the old agent's link {l} is still attached after the rolling update");
     }
-    let mut found = None;
-    wait_for(
+    let r = wait_record(
         "the new agent's final record of the streamer's connection",
         90,
-        || {
-            found = agent_records().into_iter().find(|r| {
-                r["final"] == true
-                    && r["pre_dnat"]["dst"] == vip
-                    && r["pre_dnat"]["dport"] == 9000
-                    && r["src_pod"]["name"] == "streamer"
-            });
-            found.is_some()
+        |r| {
+            r["final"] == true
+                && r["pre_dnat"]["dst"] == vip
+                && r["pre_dnat"]["dport"] == 9000
+                && r["src_pod"]["name"] == "streamer"
         },
-        String::new,
     )?;
-    let r = found.expect("found");
     let counted = hop_packets(&r, "pod_ingress", "orig");
     let sport = r["pre_dnat"]["sport"].as_u64().unwrap_or(0);
     let truth = conntrack_packets(sport).context("conntrack has no ended entry of the streamer")?;

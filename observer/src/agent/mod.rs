@@ -299,6 +299,40 @@ struct Pipeline {
     ended: mpsc::UnboundedReceiver<Ended>,
 }
 
+/// What the kernel's BTF tells the drop tracer, the conntrack reads and the netfilter programs;
+/// each one without its offsets (or turned off by a flag) is off, and the log says why.
+fn kernel_offsets(
+    args: &AgentArgs,
+) -> (
+    Option<DropConfig>,
+    Option<NatOffsets>,
+    Option<FilterOffsets>,
+) {
+    let drop_cfg = DropConfig::from_kernel()
+        .inspect_err(|e| warn!("drop tracing is off: {e}"))
+        .ok();
+    let nat = if args.no_nat_state {
+        info!(
+            "--no-nat-state: conntrack entries are not read; pre/post-NAT pairs are joined by client endpoint only, and records say so"
+        );
+        None
+    } else {
+        NatOffsets::from_kernel()
+            .inspect_err(|e| {
+                warn!("no conntrack offsets ({e}): pre/post-NAT pairs are joined by client endpoint only, and records say so")
+            })
+            .ok()
+    };
+    let filter = if args.no_filter_hook {
+        None
+    } else {
+        FilterOffsets::from_kernel()
+            .inspect_err(|e| warn!("no offsets for the netfilter programs: {e}"))
+            .ok()
+    };
+    (drop_cfg, nat, filter)
+}
+
 impl Pipeline {
     /// Load, adopt pinned counters, attach, and start every stage.
     fn start(
@@ -309,28 +343,7 @@ impl Pipeline {
         exporter: Exporter,
         flow_log: FlowLog,
     ) -> Result<(Pipeline, String), AgentError> {
-        let drop_cfg = DropConfig::from_kernel()
-            .inspect_err(|e| warn!("drop tracing is off: {e}"))
-            .ok();
-        let nat = if args.no_nat_state {
-            info!(
-                "--no-nat-state: conntrack entries are not read; pre/post-NAT pairs are joined by client endpoint only, and records say so"
-            );
-            None
-        } else {
-            NatOffsets::from_kernel()
-                .inspect_err(|e| {
-                    warn!("no conntrack offsets ({e}): pre/post-NAT pairs are joined by client endpoint only, and records say so")
-                })
-                .ok()
-        };
-        let filter = if args.no_filter_hook {
-            None
-        } else {
-            FilterOffsets::from_kernel()
-                .inspect_err(|e| warn!("no offsets for the netfilter programs: {e}"))
-                .ok()
-        };
+        let (drop_cfg, nat, filter) = kernel_offsets(args);
         let (mut hooks, maps, mut filter_status) = Hooks::load(
             args.max_flows,
             args.tc_mode,
