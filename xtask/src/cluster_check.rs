@@ -16,7 +16,7 @@ use crate::cluster::{self, BUSYBOX, NODE_IP, NS, kubectl, wait_for};
 const METRICS_NAME: &str = "observer-metrics.observer.svc.cluster.local";
 
 /// Lines the streamer sends, one each 100 ms: long enough for a rolling update in between.
-const STREAM_LINES: u32 = 400;
+const STREAM_LINES: u32 = 600;
 
 /// CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF (linux/capability.h): the DaemonSet's `add`.
 const AGENT_CAPS: u64 = (1 << 12) | (1 << 38) | (1 << 39);
@@ -74,8 +74,16 @@ spec:
     image: {BUSYBOX}
     imagePullPolicy: Never
     command: ["/bin/sh", "-c", "while true; do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {ip} 443; sleep 1; done"]
----
-# One connection of {STREAM_LINES} lines, one each 100 ms, through a rolling update of the agent;
+"#
+        ),
+    }
+}
+
+/// One connection of [`STREAM_LINES`] lines to the Service's sink, started when it is applied
+/// (not with the client: a slow Prometheus check before the update must not outlast it).
+fn streamer(ip: &str) -> String {
+    format!(
+        r#"# One connection of {STREAM_LINES} lines, one each 100 ms, through a rolling update of the agent;
 # 3 s after the pod starts, so the count is about the handover alone.
 apiVersion: v1
 kind: Pod
@@ -87,8 +95,7 @@ spec:
     imagePullPolicy: Never
     command: ["/bin/sh", "-c", "sleep 3; i=0; while [ $i -lt {STREAM_LINES} ]; do echo $i; sleep 0.1; i=$((i+1)); done | nc {ip} 9000; sleep 3600"]
 "#
-        ),
-    }
+    )
 }
 
 /// The agent's record lines so far (its flow log is stdout: `kubectl logs`).
@@ -449,8 +456,9 @@ fn seconds_between(from: &Value, to: &Value) -> anyhow::Result<f64> {
 /// but those of the gap it reports. The old agent's links are gone; the new agent's are
 /// returned.
 fn rolling_update(vip: &str, old_links: &BTreeSet<u64>) -> anyhow::Result<BTreeSet<u64>> {
-    println!("==> a rolling update of the DaemonSet (observer:dev2) during a 40-s connection");
+    println!("==> a rolling update of the DaemonSet (observer:dev2) during a 60-s connection");
     let old_pid = cluster::node_process("observer").context("no agent")?;
+    kubectl(&["apply", "-f", "-"], Some(&streamer(vip)))?;
     wait_for(
         "the streamer's connection established",
         60,
@@ -482,7 +490,7 @@ fn rolling_update(vip: &str, old_links: &BTreeSet<u64>) -> anyhow::Result<BTreeS
     }
     let r = wait_record(
         "the new agent's final record of the streamer's connection",
-        90,
+        120,
         |r| {
             r["final"] == true
                 && r["pre_dnat"]["dst"] == vip
