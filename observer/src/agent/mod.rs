@@ -362,11 +362,7 @@ impl Pipeline {
         } = maps;
         let mut correlation = Stage::new(
             Correlator::new(correlation_config(args), Clock::new()),
-            KernelFlows {
-                flows,
-                stats,
-                ct_orig,
-            },
+            KernelFlows::new(flows, stats, ct_orig),
             metrics.clone(),
             args.poll_interval,
         );

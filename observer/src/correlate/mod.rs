@@ -223,6 +223,7 @@ impl Correlator {
         self.obs.values().map(|o| o.c.last_ns).max().unwrap_or(0)
     }
 
+    #[cfg(test)]
     pub fn known_keys(&self) -> impl Iterator<Item = &FlowKey> {
         self.obs.keys()
     }

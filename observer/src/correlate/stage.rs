@@ -2,11 +2,7 @@
 //! the flow map on its own clock (every `--poll-interval`), so that reading a key's counters and
 //! deleting a finished key happen in one order: a key is never read again after its final record.
 
-use std::{
-    collections::HashSet,
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use log::{debug, warn};
 use observer_common::{FLOW_EVENT_NEW, FlowKey, Point, STATS_LEN, Stat};
@@ -15,7 +11,7 @@ use tokio::{
     time::{MissedTickBehavior, interval},
 };
 
-use super::{Correlator, Counters, Flush, tuple::proto_name};
+use super::{Correlator, Flush, tuple::proto_name};
 use crate::{
     clock::Clock,
     export::metrics::Metrics,
@@ -24,18 +20,12 @@ use crate::{
     record::FlowRecord,
 };
 
-/// Full map scans (for keys whose "new flow" event was lost) happen this often at most.
-const RESCAN_EVERY: Duration = Duration::from_secs(10);
-
 pub struct Stage<S: FlowSource> {
     pub corr: Correlator,
     pub source: S,
     pub metrics: Arc<Metrics>,
     pub poll_every: Duration,
-    /// Keys announced by the kernel (or a rescan) and not yet read.
-    pending: HashSet<FlowKey>,
     stats: [u64; STATS_LEN as usize],
-    last_rescan: Instant,
     /// When the kernel's STATS were last read.
     last_poll_ns: u64,
 }
@@ -57,9 +47,7 @@ impl<S: FlowSource> Stage<S> {
             source,
             metrics,
             poll_every,
-            pending: HashSet::new(),
             stats: [0; STATS_LEN as usize],
-            last_rescan: Instant::now(),
             last_poll_ns: Clock::mono_now(),
         }
     }
@@ -104,7 +92,6 @@ impl<S: FlowSource> Stage<S> {
                 if f.kind == FLOW_EVENT_NEW {
                     debug!("new flow key {:?}", f.key);
                 }
-                self.pending.insert(f.key);
             }
             KernelEvent::Socket(s) => self.corr.add_socket(&s, now),
             KernelEvent::Drop {
@@ -124,20 +111,14 @@ impl<S: FlowSource> Stage<S> {
 
     /// Read the kernel's counters and STATS, and build the records `flush` asks for.
     pub fn poll(&mut self, flush: Flush) -> Vec<FlowRecord> {
-        let lost_before = self.stats[Stat::FlowEventsLost as usize];
         let full_before = self.stats[Stat::FlowMapFull as usize];
         self.read_stats();
-        let lost = self.stats[Stat::FlowEventsLost as usize] != lost_before;
         let now = Clock::mono_now();
         if self.stats[Stat::FlowMapFull as usize] != full_before {
             // Some key of a connection active in this interval may be missing from its record.
             self.corr.note_map_full(self.last_poll_ns, now);
         }
         self.last_poll_ns = now;
-        if flush != Flush::Due || lost || self.last_rescan.elapsed() >= RESCAN_EVERY {
-            self.last_rescan = Instant::now();
-            self.pending.extend(self.source.keys());
-        }
         self.read_counters();
         self.collect(flush)
     }
@@ -154,44 +135,50 @@ impl<S: FlowSource> Stage<S> {
     }
 
     fn read_counters(&mut self) {
-        let mut keys: HashSet<FlowKey> = self
-            .corr
-            .known_keys()
-            .copied()
-            .chain(self.pending.drain())
-            .collect();
-        // What came out of the filter table is not announced (half the filter events): read it
-        // with the key of what went in, until it is found.
-        let twins: Vec<FlowKey> = keys
+        // The whole map in a few syscalls: announced keys, the filter table's unannounced
+        // "passed" twins and keys whose event was lost alike.
+        let mut entries = self.source.entries();
+        // A reused 4-tuple: the kernel moves the old connection's counters to a retired key
+        // and starts the live key again. The walk goes bucket by bucket, so it may have read
+        // the live key before the move and the retired one after it (the old counters twice):
+        // read each live twin again now, after its retired key, as a read key by key did.
+        let twins: super::HashSet<FlowKey> = entries
             .iter()
-            .filter_map(passed_twin)
-            .filter(|t| !keys.contains(t))
+            .filter(|(k, _)| k.retired != 0)
+            .map(|(k, _)| FlowKey { retired: 0, ..*k })
             .collect();
-        keys.extend(twins);
+        if !twins.is_empty() {
+            entries.retain(|(k, _)| !twins.contains(k));
+            entries.extend(
+                twins
+                    .into_iter()
+                    .filter_map(|k| Some((k, self.source.counters(&k)?))),
+            );
+        }
         // Retired keys first, oldest first: each takes over what was read of its live twin
         // (Correlator::observe).
-        let (retired, live): (Vec<FlowKey>, Vec<FlowKey>) =
-            keys.into_iter().partition(|k| k.retired != 0);
-        let mut retired: Vec<(FlowKey, Counters)> = retired
-            .into_iter()
-            .filter_map(|k| Some((k, self.source.counters(&k)?)))
-            .collect();
-        retired.sort_by_key(|(_, c)| c.first_ns);
-        let live = live
-            .into_iter()
-            .filter_map(|k| Some((k, self.source.counters(&k)?)));
-        for (key, c) in retired.into_iter().chain(live) {
+        entries.sort_unstable_by_key(|(k, c)| {
+            (k.retired == 0, if k.retired != 0 { c.first_ns } else { 0 })
+        });
+        // Summed per label set first: one metric lookup per point and protocol, not per key.
+        let mut added: super::HashMap<(Point, u8), super::Delta> = Default::default();
+        for (key, c) in entries {
             if let Some((point, d)) = self.corr.observe(key, c) {
-                let labels = [point.as_str(), &proto_name(key.proto)];
-                self.metrics
-                    .packets
-                    .with_label_values(&labels)
-                    .inc_by(d.packets);
-                self.metrics
-                    .bytes
-                    .with_label_values(&labels)
-                    .inc_by(d.bytes);
+                let sum = added.entry((point, key.proto)).or_default();
+                sum.packets += d.packets;
+                sum.bytes += d.bytes;
             }
+        }
+        for ((point, proto), d) in added {
+            let labels = [point.as_str(), &proto_name(proto)];
+            self.metrics
+                .packets
+                .with_label_values(&labels)
+                .inc_by(d.packets);
+            self.metrics
+                .bytes
+                .with_label_values(&labels)
+                .inc_by(d.bytes);
         }
         for key in self.corr.wants_ct() {
             let ct = self.source.ct_orig(&key);
@@ -214,12 +201,8 @@ impl<S: FlowSource> Stage<S> {
             .with_label_values(&["drop"])
             .inc_by(refused.drops);
         m.socket_events_unmatched.inc_by(out.sockets_unmatched);
-        for key in &out.finished {
-            if let Err(e) = self.source.remove(key) {
-                debug!("removing finished flow: {e}");
-                m.map_delete_errors.inc();
-            }
-        }
+        m.map_delete_errors
+            .inc_by(self.source.remove_all(&out.finished));
         out.records
     }
 
@@ -265,15 +248,6 @@ impl<S: FlowSource> Stage<S> {
                 .inc_by(n);
         }
     }
-}
-
-/// The key just after the filter table of a key just before it.
-fn passed_twin(k: &FlowKey) -> Option<FlowKey> {
-    let passed = Point::from_u8(k.point)?.filter_passed()?;
-    Some(FlowKey {
-        point: passed as u8,
-        ..*k
-    })
 }
 
 #[cfg(test)]
@@ -429,9 +403,10 @@ mod tests {
     /// The kernel announces what went into the filter table, not what came out: the stage reads
     /// the latter with the former.
     #[test]
-    fn a_passed_filter_key_is_read_with_its_announced_twin() {
+    fn every_key_in_the_map_is_read_announced_or_not() {
         let tcp = observer_common::IPPROTO_TCP;
         let t = ("10.244.1.10", 40000, "10.244.2.10", 8443);
+        // The filter table's "passed" key is never announced; an event of the other was lost.
         let before = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForward, 3);
         let passed = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForwardPassed, 3);
         let flows = FakeFlows::default();
@@ -444,10 +419,8 @@ mod tests {
         }
         let metrics = Arc::new(Metrics::new("node-a"));
         let mut stage = Stage::new(correlator(), flows, metrics, Duration::from_millis(20));
-        stage.pending.insert(before);
-        stage.last_rescan = Instant::now();
         stage.read_counters();
-        let known: HashSet<FlowKey> = stage.corr.known_keys().copied().collect();
+        let known: std::collections::HashSet<FlowKey> = stage.corr.known_keys().copied().collect();
         assert!(
             known.contains(&before) && known.contains(&passed),
             "{known:?}"

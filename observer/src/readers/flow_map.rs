@@ -1,9 +1,14 @@
 //! The flow map and the kernel's STATS, read on correlation's clock. Behind [`FlowSource`], so
 //! correlation can be driven by synthetic counters in tests.
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues};
-use observer_common::{CtOrig, FlowCounters, FlowKey, STATS_LEN, Stat};
+use std::os::fd::AsFd as _;
 
+use aya::maps::{
+    HashMap, IterableMap as _, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
+use observer_common::{CtOrig, FlowCounters, FlowKey, Point, STATS_LEN, Stat};
+
+use super::batch::{self, LookupBuf};
 use crate::correlate::Counters;
 
 /// Where correlation reads counters from.
@@ -26,23 +31,95 @@ pub trait FlowSource: Send + 'static {
     fn take_stop_mark(&mut self) -> Option<u64> {
         None
     }
-    /// Every entry with its counters (adoption of a pinned map).
-    fn entries(&self) -> Vec<(FlowKey, Counters)> {
+    /// Every entry with its counters: what a poll reads, and what an agent adopts from a
+    /// pinned map.
+    fn entries(&mut self) -> Vec<(FlowKey, Counters)> {
         self.keys()
             .into_iter()
             .filter_map(|k| Some((k, self.counters(&k)?)))
             .collect()
     }
+    /// Forget finished keys; returns how many could not be removed (keys already gone are no
+    /// error).
+    fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
+        keys.iter().filter(|k| self.remove(k).is_err()).count() as u64
+    }
 }
 
 /// The kernel's FLOWS and STATS maps.
 pub struct KernelFlows {
-    pub flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
-    pub stats: PerCpuArray<MapData, u64>,
-    pub ct_orig: HashMap<MapData, FlowKey, CtOrig>,
+    flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+    stats: PerCpuArray<MapData, u64>,
+    ct_orig: HashMap<MapData, FlowKey, CtOrig>,
+    /// Possible CPUs: the number of values of a per-CPU entry.
+    cpus: usize,
+    buf: LookupBuf<FlowKey, FlowCounters>,
+    /// Batch operations work on this kernel (until one fails with something else than a
+    /// missing key: then one syscall per key, as before Linux 5.6).
+    batch: bool,
+}
+
+impl KernelFlows {
+    pub fn new(
+        flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
+        stats: PerCpuArray<MapData, u64>,
+        ct_orig: HashMap<MapData, FlowKey, CtOrig>,
+    ) -> Self {
+        KernelFlows {
+            flows,
+            stats,
+            ct_orig,
+            cpus: aya::util::nr_cpus().unwrap_or(1),
+            buf: LookupBuf::new(),
+            batch: true,
+        }
+    }
+
+    fn no_batch(&mut self, what: &str, e: std::io::Error) {
+        log::warn!("{what} of the flow map in batches failed ({e}): one key at a time from now on");
+        self.batch = false;
+    }
 }
 
 impl FlowSource for KernelFlows {
+    fn entries(&mut self) -> Vec<(FlowKey, Counters)> {
+        if self.batch {
+            let fd = self.flows.map().fd().as_fd();
+            match self.buf.lookup_all(fd, self.cpus) {
+                Ok((keys, values)) => {
+                    return keys
+                        .iter()
+                        .zip(values.chunks_exact(self.cpus))
+                        .map(|(k, v)| (*k, sum(v)))
+                        .collect();
+                }
+                Err(e) => self.no_batch("reading", e),
+            }
+        }
+        self.keys()
+            .into_iter()
+            .filter_map(|k| Some((k, self.counters(&k)?)))
+            .collect()
+    }
+
+    fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
+        if self.batch {
+            // Only the egress points note a conntrack tuple.
+            let noted: Vec<FlowKey> = keys
+                .iter()
+                .filter(|k| Point::from_u8(k.point).is_some_and(Point::notes_ct))
+                .copied()
+                .collect();
+            let res = batch::delete(self.ct_orig.map().fd().as_fd(), &noted)
+                .and_then(|_| batch::delete(self.flows.map().fd().as_fd(), keys));
+            match res {
+                Ok(_) => return 0,
+                Err(e) => self.no_batch("deleting", e),
+            }
+        }
+        keys.iter().filter(|k| self.remove(k).is_err()).count() as u64
+    }
+
     fn keys(&self) -> Vec<FlowKey> {
         self.flows.keys().filter_map(Result::ok).collect()
     }

@@ -7,6 +7,7 @@
 //! nothing is lost without a count, and a lost "new flow" event only delays a record until the
 //! next map rescan.
 
+mod batch;
 mod decode;
 mod flow_map;
 pub mod rule_trace;
