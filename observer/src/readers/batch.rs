@@ -67,7 +67,7 @@ impl<K: aya::Pod, V: aya::Pod> LookupBuf<K, V> {
     /// entry added or deleted during the walk may be missed or seen: the next walk settles it.
     pub fn lookup_all(&mut self, fd: BorrowedFd<'_>, per_key: usize) -> io::Result<(&[K], &[V])> {
         // Value slots are 8-byte aligned per CPU in the kernel's layout.
-        assert!(std::mem::size_of::<V>() % 8 == 0 || per_key == 1);
+        assert!(std::mem::size_of::<V>().is_multiple_of(8) || per_key == 1);
         let mut n = 0;
         let mut chunk = CHUNK;
         let (mut token_in, mut token_out) = (0u64, 0u64);

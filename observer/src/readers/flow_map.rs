@@ -13,7 +13,7 @@ use crate::correlate::Counters;
 
 /// Where correlation reads counters from.
 pub trait FlowSource: Send + 'static {
-    /// Every key in the map (a rescan, for keys whose "new flow" event was lost).
+    /// Every key in the map.
     fn keys(&self) -> Vec<FlowKey>;
     /// The key's cumulative counters over all CPUs; `None` if the key is gone.
     fn counters(&self, key: &FlowKey) -> Option<Counters>;

@@ -4,8 +4,8 @@
 //!
 //! The ring reader hands events on through a bounded channel and waits when correlation is
 //! behind; the kernel then finds its ring full and counts what it could not deliver (STATS), so
-//! nothing is lost without a count, and a lost "new flow" event only delays a record until the
-//! next map rescan.
+//! nothing is lost without a count; a lost "new flow" event costs nothing, as each poll reads the
+//! whole flow map (`batch.rs`).
 
 mod batch;
 mod decode;
