@@ -278,7 +278,9 @@ pub struct FlowRecord {
     pub start: String,
     pub end: String,
     /// Why its counts or hops may be incomplete: `flow_map_full` (the kernel's flow map refused a
-    /// new key while it was active, so a hop may be missing). Absent when complete.
+    /// new key while it was active, so a hop may be missing), `reuse_race` (its client port was
+    /// reused from a connection the agent was deleting, and its first packets went with it).
+    /// Absent when complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<Vec<String>>,
     /// A time no program counted this connection's packets: the agent was restarted while it

@@ -348,6 +348,7 @@ fn losses(metrics: &str) -> BTreeMap<String, f64> {
         "observer_records_lost_total",
         "observer_record_write_errors_total",
         "observer_tuple_reuses_total{outcome=\"merged\"}",
+        "observer_reuse_races_total",
     ];
     metrics
         .lines()

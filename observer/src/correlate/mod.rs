@@ -106,6 +106,9 @@ pub struct Collected {
     pub ambiguous: u64,
     /// Socket events dropped without a matching flow.
     pub sockets_unmatched: u64,
+    /// Finished connections whose port was reused between the read and the delete of their
+    /// keys: the new connection's first packets went with the delete.
+    pub reuse_races: u64,
 }
 
 /// Events refused because [`Config::pending_max`] was reached.
@@ -142,6 +145,12 @@ pub struct Correlator {
     gapped: HashSet<FlowKey>,
     /// Poll intervals in which the flow map refused a new key, newest last (a bounded few).
     map_full: std::collections::VecDeque<(u64, u64)>,
+    /// Live keys deleted as finished: their first packet's time, and when.
+    recently_finished: HashMap<FlowKey, (u64, u64)>,
+    /// Retired keys of connections already recorded, to delete.
+    already_recorded: Vec<FlowKey>,
+    /// Live keys whose next connection lost its first packets to such a delete.
+    start_lost: HashSet<FlowKey>,
     pub refused: Refused,
 }
 
@@ -160,6 +169,9 @@ impl Correlator {
             gap: None,
             gapped: HashSet::default(),
             map_full: Default::default(),
+            recently_finished: HashMap::default(),
+            already_recorded: Vec::new(),
+            start_lost: HashSet::default(),
             refused: Refused::default(),
         }
     }
@@ -207,6 +219,22 @@ impl Correlator {
         self.map_full.push_back((from_ns, to_ns));
     }
 
+    /// Why `c`'s counts or hops may be incomplete, if they may.
+    fn incomplete(&self, c: &Conn<'_>) -> Option<Vec<String>> {
+        let mut why = Vec::new();
+        if self.maybe_incomplete(c) {
+            why.push("flow_map_full".to_owned());
+        }
+        if !self.start_lost.is_empty()
+            && c.legs()
+                .flat_map(|l| &l.obs)
+                .any(|o| self.start_lost.contains(&o.key))
+        {
+            why.push("reuse_race".to_owned());
+        }
+        (!why.is_empty()).then_some(why)
+    }
+
     /// Whether the flow map was full while `c` was active.
     fn maybe_incomplete(&self, c: &Conn<'_>) -> bool {
         if self.map_full.is_empty() {
@@ -244,6 +272,19 @@ impl Correlator {
         let mut baseline = Counters::default();
         if key.retired != 0 && !self.obs.contains_key(&key) {
             let live = FlowKey { retired: 0, ..key };
+            // The client reused the port after the live key was read as finished and before it
+            // was deleted: the kernel set the recorded connection aside under this key, and the
+            // delete took the new one's first packets. Not a second record of the old one; the
+            // new one's says it lacks its start.
+            if self
+                .recently_finished
+                .get(&live)
+                .is_some_and(|&(first_ns, _)| first_ns == c.first_ns)
+            {
+                self.already_recorded.push(key);
+                self.start_lost.insert(live);
+                return None;
+            }
             if let Some(twin) = self.obs.get_mut(&live) {
                 baseline = match twin.before_reuse.take() {
                     Some(c) => *c,
@@ -465,9 +506,23 @@ impl Correlator {
         drop(conns);
         self.obs = observations;
         for k in &out.finished {
-            self.obs.remove(k);
+            if let Some(o) = self.obs.remove(k)
+                && k.retired == 0
+            {
+                self.recently_finished.insert(*k, (o.c.first_ns, now_ns));
+            }
             self.gapped.remove(k);
+            self.start_lost.remove(k);
         }
+        // A retired twin shows up at the next read after the delete, a poll later.
+        let keep = 3 * self.cfg.linger_ns;
+        self.recently_finished
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < keep);
+        // A next connection that sent nothing after the delete has no key to finish.
+        self.start_lost
+            .retain(|k| self.recently_finished.contains_key(k) || self.obs.contains_key(k));
+        out.reuse_races = self.already_recorded.len() as u64;
+        out.finished.append(&mut self.already_recorded);
         // An identity that no connection has any more (its start moved: an earlier key was read
         // late) would otherwise stay for ever.
         self.emitted.retain(|id, _| live.contains(id));
@@ -591,9 +646,7 @@ impl Correlator {
             service: None,
             start: self.clock.rfc3339(c.first_ns()),
             end: self.clock.rfc3339(c.last_ns()),
-            incomplete: self
-                .maybe_incomplete(c)
-                .then(|| vec!["flow_map_full".to_owned()]),
+            incomplete: self.incomplete(c),
             gap: self.gap_of(c),
         }
     }

@@ -193,6 +193,7 @@ impl<S: FlowSource> Stage<S> {
         let out = self.corr.collect(Clock::mono_now(), flush);
         let m = &self.metrics;
         m.correlation_ambiguous.inc_by(out.ambiguous);
+        m.reuse_races.inc_by(out.reuse_races);
         let refused = std::mem::take(&mut self.corr.refused);
         m.pending_refused
             .with_label_values(&["socket"])

@@ -656,6 +656,17 @@ fn a_masqueraded_connection_is_joined_by_the_kernels_nat_state() {
     assert!(out.records.iter().all(|r| !r.translated));
 }
 
+/// [`translated_tcp`] from port 40000 at 1 s, the conntrack tuple of its `post` key read.
+fn translated_tcp_with_ct(post: &FlowKey) -> Correlator {
+    let mut c = correlator();
+    translated_tcp(&mut c, 40000, S);
+    c.set_ct(
+        post,
+        Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)),
+    );
+    c
+}
+
 /// A client reuses its 4-tuple: the kernel set the ended connection's pre- and post-DNAT
 /// counters aside under retired keys when the new SYN came, while the reply keys still hold the
 /// old connection (the new SYN-ACK has not come back yet).
@@ -681,12 +692,7 @@ fn a_reused_4_tuple_is_a_new_connection() {
         2,
     );
     let retired = |k: FlowKey| FlowKey { retired: 1, ..k };
-    let mut c = correlator();
-    translated_tcp(&mut c, 40000, S);
-    c.set_ct(
-        &post,
-        Some(ct_orig("10.244.1.10", 40000, "100.64.0.10", 443)),
-    );
+    let mut c = translated_tcp_with_ct(&post);
     assert!(c.collect(S + 500 * MS, Flush::Due).records.is_empty());
 
     // Two more packets of the old connection, then the new SYN at S + 600 ms.
@@ -734,6 +740,57 @@ fn a_reused_4_tuple_is_a_new_connection() {
     assert_eq!((r.totals.packets, r.totals.reply_packets), (1, 0));
     assert_eq!(r.state, "syn_sent");
     assert!(r.translated);
+}
+
+/// The port is reused after the agent read the old connection's keys as ended and before it
+/// deleted them: the kernel set the old counters aside under retired keys, which the next read
+/// finds. The connection is not recorded a second time; the race is counted and the retired
+/// keys are deleted.
+#[test]
+fn a_port_reused_between_the_read_and_the_delete_is_not_recorded_twice() {
+    let tcp = IPPROTO_TCP;
+    let at =
+        |dst, dport, point, ifindex| key(tcp, "10.244.1.10", 40000, dst, dport, point, ifindex);
+    let pre = at("100.64.0.10", 443, Point::PodIngress, 3);
+    let post = at("10.244.2.10", 8443, Point::UplinkEgress, 2);
+    let retired = |k: FlowKey| FlowKey { retired: 1, ..k };
+    let mut c = translated_tcp_with_ct(&post);
+    let out = c.collect(3 * S, Flush::Due);
+    assert_eq!(out.records.len(), 1);
+    let first = out.records[0].clone();
+    assert!(out.finished.contains(&pre) && out.finished.contains(&post));
+
+    // Read at the next poll: what the kernel set aside before the delete, the same connection.
+    for (k, first) in [(pre, S), (post, S + 1000)] {
+        let old = counters(first, S + 20 * MS, ALL, MARK_SYN_ONLY);
+        assert!(c.observe(retired(k), old).is_none());
+    }
+    let out = c.collect(3 * S + 500 * MS, Flush::Due);
+    assert!(
+        out.records.is_empty(),
+        "recorded twice: {:#?} after {first:#?}",
+        out.records
+    );
+    assert_eq!(out.reuse_races, 2);
+    assert!(out.finished.contains(&retired(pre)) && out.finished.contains(&retired(post)));
+
+    // The next connection's later packets: the kernel made the live key again without its SYN.
+    let rest = counters(3 * S + 600 * MS, 3 * S + 700 * MS, TCP_ACK, 0);
+    c.observe(pre, rest);
+    let out = c.collect(4 * S, Flush::All);
+    assert_eq!(out.records.len(), 1, "{:#?}", out.records);
+    assert_eq!(
+        out.records[0].incomplete,
+        Some(vec!["reuse_race".to_owned()]),
+        "its start went with the delete, and it says so"
+    );
+
+    // A retired key of another connection (another first packet) is still its own record.
+    let mut c = correlator();
+    translated_tcp(&mut c, 40000, S);
+    c.collect(3 * S, Flush::Due);
+    let other = counters(2 * S, 2 * S + 20 * MS, ALL, MARK_SYN_ONLY);
+    assert!(c.observe(retired(pre), other).is_some());
 }
 
 /// A NodePort reached from outside: the client's tuple entered from the wire, the translated

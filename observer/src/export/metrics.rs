@@ -28,6 +28,7 @@ pub struct Metrics {
     pub socket_events_unmatched: IntCounter,
     pub drop_rule_traces: IntCounterVec,
     pub correlation_ambiguous: IntCounter,
+    pub reuse_races: IntCounter,
     pub records: IntCounterVec,
     pub record_write_errors: IntCounter,
     pub records_lost: IntCounterVec,
@@ -168,6 +169,11 @@ const DROP_RULE_TRACES: Def = Def(
     "Netfilter drops handed to the rule tracer (--trace-drop-rules), by outcome: requested (traced unless the same target was traced in the last minute), busy (the tracer's queue was full: not traced), named (the rule was found).",
     &["outcome"],
 );
+const REUSE_RACES: Def = Def(
+    "observer_reuse_races_total",
+    "Connections whose client port was reused between the agent's read of their ended keys and its delete of them: not recorded twice, but the delete took the next connection's first packets from its record.",
+    &[],
+);
 const CORRELATION_AMBIGUOUS: Def = Def(
     "observer_correlation_ambiguous_total",
     "Connections whose pre-DNAT/post-DNAT pairing had more than one candidate.",
@@ -294,6 +300,7 @@ impl Metrics {
             socket_events_unmatched: r.counter(SOCKET_EVENTS_UNMATCHED),
             drop_rule_traces: r.counter_vec(DROP_RULE_TRACES),
             correlation_ambiguous: r.counter(CORRELATION_AMBIGUOUS),
+            reuse_races: r.counter(REUSE_RACES),
             records: r.counter_vec(RECORDS),
             record_write_errors: r.counter(RECORD_WRITE_ERRORS),
             records_lost: r.counter_vec(RECORDS_LOST),
