@@ -505,24 +505,7 @@ impl Correlator {
         }
         drop(conns);
         self.obs = observations;
-        for k in &out.finished {
-            if let Some(o) = self.obs.remove(k)
-                && k.retired == 0
-            {
-                self.recently_finished.insert(*k, (o.c.first_ns, now_ns));
-            }
-            self.gapped.remove(k);
-            self.start_lost.remove(k);
-        }
-        // A retired twin shows up at the next read after the delete, a poll later.
-        let keep = 3 * self.cfg.linger_ns;
-        self.recently_finished
-            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < keep);
-        // A next connection that sent nothing after the delete has no key to finish.
-        self.start_lost
-            .retain(|k| self.recently_finished.contains_key(k) || self.obs.contains_key(k));
-        out.reuse_races = self.already_recorded.len() as u64;
-        out.finished.append(&mut self.already_recorded);
+        self.forget_finished(&mut out, now_ns);
         // An identity that no connection has any more (its start moved: an earlier key was read
         // late) would otherwise stay for ever.
         self.emitted.retain(|id, _| live.contains(id));
@@ -542,6 +525,30 @@ impl Correlator {
         self.drop_rules
             .retain(|_, (_, at)| now_ns.saturating_sub(*at) < ttl);
         out
+    }
+
+    /// Drop the observations of `out.finished`, remembering the live keys a while (a port
+    /// reused before their delete shows up as a retired twin at the next read); add the retired
+    /// keys of connections already recorded to what the kernel is to delete.
+    fn forget_finished(&mut self, out: &mut Collected, now_ns: u64) {
+        for k in &out.finished {
+            if let Some(o) = self.obs.remove(k)
+                && k.retired == 0
+            {
+                self.recently_finished.insert(*k, (o.c.first_ns, now_ns));
+            }
+            self.gapped.remove(k);
+            self.start_lost.remove(k);
+        }
+        // A retired twin shows up at the next read after the delete, a poll later.
+        let keep = 3 * self.cfg.linger_ns;
+        self.recently_finished
+            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < keep);
+        // A next connection that sent nothing after the delete has no key to finish.
+        self.start_lost
+            .retain(|k| self.recently_finished.contains_key(k) || self.obs.contains_key(k));
+        out.reuse_races = self.already_recorded.len() as u64;
+        out.finished.append(&mut self.already_recorded);
     }
 
     fn hop(&self, leg: &Leg<'_>, o: &Observation) -> Hop {

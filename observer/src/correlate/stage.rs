@@ -401,13 +401,12 @@ mod tests {
         );
     }
 
-    /// The kernel announces what went into the filter table, not what came out: the stage reads
-    /// the latter with the former.
+    /// A poll reads the whole map: keys the kernel never announces (what came out of the filter
+    /// table) and keys whose announcement was lost alike.
     #[test]
     fn every_key_in_the_map_is_read_announced_or_not() {
         let tcp = observer_common::IPPROTO_TCP;
         let t = ("10.244.1.10", 40000, "10.244.2.10", 8443);
-        // The filter table's "passed" key is never announced; an event of the other was lost.
         let before = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForward, 3);
         let passed = key(tcp, t.0, t.1, t.2, t.3, Point::FilterForwardPassed, 3);
         let flows = FakeFlows::default();

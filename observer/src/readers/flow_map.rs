@@ -34,16 +34,26 @@ pub trait FlowSource: Send + 'static {
     /// Every entry with its counters: what a poll reads, and what an agent adopts from a
     /// pinned map.
     fn entries(&mut self) -> Vec<(FlowKey, Counters)> {
-        self.keys()
-            .into_iter()
-            .filter_map(|k| Some((k, self.counters(&k)?)))
-            .collect()
+        entries_key_by_key(self)
     }
     /// Forget finished keys; returns how many could not be removed (keys already gone are no
     /// error).
     fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
-        keys.iter().filter(|k| self.remove(k).is_err()).count() as u64
+        remove_key_by_key(self, keys)
     }
+}
+
+/// [`FlowSource::entries`] with one lookup per key.
+fn entries_key_by_key<S: FlowSource + ?Sized>(s: &S) -> Vec<(FlowKey, Counters)> {
+    s.keys()
+        .into_iter()
+        .filter_map(|k| Some((k, s.counters(&k)?)))
+        .collect()
+}
+
+/// [`FlowSource::remove_all`] with one delete per key.
+fn remove_key_by_key<S: FlowSource + ?Sized>(s: &mut S, keys: &[FlowKey]) -> u64 {
+    keys.iter().filter(|k| s.remove(k).is_err()).count() as u64
 }
 
 /// The kernel's FLOWS and STATS maps.
@@ -96,10 +106,7 @@ impl FlowSource for KernelFlows {
                 Err(e) => self.no_batch("reading", e),
             }
         }
-        self.keys()
-            .into_iter()
-            .filter_map(|k| Some((k, self.counters(&k)?)))
-            .collect()
+        entries_key_by_key(self)
     }
 
     fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
@@ -117,7 +124,7 @@ impl FlowSource for KernelFlows {
                 Err(e) => self.no_batch("deleting", e),
             }
         }
-        keys.iter().filter(|k| self.remove(k).is_err()).count() as u64
+        remove_key_by_key(self, keys)
     }
 
     fn keys(&self) -> Vec<FlowKey> {
