@@ -515,6 +515,12 @@ fn observe_and_explain_find_the_labs_agents_by_the_labs_name() {
     };
     assert_eq!(a["src_pod"]["name"], "pod-a", "{a:#}");
     assert_eq!(b["dst_pod"]["name"], "pod-b", "{b:#}");
+    // The agent streams a record to /flows as it hands it to its file writer (a thread of its
+    // own): the file may have it a moment later.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !lab.records("node-b").unwrap().contains(&b) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
     assert!(lab.records("node-b").unwrap().contains(&b));
     let stderr = obs.stop();
     for node in ["node-a", "node-b"] {
