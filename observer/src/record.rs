@@ -279,7 +279,8 @@ pub struct FlowRecord {
     pub end: String,
     /// Why its counts or hops may be incomplete: `flow_map_full` (the kernel's flow map refused a
     /// new key while it was active, so a hop may be missing), `reuse_race` (its client port was
-    /// reused from a connection the agent was deleting, and its first packets went with it).
+    /// reused from a connection the agent was removing, and its first packets went with it:
+    /// the kernel made the key again before the agent could put them back).
     /// Absent when complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incomplete: Option<Vec<String>>,

@@ -42,6 +42,8 @@ struct RateRun {
     nodes: Vec<(String, Reconciled)>,
     /// Per node: losses by the agent's metrics (name{labels} -> count), only those not zero.
     losses: Vec<(String, BTreeMap<String, f64>)>,
+    /// Per node: races the agent repaired (reused ports whose next connection it put back).
+    repaired: Vec<(String, BTreeMap<String, f64>)>,
     agent_cpu_s: f64,
     rss_max_kib: u64,
     /// Most flow-map entries seen on node-a (`observer_flow_observations_active`).
@@ -166,10 +168,12 @@ fn one_rate(lab: &mut LabRun, rate: u32, seconds: u32) -> anyhow::Result<RateRun
     let agent_cpu_s = crate::bench::agents_cpu(lab) - cpu_before;
 
     let nodes = reconcile_nodes(lab, &sent_ports(&generator))?;
-    let losses = ["node-a", "node-b"]
-        .into_iter()
-        .map(|n| Ok((n.to_owned(), losses(&lab.metrics(n)?))))
-        .collect::<anyhow::Result<_>>()?;
+    let (mut losses, mut repaired) = (Vec::new(), Vec::new());
+    for n in ["node-a", "node-b"] {
+        let m = lab.metrics(n)?;
+        losses.push((n.to_owned(), nonzero(&m, LOSSES)));
+        repaired.push((n.to_owned(), nonzero(&m, REPAIRED)));
+    }
     Ok(RateRun {
         rate,
         generator,
@@ -178,6 +182,7 @@ fn one_rate(lab: &mut LabRun, rate: u32, seconds: u32) -> anyhow::Result<RateRun
         conntrack_refused,
         nodes,
         losses,
+        repaired,
         agent_cpu_s,
         rss_max_kib,
         map_max,
@@ -339,20 +344,25 @@ fn conntrack_refused(lab: &LabRun) -> anyhow::Result<u64> {
         .sum())
 }
 
-/// The agent's loss counters that are not zero, by series.
-fn losses(metrics: &str) -> BTreeMap<String, f64> {
-    const LOSSES: &[&str] = &[
-        "observer_kernel_events_lost_total",
-        "observer_map_full_total",
-        "observer_pending_events_refused_total",
-        "observer_records_lost_total",
-        "observer_record_write_errors_total",
-        "observer_tuple_reuses_total{outcome=\"merged\"}",
-        "observer_reuse_races_total",
-    ];
+/// The agent's loss counters.
+const LOSSES: &[&str] = &[
+    "observer_kernel_events_lost_total",
+    "observer_map_full_total",
+    "observer_pending_events_refused_total",
+    "observer_records_lost_total",
+    "observer_record_write_errors_total",
+    "observer_tuple_reuses_total{outcome=\"merged\"}",
+    "observer_reuse_races_total{outcome=\"start_lost\"}",
+    "observer_packets_after_final_total",
+];
+/// What the agent repaired: nothing lost.
+const REPAIRED: &[&str] = &["observer_reuse_races_total{outcome=\"restored\""];
+
+/// The series of `names` in `metrics` that are not zero.
+fn nonzero(metrics: &str, names: &[&str]) -> BTreeMap<String, f64> {
     metrics
         .lines()
-        .filter(|l| LOSSES.iter().any(|n| l.starts_with(n)))
+        .filter(|l| names.iter().any(|n| l.starts_with(n)))
         .filter_map(|l| {
             let (series, v) = l.rsplit_once(' ')?;
             let v: f64 = v.parse().ok()?;
@@ -408,20 +418,31 @@ fn report(runs: &[RateRun], seconds: u32) -> String {
     );
     for r in runs {
         for (node, l) in &r.losses {
-            let text = if l.is_empty() {
-                "none".to_owned()
-            } else {
-                l.iter()
-                    .map(|(k, v)| format!("{k} {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let _ = writeln!(out, "  {:>6}/s {node}: {text}", r.rate);
+            let _ = writeln!(out, "  {:>6}/s {node}: {}", r.rate, series(l));
         }
         let errs = &r.generator["failed"];
         if errs.as_object().is_some_and(|m| !m.is_empty()) {
             let _ = writeln!(out, "  {:>6}/s generator errors: {errs}", r.rate);
         }
     }
+    let _ = writeln!(
+        out,
+        "\n  reused ports repaired by the agents (nothing lost), per rate"
+    );
+    for r in runs {
+        for (node, l) in &r.repaired {
+            let _ = writeln!(out, "  {:>6}/s {node}: {}", r.rate, series(l));
+        }
+    }
     out
+}
+
+fn series(l: &BTreeMap<String, f64>) -> String {
+    if l.is_empty() {
+        return "none".to_owned();
+    }
+    l.iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -11,7 +11,7 @@
 //! source port): the kernel sets an ended connection's counters aside under a retired key when a
 //! new SYN reuses the tuple, and `instances` splits the pair there.
 
-use observer_common::{FlowKey, MARK_SYN_ONLY, Point};
+use observer_common::{FlowKey, MARK_SYN_ONLY, Point, TCP_FIN, TCP_RST};
 
 use super::{
     HashMap,
@@ -93,6 +93,13 @@ impl Leg<'_> {
 
     pub fn last_ns(&self) -> u64 {
         self.obs.iter().map(|o| o.c.last_ns).max().unwrap_or(0)
+    }
+
+    /// A FIN or RST went through it, either way.
+    fn ended(&self) -> bool {
+        self.obs
+            .iter()
+            .any(|o| o.c.tcp_flags & (TCP_FIN | TCP_RST) != 0)
     }
 
     /// A leg that left the stack (or met the filter table at OUTPUT) without entering it was
@@ -425,11 +432,15 @@ struct PreLegs<'a>(HashMap<Tuple, Vec<Leg<'a>>>);
 
 impl<'a> PreLegs<'a> {
     /// The pre leg of `t` that a post leg starting at `post_start` belongs to: the latest one
-    /// that began before it (a packet passes the pod's veth before it leaves the stack).
+    /// that began before it (a packet passes the pod's veth before it leaves the stack) and had
+    /// not ended before it. The walk of the flow map may have read the pre leg's keys before a
+    /// reuse of the 4-tuple restarted them and the post leg's after: the new connection's post
+    /// leg must not take the old one's pre leg (whose own post leg is under retired keys).
     fn take(&mut self, t: &Tuple, post_start: u64) -> Option<Leg<'a>> {
         let legs = self.0.get_mut(t)?;
         let i = (0..legs.len())
             .filter(|&i| legs[i].first_ns() <= post_start)
+            .filter(|&i| !(legs[i].ended() && legs[i].last_ns() < post_start))
             .max_by_key(|&i| legs[i].first_ns())?;
         Some(legs.swap_remove(i))
     }

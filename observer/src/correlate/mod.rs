@@ -107,8 +107,28 @@ pub struct Collected {
     /// Socket events dropped without a matching flow.
     pub sockets_unmatched: u64,
     /// Finished connections whose port was reused between the read and the delete of their
-    /// keys: the new connection's first packets went with the delete.
-    pub reuse_races: u64,
+    /// keys.
+    pub reuse_races: ReuseRaces,
+}
+
+/// Ports reused between the read of a connection's ended keys and their removal, by what became
+/// of the next connection's first packets.
+#[derive(Default, Debug, Clone, Copy, PartialEq)]
+pub struct ReuseRaces {
+    /// Put back into the map by the take that found them (`readers::take_ended`).
+    pub restored: u64,
+    /// Gone with the removal: the next connection's record says `reuse_race`.
+    pub start_lost: u64,
+}
+
+/// A live key removed as finished, remembered a while.
+#[derive(Clone, Copy, Debug)]
+struct Finished {
+    /// The counters its final record was built from.
+    recorded: Counters,
+    at_ns: u64,
+    /// The take found the next connection in it and put that back.
+    restored: bool,
 }
 
 /// Events refused because [`Config::pending_max`] was reached.
@@ -145,8 +165,9 @@ pub struct Correlator {
     gapped: HashSet<FlowKey>,
     /// Poll intervals in which the flow map refused a new key, newest last (a bounded few).
     map_full: std::collections::VecDeque<(u64, u64)>,
-    /// Live keys deleted as finished: their first packet's time, and when.
-    recently_finished: HashMap<FlowKey, (u64, u64)>,
+    /// Live keys removed as finished.
+    recently_finished: HashMap<FlowKey, Finished>,
+    races: ReuseRaces,
     /// Retired keys of connections already recorded, to delete.
     already_recorded: Vec<FlowKey>,
     /// Live keys whose next connection lost its first packets to such a delete.
@@ -170,6 +191,7 @@ impl Correlator {
             gapped: HashSet::default(),
             map_full: Default::default(),
             recently_finished: HashMap::default(),
+            races: ReuseRaces::default(),
             already_recorded: Vec::new(),
             start_lost: HashSet::default(),
             refused: Refused::default(),
@@ -273,16 +295,21 @@ impl Correlator {
         if key.retired != 0 && !self.obs.contains_key(&key) {
             let live = FlowKey { retired: 0, ..key };
             // The client reused the port after the live key was read as finished and before it
-            // was deleted: the kernel set the recorded connection aside under this key, and the
-            // delete took the new one's first packets. Not a second record of the old one; the
-            // new one's says it lacks its start.
-            if self
+            // was removed: the kernel set the recorded connection aside under this key. Not a
+            // second record of the old one. The new one's first packets were put back, or went
+            // with the removal and its record says it lacks its start.
+            if let Some(f) = self
                 .recently_finished
                 .get(&live)
-                .is_some_and(|&(first_ns, _)| first_ns == c.first_ns)
+                .filter(|f| f.recorded.first_ns == c.first_ns)
             {
+                if f.restored {
+                    self.races.restored += 1;
+                } else {
+                    self.races.start_lost += 1;
+                    self.start_lost.insert(live);
+                }
                 self.already_recorded.push(key);
-                self.start_lost.insert(live);
                 return None;
             }
             if let Some(twin) = self.obs.get_mut(&live) {
@@ -326,6 +353,16 @@ impl Correlator {
         };
         entry.c = c;
         Some((point, delta))
+    }
+
+    /// Whether the live `key` started again for a new connection since it was last read (a
+    /// reused 4-tuple), by `c`, what it holds now.
+    pub fn restarted(&self, key: &FlowKey, c: &Counters) -> bool {
+        key.retired == 0
+            && self
+                .obs
+                .get(key)
+                .is_some_and(|o| o.c.packets > 0 && o.c.first_ns != c.first_ns)
     }
 
     /// Egress observations whose conntrack entry is still to be read (a few tries each: a key
@@ -535,7 +572,12 @@ impl Correlator {
             if let Some(o) = self.obs.remove(k)
                 && k.retired == 0
             {
-                self.recently_finished.insert(*k, (o.c.first_ns, now_ns));
+                let f = Finished {
+                    recorded: o.c,
+                    at_ns: now_ns,
+                    restored: false,
+                };
+                self.recently_finished.insert(*k, f);
             }
             self.gapped.remove(k);
             self.start_lost.remove(k);
@@ -543,12 +585,27 @@ impl Correlator {
         // A retired twin shows up at the next read after the delete, a poll later.
         let keep = 3 * self.cfg.linger_ns;
         self.recently_finished
-            .retain(|_, (_, at)| now_ns.saturating_sub(*at) < keep);
+            .retain(|_, f| now_ns.saturating_sub(f.at_ns) < keep);
         // A next connection that sent nothing after the delete has no key to finish.
         self.start_lost
             .retain(|k| self.recently_finished.contains_key(k) || self.obs.contains_key(k));
-        out.reuse_races = self.already_recorded.len() as u64;
+        out.reuse_races = std::mem::take(&mut self.races);
         out.finished.append(&mut self.already_recorded);
+    }
+
+    /// The counters a finished live key's final record was built from (until it is forgotten).
+    pub fn recorded(&self, key: &FlowKey) -> Option<Counters> {
+        self.recently_finished.get(key).map(|f| f.recorded)
+    }
+
+    /// Finished keys in which the removal found the next connection and put it back: their
+    /// retired twins hold the recorded connection and go unread, with nothing lost.
+    pub fn restored(&mut self, keys: &[FlowKey]) {
+        for k in keys {
+            if let Some(f) = self.recently_finished.get_mut(k) {
+                f.restored = true;
+            }
+        }
     }
 
     fn hop(&self, leg: &Leg<'_>, o: &Observation) -> Hop {

@@ -16,7 +16,7 @@ use crate::{
     clock::Clock,
     export::metrics::Metrics,
     hooks::follow::Interfaces,
-    readers::{FlowSource, KernelEvent},
+    readers::{FlowSource, KernelEvent, take_ended},
     record::FlowRecord,
 };
 
@@ -138,23 +138,7 @@ impl<S: FlowSource> Stage<S> {
         // The whole map in a few syscalls: announced keys, the filter table's unannounced
         // "passed" twins and keys whose event was lost alike.
         let mut entries = self.source.entries();
-        // A reused 4-tuple: the kernel moves the old connection's counters to a retired key
-        // and starts the live key again. The walk goes bucket by bucket, so it may have read
-        // the live key before the move and the retired one after it (the old counters twice):
-        // read each live twin again now, after its retired key, as a read key by key did.
-        let twins: super::HashSet<FlowKey> = entries
-            .iter()
-            .filter(|(k, _)| k.retired != 0)
-            .map(|(k, _)| FlowKey { retired: 0, ..*k })
-            .collect();
-        if !twins.is_empty() {
-            entries.retain(|(k, _)| !twins.contains(k));
-            entries.extend(
-                twins
-                    .into_iter()
-                    .filter_map(|k| Some((k, self.source.counters(&k)?))),
-            );
-        }
+        self.settle_reuse(&mut entries);
         // Retired keys first, oldest first: each takes over what was read of its live twin
         // (Correlator::observe).
         entries.sort_unstable_by_key(|(k, c)| {
@@ -189,22 +173,84 @@ impl<S: FlowSource> Stage<S> {
             .set(self.corr.active() as i64);
     }
 
+    /// A reused 4-tuple: the kernel moves the old connection's counters to a retired key and
+    /// starts the live key again. The walk goes bucket by bucket, so it may have seen the move
+    /// half: complete `entries` as a read at one instant would have them.
+    fn settle_reuse(&self, entries: &mut Vec<(FlowKey, super::Counters)>) {
+        let live = |k: &FlowKey| FlowKey { retired: 0, ..*k };
+        let mut twins: super::HashSet<FlowKey> = entries
+            .iter()
+            .filter(|(k, _)| k.retired != 0)
+            .map(|(k, _)| live(k))
+            .collect();
+        // It may have passed the retired key's bucket before the move and the live one after
+        // it (the old counters nowhere): look up the retired keys of a live key that started
+        // again. Unread, the old connection would lack this key's leg in a record built now.
+        let restarted: Vec<FlowKey> = entries
+            .iter()
+            .filter(|(k, c)| !twins.contains(k) && self.corr.restarted(k, c))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in restarted {
+            let slots = 1..=observer_common::RETIRED_SLOTS;
+            for t in slots.map(|retired| FlowKey { retired, ..k }) {
+                if let Some(c) = self.source.counters(&t) {
+                    entries.push((t, c));
+                    twins.insert(k);
+                }
+            }
+        }
+        // Or it may have read the live key before the move and the retired one after it (the
+        // old counters twice): read each live twin again now, after its retired key, as a read
+        // key by key did.
+        if !twins.is_empty() {
+            entries.retain(|(k, _)| !twins.contains(k));
+            entries.extend(
+                twins
+                    .into_iter()
+                    .filter_map(|k| Some((k, self.source.counters(&k)?))),
+            );
+        }
+    }
+
     fn collect(&mut self, flush: Flush) -> Vec<FlowRecord> {
         let out = self.corr.collect(Clock::mono_now(), flush);
         let m = &self.metrics;
         m.correlation_ambiguous.inc_by(out.ambiguous);
-        m.reuse_races.inc_by(out.reuse_races);
-        let refused = std::mem::take(&mut self.corr.refused);
-        m.pending_refused
-            .with_label_values(&["socket"])
-            .inc_by(refused.sockets);
-        m.pending_refused
-            .with_label_values(&["drop"])
-            .inc_by(refused.drops);
+        let (races, refused) = (out.reuse_races, std::mem::take(&mut self.corr.refused));
+        let by_label = [
+            (&m.reuse_races, "restored", races.restored),
+            (&m.reuse_races, "start_lost", races.start_lost),
+            (&m.pending_refused, "socket", refused.sockets),
+            (&m.pending_refused, "drop", refused.drops),
+        ];
+        for (metric, label, n) in by_label {
+            metric.with_label_values(&[label]).inc_by(n);
+        }
         m.socket_events_unmatched.inc_by(out.sockets_unmatched);
-        m.map_delete_errors
-            .inc_by(self.source.remove_all(&out.finished));
+        self.remove_finished(out.finished);
         out.records
+    }
+
+    /// Take the finished live keys one by one, putting back any the kernel restarted for a new
+    /// connection since they were read; delete the rest (retired twins, which the kernel no
+    /// longer writes) in batches.
+    fn remove_finished(&mut self, finished: Vec<FlowKey>) {
+        let (ended, rest): (Vec<_>, Vec<_>) = finished
+            .into_iter()
+            .map(|k| match self.corr.recorded(&k) {
+                Some(c) if k.retired == 0 => Ok((k, c)),
+                _ => Err(k),
+            })
+            .partition(Result::is_ok);
+        let ended: Vec<_> = ended.into_iter().filter_map(Result::ok).collect();
+        let rest: Vec<_> = rest.into_iter().filter_map(Result::err).collect();
+        let taken = take_ended(&mut self.source, &ended);
+        self.corr.restored(&taken.restored);
+        let m = &self.metrics;
+        m.packets_after_final.inc_by(taken.late_packets);
+        m.map_delete_errors
+            .inc_by(taken.errors + self.source.remove_all(&rest));
     }
 
     /// Run until told to stop; then take the events already delivered, read the map once more,
@@ -272,11 +318,51 @@ mod tests {
     struct FakeFlows {
         map: Arc<Mutex<HashMap<FlowKey, Counters>>>,
         stats: [u64; STATS_LEN as usize],
+        /// Keys whose port a client reuses just before the agent takes them: the counters of
+        /// the new connection's first packets.
+        reused_before_take: HashMap<FlowKey, Counters>,
+        /// Keys the kernel counts more packets to just before the agent takes them.
+        late_before_take: HashMap<FlowKey, u64>,
+        /// Keys the next walk of the map passes by (their bucket walked before they came).
+        missed_by_walk: Arc<Mutex<std::collections::HashSet<FlowKey>>>,
+    }
+
+    /// What the kernel does when a SYN reuses `key`'s 4-tuple after its connection ended
+    /// (observer-ebpf/src/reuse.rs): the old counters go under a retired twin, the key starts
+    /// again from the SYN.
+    fn reuse_port(map: &mut HashMap<FlowKey, Counters>, key: FlowKey, syn: Counters) {
+        let old = map.insert(key, syn).expect("the key to reuse");
+        map.insert(FlowKey { retired: 1, ..key }, old);
     }
 
     impl FlowSource for FakeFlows {
+        type Taken = Counters;
+
+        fn take(&mut self, key: &FlowKey) -> Result<Option<(Counters, Counters)>, MapError> {
+            let mut map = self.map.lock().unwrap();
+            if let Some(syn) = self.reused_before_take.remove(key) {
+                reuse_port(&mut map, *key, syn);
+            }
+            if let (Some(n), Some(c)) = (self.late_before_take.remove(key), map.get_mut(key)) {
+                c.packets += n;
+            }
+            Ok(map.remove(key).map(|c| (c, c)))
+        }
+        fn put_back(&mut self, key: &FlowKey, c: Counters) -> Result<bool, MapError> {
+            let mut map = self.map.lock().unwrap();
+            if map.contains_key(key) {
+                return Ok(false);
+            }
+            map.insert(*key, c);
+            Ok(true)
+        }
         fn keys(&self) -> Vec<FlowKey> {
-            self.map.lock().unwrap().keys().copied().collect()
+            let missed = std::mem::take(&mut *self.missed_by_walk.lock().unwrap());
+            let map = self.map.lock().unwrap();
+            map.keys()
+                .filter(|k| !missed.contains(k))
+                .copied()
+                .collect()
         }
         fn counters(&self, key: &FlowKey) -> Option<Counters> {
             self.map.lock().unwrap().get(key).copied()
@@ -424,6 +510,152 @@ mod tests {
         assert!(
             known.contains(&before) && known.contains(&passed),
             "{known:?}"
+        );
+    }
+
+    /// A closed connection pod-a:40000 -> 100.64.0.10:443 (DNAT-ed to 10.244.2.10:8443) as
+    /// node-a's kernel counted it, ended a few seconds before `now`: its four keys.
+    fn closed_tcp(flows: &FakeFlows, now: u64) -> [FlowKey; 4] {
+        let tcp = observer_common::IPPROTO_TCP;
+        let all = observer_common::TCP_SYN | observer_common::TCP_ACK | observer_common::TCP_FIN;
+        let (pod, vip, backend) = ("10.244.1.10", "100.64.0.10", "10.244.2.10");
+        let keys = [
+            key(tcp, pod, 40000, vip, 443, Point::PodIngress, 3),
+            key(tcp, pod, 40000, backend, 8443, Point::UplinkEgress, 2),
+            key(tcp, backend, 8443, pod, 40000, Point::UplinkIngress, 2),
+            key(tcp, vip, 443, pod, 40000, Point::PodEgress, 3),
+        ];
+        let t0 = now - 5_000 * MS;
+        let mut map = flows.map.lock().unwrap();
+        for (i, k) in keys.iter().enumerate() {
+            let marks = if i < 2 {
+                observer_common::MARK_SYN_ONLY
+            } else {
+                0
+            };
+            map.insert(*k, counters(t0 + i as u64, t0 + 10 * MS, all, marks));
+        }
+        keys
+    }
+
+    /// A new connection's first SYN, counted at `first`.
+    fn syn(first: u64) -> Counters {
+        Counters {
+            packets: 1,
+            bytes: 74,
+            first_ns: first,
+            last_ns: first,
+            tcp_flags: observer_common::TCP_SYN,
+            marks: observer_common::MARK_SYN_ONLY,
+            ..Default::default()
+        }
+    }
+
+    fn stage_over(flows: &FakeFlows) -> (Stage<FakeFlows>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::new("node-a"));
+        let poll = Duration::from_millis(20);
+        let stage = Stage::new(correlator(), flows.clone(), metrics.clone(), poll);
+        (stage, metrics)
+    }
+
+    fn races(m: &Metrics, outcome: &str) -> u64 {
+        m.reuse_races.with_label_values(&[outcome]).get()
+    }
+
+    /// The client reuses its port after the poll read the old connection as ended and before
+    /// the stage removed its keys. The removal finds the new connection's SYN in the live key
+    /// and puts it back; the old connection, set aside by the kernel, is recorded once; the new
+    /// one's record has its SYN and says nothing is missing.
+    #[test]
+    fn a_port_reused_before_the_removal_keeps_the_next_connections_start() {
+        let now = Clock::mono_now();
+        let mut flows = FakeFlows::default();
+        let [pre, post, ..] = closed_tcp(&flows, now);
+        flows.reused_before_take = [(pre, syn(now)), (post, syn(now + 1000))].into();
+        let (mut stage, metrics) = stage_over(&flows);
+
+        let first = stage.poll(Flush::Due);
+        assert_eq!(first.len(), 1, "{first:#?}");
+        let t = &first[0].totals;
+        assert!(first[0].is_final);
+        assert_eq!((t.packets, t.reply_packets), (5, 5));
+        {
+            let map = flows.map.lock().unwrap();
+            assert_eq!(map.get(&pre).map(|c| c.packets), Some(1), "put back");
+            assert!(map.contains_key(&FlowKey { retired: 1, ..pre }));
+        }
+
+        let next = stage.poll(Flush::All);
+        assert_eq!(next.len(), 1, "the old connection once: {next:#?}");
+        let r = &next[0];
+        let t = &r.totals;
+        assert_eq!((t.packets, t.reply_packets), (1, 0), "{r:#?}");
+        assert_eq!(r.state, "syn_sent");
+        assert_eq!(r.incomplete, None);
+        assert_eq!(
+            (races(&metrics, "restored"), races(&metrics, "start_lost")),
+            (2, 0)
+        );
+        assert!(flows.map.lock().unwrap().is_empty(), "every key removed");
+    }
+
+    /// A retransmission counted after the read that built the final record: missing from the
+    /// record, and counted.
+    #[test]
+    fn packets_counted_after_the_final_read_are_counted_as_such() {
+        let now = Clock::mono_now();
+        let mut flows = FakeFlows::default();
+        let [_, post, ..] = closed_tcp(&flows, now);
+        flows.late_before_take = [(post, 2)].into();
+        let (mut stage, metrics) = stage_over(&flows);
+        assert_eq!(stage.poll(Flush::Due).len(), 1);
+        assert_eq!(metrics.packets_after_final.get(), 2);
+        assert!(flows.map.lock().unwrap().is_empty());
+        assert_eq!(
+            races(&metrics, "restored") + races(&metrics, "start_lost"),
+            0
+        );
+    }
+
+    /// The walk of the map passes the retired key's bucket before the kernel moves the ended
+    /// connection there and the live key's after (it then holds the next connection): the old
+    /// connection is still recorded once, whole, both DNAT legs joined.
+    #[test]
+    fn a_walk_that_misses_a_reuse_half_way_still_records_the_connection_whole() {
+        let now = Clock::mono_now();
+        let flows = FakeFlows::default();
+        // Ended 900 ms ago: within the 1 s linger at the first poll, past it at the second.
+        let keys = closed_tcp(&flows, now + 4_090 * MS);
+        let (mut stage, metrics) = stage_over(&flows);
+        assert!(stage.poll(Flush::Due).is_empty(), "lingering");
+
+        {
+            let mut map = flows.map.lock().unwrap();
+            for k in &keys[..2] {
+                reuse_port(&mut map, *k, syn(now));
+            }
+        }
+        // The pre-DNAT leg's retired key is missed, the post-DNAT one's seen.
+        let hidden = FlowKey {
+            retired: 1,
+            ..keys[0]
+        };
+        flows.missed_by_walk.lock().unwrap().insert(hidden);
+        std::thread::sleep(Duration::from_millis(150));
+        let out = stage.poll(Flush::Due);
+        assert_eq!(out.len(), 1, "{out:#?}");
+        let r = &out[0];
+        assert!(r.is_final && r.translated, "{r:#?}");
+        assert_eq!((r.totals.packets, r.totals.reply_packets), (5, 5));
+        assert_eq!(
+            races(&metrics, "restored") + races(&metrics, "start_lost"),
+            0,
+            "no removal raced a reuse here"
+        );
+        let out = stage.poll(Flush::All);
+        assert!(
+            out.iter().all(|r| r.totals.packets == 1),
+            "the next connection only: {out:#?}"
         );
     }
 }

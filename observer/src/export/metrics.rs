@@ -28,7 +28,8 @@ pub struct Metrics {
     pub socket_events_unmatched: IntCounter,
     pub drop_rule_traces: IntCounterVec,
     pub correlation_ambiguous: IntCounter,
-    pub reuse_races: IntCounter,
+    pub reuse_races: IntCounterVec,
+    pub packets_after_final: IntCounter,
     pub records: IntCounterVec,
     pub record_write_errors: IntCounter,
     pub records_lost: IntCounterVec,
@@ -171,7 +172,12 @@ const DROP_RULE_TRACES: Def = Def(
 );
 const REUSE_RACES: Def = Def(
     "observer_reuse_races_total",
-    "Connections whose client port was reused between the agent's read of their ended keys and its delete of them: not recorded twice, but the delete took the next connection's first packets from its record.",
+    "Connections whose client port was reused between the agent's read of their ended keys and its removal of them (recorded once), by what became of the next connection's first packets: restored (the removal found them in the key and put them back), start_lost (gone with the removal; that connection's record says incomplete: reuse_race).",
+    &["outcome"],
+);
+const PACKETS_AFTER_FINAL: Def = Def(
+    "observer_packets_after_final_total",
+    "Packets the kernel counted to a connection's key after the read its final record was built from and before the key was removed (late retransmissions): missing from that record.",
     &[],
 );
 const CORRELATION_AMBIGUOUS: Def = Def(
@@ -300,7 +306,8 @@ impl Metrics {
             socket_events_unmatched: r.counter(SOCKET_EVENTS_UNMATCHED),
             drop_rule_traces: r.counter_vec(DROP_RULE_TRACES),
             correlation_ambiguous: r.counter(CORRELATION_AMBIGUOUS),
-            reuse_races: r.counter(REUSE_RACES),
+            reuse_races: r.counter_vec(REUSE_RACES),
+            packets_after_final: r.counter(PACKETS_AFTER_FINAL),
             records: r.counter_vec(RECORDS),
             record_write_errors: r.counter(RECORD_WRITE_ERRORS),
             records_lost: r.counter_vec(RECORDS_LOST),
@@ -339,6 +346,9 @@ impl Metrics {
         }
         for outcome in ["served", "unauthorized", "forbidden", "unavailable"] {
             self.flows_requests.with_label_values(&[outcome]);
+        }
+        for outcome in ["restored", "start_lost"] {
+            self.reuse_races.with_label_values(&[outcome]);
         }
         for reason in [
             "exporter_gone",

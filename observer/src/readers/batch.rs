@@ -30,17 +30,11 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn sys_bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: bpf(2) with a batch attr whose pointers are valid for `count` elements; the
-    // kernel writes back `count` (and the out_batch token) only.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
+/// bpf(2) with `attr`, a member of `union bpf_attr` (the kernel zero-fills the rest).
+pub(super) fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: every caller passes an attr whose pointers are valid for what `cmd` reads and
+    // writes through them (`count` elements for a batch, one key and value for an element).
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {

@@ -8,7 +8,10 @@ use aya::maps::{
 };
 use observer_common::{CtOrig, FlowCounters, FlowKey, Point, STATS_LEN, Stat};
 
-use super::batch::{self, LookupBuf};
+use super::{
+    batch::{self, LookupBuf},
+    take,
+};
 use crate::correlate::Counters;
 
 /// Where correlation reads counters from.
@@ -41,6 +44,51 @@ pub trait FlowSource: Send + 'static {
     fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
         remove_key_by_key(self, keys)
     }
+    /// Remove `key` with its conntrack tuple and return what it held at that instant, with
+    /// what [`FlowSource::put_back`] needs; `None` if it was gone.
+    fn take(&mut self, key: &FlowKey) -> Result<Option<(Counters, Self::Taken)>, MapError>;
+    /// Put back what [`FlowSource::take`] removed, unless the kernel made the key again
+    /// meanwhile (`Ok(false)`).
+    fn put_back(&mut self, key: &FlowKey, taken: Self::Taken) -> Result<bool, MapError>;
+    /// What a take removed, as the map held it.
+    type Taken;
+}
+
+/// What [`take_ended`] found in the keys it removed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Ended {
+    /// Keys the kernel had restarted for a new connection on the same 4-tuple after they were
+    /// read as ended: put back, the new connection's packets in them.
+    pub restored: Vec<FlowKey>,
+    /// Packets counted to ended keys after the read their final record was built from.
+    pub late_packets: u64,
+    /// Keys that could not be removed, or not put back.
+    pub errors: u64,
+}
+
+/// Remove the live keys of finished connections, each with the counters its final record was
+/// built from. A key whose first packet is no longer the recorded one was restarted by a
+/// client reusing its port in between (its old counters are under a retired twin): what it
+/// holds now is the next connection's, and goes back.
+pub fn take_ended<S: FlowSource + ?Sized>(s: &mut S, ended: &[(FlowKey, Counters)]) -> Ended {
+    let mut out = Ended::default();
+    for (key, recorded) in ended {
+        match s.take(key) {
+            Ok(None) => {}
+            Ok(Some((now, _))) if now.first_ns == recorded.first_ns => {
+                out.late_packets += now.packets.saturating_sub(recorded.packets);
+            }
+            Ok(Some((_, taken))) => match s.put_back(key, taken) {
+                Ok(true) => out.restored.push(*key),
+                // Made again by the new connection's next packet: its start is lost, and the
+                // retired twin's read says so (Correlator::observe).
+                Ok(false) => {}
+                Err(_) => out.errors += 1,
+            },
+            Err(_) => out.errors += 1,
+        }
+    }
+    out
 }
 
 /// [`FlowSource::entries`] with one lookup per key.
@@ -67,6 +115,15 @@ pub struct KernelFlows {
     /// Batch operations work on this kernel (until one fails with something else than a
     /// missing key: then one syscall per key, as before Linux 5.6).
     batch: bool,
+    /// Lookup-and-delete works on this kernel (Linux 5.14); without it a take is a read and
+    /// a delete, which cannot see a restart in between.
+    atomic_take: bool,
+}
+
+/// What [`KernelFlows::take`] removed: every CPU's counters and the conntrack tuple.
+pub struct TakenKey {
+    values: Vec<FlowCounters>,
+    ct: Option<CtOrig>,
 }
 
 impl KernelFlows {
@@ -82,6 +139,7 @@ impl KernelFlows {
             cpus: aya::util::nr_cpus().unwrap_or(1),
             buf: LookupBuf::new(),
             batch: true,
+            atomic_take: true,
         }
     }
 
@@ -125,6 +183,68 @@ impl FlowSource for KernelFlows {
             }
         }
         remove_key_by_key(self, keys)
+    }
+
+    type Taken = TakenKey;
+
+    fn take(&mut self, key: &FlowKey) -> Result<Option<(Counters, TakenKey)>, MapError> {
+        if !self.atomic_take {
+            let Some(values) = self.flows.get(key, 0).ok() else {
+                return Ok(None);
+            };
+            let ct = self.ct_orig(key);
+            self.remove(key)?;
+            return Ok(Some((
+                sum(&values),
+                TakenKey {
+                    values: values.to_vec(),
+                    ct,
+                },
+            )));
+        }
+        // The conntrack tuple first: a restart between the two takes leaves the new
+        // connection's in the map, and the put-back of the old one finds it there.
+        let ct = if Point::from_u8(key.point).is_some_and(Point::notes_ct) {
+            let mut ct = [CtOrig::default()];
+            let fd = self.ct_orig.map().fd().as_fd();
+            take::lookup_and_delete(fd, key, &mut ct)
+                .map_err(|e| syscall_error("bpf_map_lookup_and_delete_elem", e))?
+                .then_some(ct[0])
+        } else {
+            None
+        };
+        let mut values = vec![FlowCounters::default(); self.cpus];
+        let fd = self.flows.map().fd().as_fd();
+        match take::lookup_and_delete(fd, key, &mut values) {
+            Ok(true) => Ok(Some((sum(&values), TakenKey { values, ct }))),
+            Ok(false) => Ok(None),
+            Err(e) if take::unsupported(&e) => {
+                log::warn!(
+                    "lookup-and-delete of the flow map failed ({e}): finished keys are read and \
+                     deleted from now on, which cannot tell a port reused in between"
+                );
+                self.atomic_take = false;
+                self.take(key)
+            }
+            Err(e) => Err(syscall_error("bpf_map_lookup_and_delete_elem", e)),
+        }
+    }
+
+    fn put_back(&mut self, key: &FlowKey, taken: TakenKey) -> Result<bool, MapError> {
+        let values = PerCpuValues::try_from(taken.values)
+            .map_err(|e| syscall_error("bpf_map_update_elem", e))?;
+        match self.flows.insert(key, values, BPF_NOEXIST) {
+            Ok(()) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        if let Some(ct) = taken.ct {
+            // Already there: the kernel noted the new connection's own after the take.
+            let _ = self.ct_orig.insert(key, ct, BPF_NOEXIST);
+        }
+        Ok(true)
     }
 
     fn keys(&self) -> Vec<FlowKey> {
@@ -178,6 +298,13 @@ impl FlowSource for KernelFlows {
         }
         out
     }
+}
+
+/// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create only.
+const BPF_NOEXIST: u64 = 1;
+
+fn syscall_error(call: &'static str, io_error: std::io::Error) -> MapError {
+    aya::sys::SyscallError { call, io_error }.into()
 }
 
 fn stop_mark() -> FlowKey {

@@ -11,6 +11,7 @@ mod batch;
 mod decode;
 mod flow_map;
 pub mod rule_trace;
+mod take;
 
 use std::{collections::HashMap, io, sync::Arc};
 
@@ -18,7 +19,7 @@ use aya::maps::{MapData, RingBuf};
 use observer_common::{DropEvent, FlowEvent, SocketEvent};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-pub use flow_map::{FlowSource, KernelFlows};
+pub use flow_map::{FlowSource, KernelFlows, take_ended};
 
 use crate::{export::metrics::Metrics, hooks::drop::Kallsyms};
 
