@@ -329,7 +329,19 @@ fn two_endpoints_200_concurrent_connections_match_conntrack() {
         Some(0.0)
     );
     assert_eq!(
-        metric(&m, "observer_kernel_events_lost_total", &[("ring", "flow")]),
+        metric(
+            &m,
+            "observer_kernel_events_lost_total",
+            &[("ring", "socket")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "observer_reuse_races_total",
+            &[("outcome", "start_lost")]
+        ),
         Some(0.0)
     );
     validate_schema(&a);

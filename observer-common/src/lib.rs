@@ -252,24 +252,6 @@ pub const fn ct_orig_entries(max_flows: u32) -> u32 {
 }
 pub const CT_ORIG_MAX_ENTRIES: u32 = ct_orig_entries(FLOWS_MAX_ENTRIES);
 
-pub const FLOW_EVENT_NEW: u8 = 1;
-// 2 was "FIN/RST seen", no longer sent: userspace reads every key it knows each poll, so only
-// keys it does not know yet need an event.
-/// A key's earlier connection was set aside under a retired key (the event's key).
-pub const FLOW_EVENT_RETIRED: u8 = 3;
-
-/// Ring-buffer event: a flow key was created (or a reused one set aside). Only for keys userspace
-/// cannot find otherwise: the "passed" twin of a filter key is read with it.
-#[repr(C)]
-#[derive(Copy, Clone, Debug)]
-pub struct FlowEvent {
-    pub key: FlowKey,
-    pub kind: u8,
-    pub tcp_flags: u8,
-    pub _pad: [u8; 2],
-    pub ts_ns: u64,
-}
-
 /// Per-socket state kept by the cgroup hooks, keyed by socket cookie.
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
@@ -333,8 +315,8 @@ pub struct DropEvent {
 #[repr(u32)]
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Stat {
-    /// A [`FlowEvent`] did not fit in the ring buffer.
-    FlowEventsLost = 0,
+    // 0 counted lost "new flow key" events, whose ring is gone: userspace reads the whole flow
+    // map every poll. Left unused so the other indexes keep their meaning.
     /// A [`SocketEvent`] did not fit in the ring buffer.
     SocketEventsLost = 1,
     /// A new flow could not be inserted: the flow map is full.
@@ -374,8 +356,7 @@ pub enum Stat {
 pub const STATS_LEN: u32 = 16;
 
 impl Stat {
-    pub const ALL: [Stat; STATS_LEN as usize] = [
-        Stat::FlowEventsLost,
+    pub const ALL: [Stat; STATS_LEN as usize - 1] = [
         Stat::SocketEventsLost,
         Stat::FlowMapFull,
         Stat::SockMapFull,
@@ -397,7 +378,6 @@ impl Stat {
 /// Default map sizes; the agent can override them at load time.
 pub const FLOWS_MAX_ENTRIES: u32 = 65_536;
 pub const SOCKS_MAX_ENTRIES: u32 = 16_384;
-pub const FLOW_EVENTS_BYTES: u32 = 256 * 1024;
 pub const SOCKET_EVENTS_BYTES: u32 = 256 * 1024;
 pub const DROP_EVENTS_BYTES: u32 = 64 * 1024;
 
@@ -405,7 +385,6 @@ pub const DROP_EVENTS_BYTES: u32 = 64 * 1024;
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 44);
 const _: () = assert!(core::mem::size_of::<FlowCounters>() == 40);
 const _: () = assert!(core::mem::size_of::<CtOrig>() == 40);
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<SockInfo>() == 56);
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 104);
 const _: () = assert!(core::mem::size_of::<DropEvent>() == 64);

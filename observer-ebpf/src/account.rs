@@ -1,13 +1,11 @@
-//! Per-packet accounting: a packet's counters added to its flow key, a ring-buffer event for a new
-//! key, and a reused 4-tuple set apart (`reuse`).
+//! Per-packet accounting: a packet's counters added to its flow key, and a reused 4-tuple set
+//! apart (`reuse`).
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns};
-use observer_common::{
-    FLOW_EVENT_NEW, FlowCounters, FlowKey, MARK_SYN_ONLY, Stat, TCP_ACK, TCP_SYN,
-};
+use observer_common::{FlowCounters, FlowKey, MARK_SYN_ONLY, Stat, TCP_ACK, TCP_SYN};
 
 use crate::{
-    maps::{FLOWS, count, emit_flow_event},
+    maps::{FLOWS, count},
     reuse,
 };
 
@@ -29,11 +27,10 @@ fn add(c: *mut FlowCounters, len: u64, now: u64, tcp_flags: u8, marks: u8) {
     }
 }
 
-/// Account one packet to `key`; emit a ring-buffer event for a new key if `announce` (userspace
-/// finds the others through a key it was told of). Returns whether this packet started the key
-/// (created it, or reopened it for a reused 4-tuple).
+/// Account one packet to `key`. Returns whether this packet started the key (created it, or
+/// reopened it for a reused 4-tuple).
 #[inline(always)]
-pub fn record(key: &FlowKey, len: u32, tcp_flags: u8, announce: bool) -> bool {
+pub fn record(key: &FlowKey, len: u32, tcp_flags: u8) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     let marks = if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         MARK_SYN_ONLY
@@ -44,7 +41,7 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8, announce: bool) -> bool {
     if let Some(c) = FLOWS.get_ptr_mut(key) {
         // A reused 4-tuple: every CPU's copy is zero now, this packet is the new connection's
         // first.
-        let reopened = tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key, now);
+        let reopened = tcp_flags & TCP_SYN != 0 && reuse::retire_if_ended(key);
         add(c, len, now, tcp_flags, marks);
         if reopened {
             return true;
@@ -61,12 +58,7 @@ pub fn record(key: &FlowKey, len: u32, tcp_flags: u8, announce: bool) -> bool {
             _pad2: 0,
         };
         match FLOWS.insert(key, init, BPF_NOEXIST as u64) {
-            Ok(()) => {
-                if announce {
-                    emit_flow_event(key, FLOW_EVENT_NEW, tcp_flags, now);
-                }
-                return true;
-            }
+            Ok(()) => return true,
             // Another CPU created it between our lookup and insert.
             Err(e) if e == -EEXIST => match FLOWS.get_ptr_mut(key) {
                 Some(c) => add(c, len, now, tcp_flags, marks),

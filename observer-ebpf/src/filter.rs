@@ -109,10 +109,9 @@ fn observe(ctx: *mut BpfNfCtx, point: Point, dev_off: &'static u32) -> Result<()
         point: point as u8,
         ..s.key
     };
-    // The "passed" key is read with its twin before the table: no event of its own.
     // Which connection this is, whatever NAT did before or does after the filter table; the
     // "passed" key is the same packet, and the agent takes its twin's.
-    if account::record(&key, s.len, s.tcp_flags, before) && before {
+    if account::record(&key, s.len, s.tcp_flags) && before {
         nat::note_original(skb, &key);
     }
     Ok(())

@@ -1,17 +1,17 @@
-//! Maps shared by all programs, the STATS counter and the flow event; per-packet accounting is
-//! `account`.
+//! Maps shared by all programs and the STATS counter; per-packet accounting is `account`.
 
 use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use observer_common::{
-    FLOW_EVENTS_BYTES, FLOWS_MAX_ENTRIES, FlowCounters, FlowEvent, FlowKey, SOCKET_EVENTS_BYTES,
-    SOCKS_MAX_ENTRIES, STATS_LEN, SockInfo, Stat,
+    FLOWS_MAX_ENTRIES, FlowCounters, FlowKey, SOCKET_EVENTS_BYTES, SOCKS_MAX_ENTRIES, STATS_LEN,
+    SockInfo, Stat,
 };
 
 /// Per-flow, per-point counters. Not LRU: userspace evicts finished flows, so a full map is an
-/// explicit, counted condition ([`Stat::FlowMapFull`]) instead of silent eviction.
+/// explicit, counted condition ([`Stat::FlowMapFull`]) instead of silent eviction. No event
+/// announces a new key: userspace reads the whole map every poll, in a few batch calls.
 #[map]
 pub static FLOWS: PerCpuHashMap<FlowKey, FlowCounters> =
     PerCpuHashMap::with_max_entries(FLOWS_MAX_ENTRIES, 0);
@@ -20,9 +20,6 @@ pub static FLOWS: PerCpuHashMap<FlowKey, FlowCounters> =
 /// are never closed through us; an evicted entry only loses the pid/comm of an old socket.
 #[map]
 pub static SOCKS: LruHashMap<u64, SockInfo> = LruHashMap::with_max_entries(SOCKS_MAX_ENTRIES, 0);
-
-#[map]
-pub static FLOW_EVENTS: RingBuf = RingBuf::with_byte_size(FLOW_EVENTS_BYTES, 0);
 
 #[map]
 pub static SOCKET_EVENTS: RingBuf = RingBuf::with_byte_size(SOCKET_EVENTS_BYTES, 0);
@@ -35,19 +32,5 @@ pub fn count(stat: Stat) {
     if let Some(v) = STATS.get_ptr_mut(stat as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *v += 1 };
-    }
-}
-
-#[inline(always)]
-pub(crate) fn emit_flow_event(key: &FlowKey, kind: u8, tcp_flags: u8, now: u64) {
-    let ev = FlowEvent {
-        key: *key,
-        kind,
-        tcp_flags,
-        _pad: [0; 2],
-        ts_ns: now,
-    };
-    if FLOW_EVENTS.output::<FlowEvent>(&ev, 0).is_err() {
-        count(Stat::FlowEventsLost);
     }
 }

@@ -11,14 +11,11 @@
 //! over CPUs (`bpf_map_lookup_percpu_elem`, Linux 5.19) stays off the per-packet fast path.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, cty::c_void, helpers::bpf_map_lookup_percpu_elem};
-use observer_common::{
-    FLOW_EVENT_NEW, FLOW_EVENT_RETIRED, FlowCounters, FlowKey, RETIRED_SLOTS, Stat, TCP_FIN,
-    TCP_RST,
-};
+use observer_common::{FlowCounters, FlowKey, RETIRED_SLOTS, Stat, TCP_FIN, TCP_RST};
 
 use crate::{
     kmem::global,
-    maps::{FLOWS, count, emit_flow_event},
+    maps::{FLOWS, count},
     nat,
 };
 
@@ -99,7 +96,7 @@ fn set_aside(key: &FlowKey, old: &FlowCounters) -> FlowKey {
 /// Called for a SYN on an existing key. Returns true if the key's earlier connection had ended
 /// and was set aside; `key`'s copies are then zero and the caller counts this packet as new.
 #[inline(always)]
-pub fn retire_if_ended(key: &FlowKey, now: u64) -> bool {
+pub fn retire_if_ended(key: &FlowKey) -> bool {
     let old = sum(key);
     if old.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
         return false;
@@ -107,7 +104,5 @@ pub fn retire_if_ended(key: &FlowKey, now: u64) -> bool {
     zero(key);
     let twin = set_aside(key, &old);
     nat::set_aside(key, &twin);
-    emit_flow_event(&twin, FLOW_EVENT_RETIRED, old.tcp_flags, now);
-    emit_flow_event(key, FLOW_EVENT_NEW, 0, now);
     true
 }

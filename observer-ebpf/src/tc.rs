@@ -47,7 +47,7 @@ fn try_observe(ctx: &TcContext, point: Point) -> Result<(), observer_common::Sta
     // SAFETY: the context pointer is valid for the program's lifetime.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let key = t.key(point as u8, ifindex);
-    let new = account::record(&key, ctx.len(), t.tcp_flags, true);
+    let new = account::record(&key, ctx.len(), t.tcp_flags);
     if new && point.is_egress() {
         // The context pointer is the kernel's sk_buff.
         nat::note_original(ctx.skb.skb as u64, &key);

@@ -118,7 +118,7 @@ fn map_memory() -> anyhow::Result<u64> {
         .flatten()
         .filter(|m| {
             let n = m["name"].as_str().unwrap_or_default();
-            ["FLOWS", "SOCKS", "FLOW_EVENTS", "SOCKET_EVENTS", "STATS"].contains(&n)
+            ["FLOWS", "SOCKS", "SOCKET_EVENTS", "STATS"].contains(&n)
         })
         .filter_map(|m| m["bytes_memlock"].as_u64())
         .sum())

@@ -38,7 +38,6 @@ const MAP_NAMES: &[&str] = &[
     "FLOWS",
     "CT_ORIG",
     "SOCKS",
-    "FLOW_EVENTS",
     "SOCKET_EVENTS",
     "DROP_EVENTS",
     "FILTER_SEEN",

@@ -355,7 +355,6 @@ impl Pipeline {
         let KernelMaps {
             flows,
             stats,
-            flow_events,
             socket_events,
             drop_events,
             ct_orig,
@@ -377,8 +376,7 @@ impl Pipeline {
             .corr
             .set_filter_measured(filter_status.measured());
         say_filter_status(&filter_status, args.no_filter_hook);
-        let rings = Rings::register(flow_events, socket_events, drop_events)
-            .map_err(AgentError::RingBuf)?;
+        let rings = Rings::register(socket_events, drop_events).map_err(AgentError::RingBuf)?;
         let mut follower = Follower {
             hooks,
             uplinks: targets.uplinks.clone(),

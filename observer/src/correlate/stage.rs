@@ -4,8 +4,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use log::{debug, warn};
-use observer_common::{FLOW_EVENT_NEW, FlowKey, Point, STATS_LEN, Stat};
+use log::warn;
+use observer_common::{FlowKey, Point, STATS_LEN, Stat};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     time::{MissedTickBehavior, interval},
@@ -88,11 +88,6 @@ impl<S: FlowSource> Stage<S> {
     fn on_event(&mut self, ev: KernelEvent) {
         let now = Clock::mono_now();
         match ev {
-            KernelEvent::Flow(f) => {
-                if f.kind == FLOW_EVENT_NEW {
-                    debug!("new flow key {:?}", f.key);
-                }
-            }
             KernelEvent::Socket(s) => self.corr.add_socket(&s, now),
             KernelEvent::Drop {
                 ev,
@@ -305,12 +300,12 @@ mod tests {
     };
 
     use aya::maps::MapError;
-    use observer_common::{FLOW_EVENT_NEW, FlowEvent, IPPROTO_UDP, Point};
+    use observer_common::{IPPROTO_UDP, Point};
 
     use super::*;
     use crate::correlate::{
         Counters,
-        tests::{MS, correlator, counters, key},
+        tests::{MS, correlator, counters, key, socket_event},
     };
 
     /// A flow map held in memory; what the stage removed stays visible to the test.
@@ -377,7 +372,7 @@ mod tests {
     }
 
     /// A UDP exchange pod-a -> 100.64.0.53:53, DNAT-ed to 10.244.2.53:5353, in the map; and the
-    /// kernel having counted two lost flow events.
+    /// kernel having counted two lost socket events.
     fn dnat_udp_exchange(t0: u64) -> (FakeFlows, FlowKey) {
         let udp = IPPROTO_UDP;
         let pre = key(
@@ -399,7 +394,7 @@ mod tests {
             2,
         );
         let mut flows = FakeFlows::default();
-        flows.stats[Stat::FlowEventsLost as usize] = 2;
+        flows.stats[Stat::SocketEventsLost as usize] = 2;
         for k in [pre, post] {
             flows
                 .map
@@ -432,14 +427,12 @@ mod tests {
             stop,
         }));
 
-        let ev = FlowEvent {
-            key: pre,
-            kind: FLOW_EVENT_NEW,
-            tcp_flags: 0,
-            _pad: [0; 2],
-            ts_ns: t0,
-        };
-        events_tx.send(KernelEvent::Flow(ev)).await.unwrap();
+        // The socket that sent it (pid 4242).
+        let mut ev = socket_event(IPPROTO_UDP, 5000, 53);
+        ev.src = pre.src;
+        ev.dst = pre.dst;
+        ev.asked_dst = pre.dst;
+        events_tx.send(KernelEvent::Socket(ev)).await.unwrap();
         ifaces_tx.send_replace(Interfaces {
             names: [(3, "vethpoda".to_owned()), (2, "eth0".to_owned())].into(),
             local_pods: ["10.244.1.10".parse().unwrap()].into(),
@@ -455,6 +448,7 @@ mod tests {
         assert_eq!(batch.len(), 1, "{batch:#?}");
         let r = &batch[0];
         assert!(r.is_final && r.translated);
+        assert_eq!(r.socket.as_ref().map(|s| s.pid), Some(4242), "{r:#?}");
         assert_eq!(r.pre_dnat.as_ref().unwrap().dport, 53);
         assert_eq!(r.post_dnat.as_ref().unwrap().dport, 5353);
         assert!(
@@ -474,7 +468,7 @@ mod tests {
             "finished keys are removed from the map"
         );
         assert_eq!(
-            metrics.kernel_stat(Stat::FlowEventsLost).get(),
+            metrics.kernel_stat(Stat::SocketEventsLost).get(),
             2,
             "the kernel's STATS reach the metrics"
         );

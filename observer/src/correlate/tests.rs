@@ -408,7 +408,7 @@ fn icmp_is_one_connection_per_peer_and_never_translated() {
     );
 }
 
-fn socket_event(proto: u8, sport: u16, dport: u16) -> SocketEvent {
+pub(super) fn socket_event(proto: u8, sport: u16, dport: u16) -> SocketEvent {
     SocketEvent {
         cookie: 7,
         cgroup_id: 99,

@@ -57,6 +57,8 @@ const LOSSES: &[&str] = &[
     RECORD_WRITE_ERRORS.0,
     MAP_DELETE_ERRORS.0,
     TUPLE_REUSES.0,
+    REUSE_RACES.0,
+    PACKETS_AFTER_FINAL.0,
 ];
 
 /// Says once per `every` what was lost since the last time, if anything: a loss shows in the
@@ -372,7 +374,6 @@ impl Metrics {
     /// The counter a kernel STATS slot adds to.
     pub fn kernel_stat(&self, s: Stat) -> IntCounter {
         match s {
-            Stat::FlowEventsLost => self.kernel_events_lost.with_label_values(&["flow"]),
             Stat::SocketEventsLost => self.kernel_events_lost.with_label_values(&["socket"]),
             Stat::DropEventsLost => self.kernel_events_lost.with_label_values(&["drop"]),
             Stat::FlowMapFull => self.map_full.with_label_values(&["flows"]),
@@ -476,7 +477,10 @@ impl Metrics {
                     (series, m.get_counter().get_value() as u64)
                 })
             })
-            .filter(|(series, _)| !series.contains("outcome=\"split\""))
+            // A split connection and a restored race lost nothing.
+            .filter(|(series, _)| {
+                !series.contains("outcome=\"split\"") && !series.contains("outcome=\"restored\"")
+            })
             .collect()
     }
 
@@ -496,13 +500,17 @@ mod tests {
     #[test]
     fn losses_are_every_loss_series_and_nothing_else() {
         let m = Metrics::new("n1");
-        m.kernel_stat(Stat::FlowEventsLost).inc_by(3);
+        m.kernel_stat(Stat::SocketEventsLost).inc_by(3);
+        m.reuse_races.with_label_values(&["restored"]).inc_by(5);
+        m.reuse_races.with_label_values(&["start_lost"]).inc();
         m.kernel_stat(Stat::TupleReused).inc();
         m.kernel_stat(Stat::TupleReuseMerged).inc_by(2);
         m.records_lost.with_label_values(&["write_failed"]).inc();
         m.kernel_stat(Stat::Truncated).inc();
         let l = m.losses();
-        assert_eq!(l["observer_kernel_events_lost_total{ring=\"flow\"}"], 3);
+        assert_eq!(l["observer_kernel_events_lost_total{ring=\"socket\"}"], 3);
+        assert_eq!(l["observer_reuse_races_total{outcome=\"start_lost\"}"], 1);
+        assert_eq!(l["observer_packets_after_final_total"], 0, "primed at zero");
         assert_eq!(l["observer_tuple_reuses_total{outcome=\"merged\"}"], 2);
         assert_eq!(l["observer_records_lost_total{reason=\"write_failed\"}"], 1);
         assert_eq!(
@@ -510,9 +518,10 @@ mod tests {
             "primed at zero"
         );
         assert!(
-            !l.keys()
-                .any(|k| k.contains("split") || k.contains("parse_errors")),
-            "a split connection or a malformed packet is not a lost one: {l:?}"
+            !l.keys().any(|k| k.contains("split")
+                || k.contains("restored")
+                || k.contains("parse_errors")),
+            "a split connection, a restored race or a malformed packet is not a lost one: {l:?}"
         );
     }
 }

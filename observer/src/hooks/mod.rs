@@ -81,7 +81,6 @@ pub enum TcMode {
 pub struct KernelMaps {
     pub flows: PerCpuHashMap<MapData, FlowKey, FlowCounters>,
     pub stats: PerCpuArray<MapData, u64>,
-    pub flow_events: RingBuf<MapData>,
     pub socket_events: RingBuf<MapData>,
     pub drop_events: RingBuf<MapData>,
     /// Conntrack's original tuple of each new flow key at egress points.
@@ -162,7 +161,6 @@ impl Hooks {
         let maps = KernelMaps {
             flows: take_map(&mut ebpf, "FLOWS")?,
             stats: take_map(&mut ebpf, "STATS")?,
-            flow_events: take_map(&mut ebpf, "FLOW_EVENTS")?,
             socket_events: take_map(&mut ebpf, "SOCKET_EVENTS")?,
             drop_events: take_map(&mut ebpf, "DROP_EVENTS")?,
             ct_orig: take_map(&mut ebpf, "CT_ORIG")?,

@@ -1,11 +1,11 @@
-//! Kernel readers, the pipeline's first stage after the hooks: the ring buffers (events that make
-//! the agent prompt: a new flow key, the process behind a socket, a drop) and the flow
-//! map (the counters themselves, read by correlation through [`FlowSource`]).
+//! Kernel readers, the pipeline's first stage after the hooks: the ring buffers (what the flow
+//! map cannot say: the process behind a socket, a drop) and the flow map (the counters
+//! themselves, read by correlation through [`FlowSource`], the whole map every poll in a few
+//! batch calls: `batch.rs`; no event announces a new key).
 //!
 //! The ring reader hands events on through a bounded channel and waits when correlation is
 //! behind; the kernel then finds its ring full and counts what it could not deliver (STATS), so
-//! nothing is lost without a count; a lost "new flow" event costs nothing, as each poll reads the
-//! whole flow map (`batch.rs`).
+//! nothing is lost without a count.
 
 mod batch;
 mod decode;
@@ -16,7 +16,7 @@ mod take;
 use std::{collections::HashMap, io, sync::Arc};
 
 use aya::maps::{MapData, RingBuf};
-use observer_common::{DropEvent, FlowEvent, SocketEvent};
+use observer_common::{DropEvent, SocketEvent};
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
 pub use flow_map::{FlowSource, KernelFlows, take_ended};
@@ -26,7 +26,6 @@ use crate::{export::metrics::Metrics, hooks::drop::Kallsyms};
 /// One decoded ring-buffer record, with what userspace adds to it.
 #[derive(Debug)]
 pub enum KernelEvent {
-    Flow(FlowEvent),
     Socket(SocketEvent),
     Drop {
         ev: DropEvent,
@@ -42,21 +41,15 @@ pub enum KernelEvent {
     },
 }
 
-/// The three ring buffers, registered with the runtime.
+/// The two ring buffers, registered with the runtime.
 pub struct Rings {
-    flow: AsyncFd<RingBuf<MapData>>,
     socket: AsyncFd<RingBuf<MapData>>,
     drop: AsyncFd<RingBuf<MapData>>,
 }
 
 impl Rings {
-    pub fn register(
-        flow: RingBuf<MapData>,
-        socket: RingBuf<MapData>,
-        drop: RingBuf<MapData>,
-    ) -> io::Result<Rings> {
+    pub fn register(socket: RingBuf<MapData>, drop: RingBuf<MapData>) -> io::Result<Rings> {
         Ok(Rings {
-            flow: watch(flow)?,
             socket: watch(socket)?,
             drop: watch(drop)?,
         })
@@ -114,7 +107,6 @@ pub async fn read_rings(
 ) -> io::Result<()> {
     loop {
         let events: Vec<KernelEvent> = tokio::select! {
-            r = take(&mut rings.flow, decode::flow) => r?.into_iter().map(KernelEvent::Flow).collect(),
             r = take(&mut rings.socket, decode::socket) => {
                 let evs = r?;
                 metrics.socket_events.inc_by(evs.len() as u64);
