@@ -57,11 +57,12 @@ pub fn run(args: FramesArgs) -> anyhow::Result<i32> {
             Ok((ret, _)) => {
                 check_passes(program, ret)?;
                 let after = totals(&stats)?;
+                // By index: not every index has a Stat (0 is unused).
                 let counted: serde_json::Map<_, _> = Stat::ALL
                     .iter()
-                    .zip(before.iter().zip(&after))
-                    .filter(|(_, (b, a))| a > b)
-                    .map(|(s, (b, a))| (format!("{s:?}"), json!(a - b)))
+                    .map(|&s| (s, before[s as usize], after[s as usize]))
+                    .filter(|(_, b, a)| a > b)
+                    .map(|(s, b, a)| (format!("{s:?}"), json!(a - b)))
                     .collect();
                 json!({"line": n + 1, "len": frame.len(), "stats": counted, "keys": take_keys(&mut flows)?})
             }
