@@ -43,6 +43,12 @@ impl Observation {
     pub fn is_retired(&self) -> bool {
         self.key.retired != 0
     }
+
+    /// `c`, read now of this live key, is a new connection's: the kernel started the key again
+    /// for a reused 4-tuple since the last read.
+    pub fn started_again(&self, c: &Counters) -> bool {
+        !self.is_retired() && self.c.packets > 0 && c.first_ns != self.c.first_ns
+    }
 }
 
 /// What the kernel said of an egress observation's conntrack entry.

@@ -333,8 +333,8 @@ impl Correlator {
             ct_tries: 0,
             before_reuse: None,
         });
-        if key.retired == 0 && entry.c.packets > 0 && c.first_ns != entry.c.first_ns {
-            // The live key started again before its retired twin was read.
+        if entry.started_again(&c) {
+            // Before its retired twin was read.
             entry.before_reuse = Some(Box::new(std::mem::take(&mut entry.c)));
             entry.ct = Ct::Unknown;
             entry.ct_tries = 0;
@@ -358,11 +358,7 @@ impl Correlator {
     /// Whether the live `key` started again for a new connection since it was last read (a
     /// reused 4-tuple), by `c`, what it holds now.
     pub fn restarted(&self, key: &FlowKey, c: &Counters) -> bool {
-        key.retired == 0
-            && self
-                .obs
-                .get(key)
-                .is_some_and(|o| o.c.packets > 0 && o.c.first_ns != c.first_ns)
+        self.obs.get(key).is_some_and(|o| o.started_again(c))
     }
 
     /// Egress observations whose conntrack entry is still to be read (a few tries each: a key

@@ -231,15 +231,14 @@ impl<S: FlowSource> Stage<S> {
     /// connection since they were read; delete the rest (retired twins, which the kernel no
     /// longer writes) in batches.
     fn remove_finished(&mut self, finished: Vec<FlowKey>) {
-        let (ended, rest): (Vec<_>, Vec<_>) = finished
-            .into_iter()
-            .map(|k| match self.corr.recorded(&k) {
-                Some(c) if k.retired == 0 => Ok((k, c)),
-                _ => Err(k),
-            })
-            .partition(Result::is_ok);
-        let ended: Vec<_> = ended.into_iter().filter_map(Result::ok).collect();
-        let rest: Vec<_> = rest.into_iter().filter_map(Result::err).collect();
+        // Only live keys have recorded counters (Correlator::recorded).
+        let (mut ended, mut rest) = (Vec::new(), Vec::new());
+        for k in finished {
+            match self.corr.recorded(&k) {
+                Some(c) => ended.push((k, c)),
+                None => rest.push(k),
+            }
+        }
         let taken = take_ended(&mut self.source, &ended);
         self.corr.restored(&taken.restored);
         let m = &self.metrics;

@@ -169,12 +169,7 @@ impl FlowSource for KernelFlows {
 
     fn remove_all(&mut self, keys: &[FlowKey]) -> u64 {
         if self.batch {
-            // Only the egress points note a conntrack tuple.
-            let noted: Vec<FlowKey> = keys
-                .iter()
-                .filter(|k| Point::from_u8(k.point).is_some_and(Point::notes_ct))
-                .copied()
-                .collect();
+            let noted: Vec<FlowKey> = keys.iter().filter(|k| notes_ct(k)).copied().collect();
             let res = batch::delete(self.ct_orig.map().fd().as_fd(), &noted)
                 .and_then(|_| batch::delete(self.flows.map().fd().as_fd(), keys));
             match res {
@@ -188,46 +183,27 @@ impl FlowSource for KernelFlows {
     type Taken = TakenKey;
 
     fn take(&mut self, key: &FlowKey) -> Result<Option<(Counters, TakenKey)>, MapError> {
-        if !self.atomic_take {
-            let Some(values) = self.flows.get(key, 0).ok() else {
-                return Ok(None);
-            };
-            let ct = self.ct_orig(key);
-            self.remove(key)?;
-            return Ok(Some((
-                sum(&values),
-                TakenKey {
-                    values: values.to_vec(),
-                    ct,
-                },
-            )));
-        }
-        // The conntrack tuple first: a restart between the two takes leaves the new
-        // connection's in the map, and the put-back of the old one finds it there.
-        let ct = if Point::from_u8(key.point).is_some_and(Point::notes_ct) {
-            let mut ct = [CtOrig::default()];
-            let fd = self.ct_orig.map().fd().as_fd();
-            take::lookup_and_delete(fd, key, &mut ct)
-                .map_err(|e| syscall_error("bpf_map_lookup_and_delete_elem", e))?
-                .then_some(ct[0])
-        } else {
-            None
-        };
-        let mut values = vec![FlowCounters::default(); self.cpus];
-        let fd = self.flows.map().fd().as_fd();
-        match take::lookup_and_delete(fd, key, &mut values) {
-            Ok(true) => Ok(Some((sum(&values), TakenKey { values, ct }))),
-            Ok(false) => Ok(None),
-            Err(e) if take::unsupported(&e) => {
-                log::warn!(
-                    "lookup-and-delete of the flow map failed ({e}): finished keys are read and \
-                     deleted from now on, which cannot tell a port reused in between"
-                );
-                self.atomic_take = false;
-                self.take(key)
+        if self.atomic_take {
+            match self.take_atomically(key) {
+                // Refused by the first call (the conntrack tuple's, for an egress key) before
+                // anything was removed.
+                Err(e) if take::unsupported(&e) => {
+                    log::warn!(
+                        "lookup-and-delete of the flow map failed ({e}): finished keys are read \
+                         and deleted from now on, which cannot tell a port reused in between"
+                    );
+                    self.atomic_take = false;
+                }
+                r => return r.map_err(|e| syscall_error("bpf_map_lookup_and_delete_elem", e)),
             }
-            Err(e) => Err(syscall_error("bpf_map_lookup_and_delete_elem", e)),
         }
+        let Some(values) = self.flows.get(key, 0).ok() else {
+            return Ok(None);
+        };
+        let ct = self.ct_orig(key);
+        self.remove(key)?;
+        let values = values.to_vec();
+        Ok(Some((sum(&values), TakenKey { values, ct })))
     }
 
     fn put_back(&mut self, key: &FlowKey, taken: TakenKey) -> Result<bool, MapError> {
@@ -298,6 +274,30 @@ impl FlowSource for KernelFlows {
         }
         out
     }
+}
+
+impl KernelFlows {
+    /// [`FlowSource::take`] with `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (Linux 5.14 for hash maps).
+    fn take_atomically(&mut self, key: &FlowKey) -> std::io::Result<Option<(Counters, TakenKey)>> {
+        // The conntrack tuple first: a restart between the two takes leaves the new
+        // connection's in the map, and the put-back of the old one finds it there.
+        let ct = if notes_ct(key) {
+            let mut ct = [CtOrig::default()];
+            let fd = self.ct_orig.map().fd().as_fd();
+            take::lookup_and_delete(fd, key, &mut ct)?.then_some(ct[0])
+        } else {
+            None
+        };
+        let mut values = vec![FlowCounters::default(); self.cpus];
+        let fd = self.flows.map().fd().as_fd();
+        let found = take::lookup_and_delete(fd, key, &mut values)?;
+        Ok(found.then(|| (sum(&values), TakenKey { values, ct })))
+    }
+}
+
+/// Only the egress points note a conntrack tuple for their keys.
+fn notes_ct(key: &FlowKey) -> bool {
+    Point::from_u8(key.point).is_some_and(Point::notes_ct)
 }
 
 /// `BPF_NOEXIST` (include/uapi/linux/bpf.h): create only.
